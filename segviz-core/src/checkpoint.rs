@@ -1,0 +1,218 @@
+//! SegViz model files: the configuration, every tensor with its path and role, and free-form
+//! metadata, in one file written atomically.
+//!
+//! Burn's own records carry tensors but not our configuration nor the classification of
+//! each tensor, which federation and the Flower node need; so the format is ours and simple:
+//!
+//! ```text
+//! b"SEGVIZ\0\x01"                  magic and format version 1
+//! u64 little-endian                length of the JSON header
+//! JSON header                      {"config": …, "metadata": …, "tensors": [{path, shape,
+//!                                   role, batch_norm, trainable}, …]}
+//! f32 little-endian values         every tensor in header order
+//! u64 little-endian                FNV-1a checksum of everything above
+//! ```
+//!
+//! A truncated or corrupted file is refused with an error naming the file.
+
+use std::fs;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use burn::tensor::Device;
+use serde::{Deserialize, Serialize};
+
+use crate::error::{CoreError, Result};
+use crate::model::{SegVizConfig, SegVizModel};
+use crate::state::{ModelState, StateTensor, TensorRole};
+
+const MAGIC: &[u8; 8] = b"SEGVIZ\0\x01";
+
+#[derive(Serialize, Deserialize)]
+struct Header {
+    config: SegVizConfig,
+    metadata: serde_json::Value,
+    tensors: Vec<TensorHeader>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct TensorHeader {
+    path: String,
+    shape: Vec<usize>,
+    role: TensorRole,
+    batch_norm: bool,
+    trainable: bool,
+}
+
+/// A model file's content, without a device: what federation needs to resume.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Checkpoint {
+    /// The model configuration.
+    pub config: SegVizConfig,
+    /// Every tensor.
+    pub state: ModelState,
+    /// Whatever the writer attached (round number, seed, metrics…).
+    pub metadata: serde_json::Value,
+}
+
+impl Checkpoint {
+    /// Builds the model on `device` from this checkpoint.
+    pub fn into_model(self, device: &Device) -> Result<SegVizModel> {
+        self.config.init(device, 0)?.load_state(&self.state)
+    }
+}
+
+/// Saves a model with its configuration and `metadata` to `path`, atomically.
+pub fn save_model(path: &Path, model: &SegVizModel, metadata: serde_json::Value) -> Result<()> {
+    write_checkpoint(
+        path,
+        &Checkpoint {
+            config: model.config().clone(),
+            state: model.state(),
+            metadata,
+        },
+    )
+}
+
+/// Loads a model saved by [`save_model`] onto `device`, with its metadata.
+pub fn load_model(path: &Path, device: &Device) -> Result<(SegVizModel, serde_json::Value)> {
+    let checkpoint = read_checkpoint(path)?;
+    let metadata = checkpoint.metadata.clone();
+    let model = checkpoint
+        .into_model(device)
+        .map_err(|e| CoreError::file(path, e.to_string()))?;
+    Ok((model, metadata))
+}
+
+/// Writes a checkpoint to `path` atomically: a temporary file in the same folder, flushed
+/// to disk, then renamed over `path`.
+pub fn write_checkpoint(path: &Path, checkpoint: &Checkpoint) -> Result<()> {
+    let header = Header {
+        config: checkpoint.config.clone(),
+        metadata: checkpoint.metadata.clone(),
+        tensors: checkpoint
+            .state
+            .tensors
+            .iter()
+            .map(|(p, t)| TensorHeader {
+                path: p.clone(),
+                shape: t.shape.clone(),
+                role: t.role.clone(),
+                batch_norm: t.batch_norm,
+                trainable: t.trainable,
+            })
+            .collect(),
+    };
+    let json = serde_json::to_vec(&header)
+        .map_err(|e| CoreError::file(path, format!("cannot encode header: {e}")))?;
+    let mut bytes = Vec::with_capacity(24 + json.len() + 4 * checkpoint.state.num_values());
+    bytes.extend_from_slice(MAGIC);
+    bytes.extend_from_slice(&(json.len() as u64).to_le_bytes());
+    bytes.extend_from_slice(&json);
+    for t in checkpoint.state.tensors.values() {
+        for v in &t.data {
+            bytes.extend_from_slice(&v.to_le_bytes());
+        }
+    }
+    let sum = checksum(&bytes);
+    bytes.extend_from_slice(&sum.to_le_bytes());
+    write_atomically(path, &bytes)
+}
+
+/// Reads a checkpoint written by [`write_checkpoint`].
+pub fn read_checkpoint(path: &Path) -> Result<Checkpoint> {
+    let bytes = fs::read(path).map_err(|e| CoreError::io(path, e))?;
+    let bad = |reason: String| CoreError::file(path, reason);
+    if bytes.len() < MAGIC.len() + 16 || &bytes[..8] != MAGIC {
+        return Err(bad("not a SegViz model file (bad magic or too short)".into()));
+    }
+    let (body, tail) = bytes.split_at(bytes.len() - 8);
+    let stored = u64::from_le_bytes(tail.try_into().map_err(|_| bad("short checksum".into()))?);
+    if checksum(body) != stored {
+        return Err(bad(
+            "checksum mismatch: the file is truncated or corrupted".into(),
+        ));
+    }
+    let header_len = u64::from_le_bytes(
+        body[8..16]
+            .try_into()
+            .map_err(|_| bad("short header length".into()))?,
+    ) as usize;
+    let data_start = 16usize
+        .checked_add(header_len)
+        .filter(|&e| e <= body.len())
+        .ok_or_else(|| bad("header length runs past the end of the file".into()))?;
+    let header: Header = serde_json::from_slice(&body[16..data_start])
+        .map_err(|e| bad(format!("malformed header: {e}")))?;
+    header
+        .config
+        .validate()
+        .map_err(|e| bad(format!("stored configuration: {e}")))?;
+    let mut offset = data_start;
+    let mut state = ModelState::default();
+    for t in header.tensors {
+        let n: usize = t.shape.iter().product();
+        let end = offset
+            .checked_add(4 * n)
+            .filter(|&e| e <= body.len())
+            .ok_or_else(|| bad(format!("tensor {} runs past the end of the file", t.path)))?;
+        let data = body[offset..end]
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect();
+        offset = end;
+        state.tensors.insert(
+            t.path,
+            StateTensor {
+                shape: t.shape,
+                data,
+                role: t.role,
+                batch_norm: t.batch_norm,
+                trainable: t.trainable,
+            },
+        );
+    }
+    if offset != body.len() {
+        return Err(bad(format!(
+            "{} unexpected bytes after the last tensor",
+            body.len() - offset
+        )));
+    }
+    Ok(Checkpoint {
+        config: header.config,
+        state,
+        metadata: header.metadata,
+    })
+}
+
+/// Writes `bytes` to `path` through a temporary sibling file and a rename, so a reader never
+/// sees a half-written file and an interrupted write loses nothing already there.
+pub fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from("."));
+    fs::create_dir_all(&dir).map_err(|e| CoreError::io(&dir, e))?;
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "checkpoint".into());
+    let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
+    let write = || -> std::io::Result<()> {
+        let mut f = fs::File::create(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+        fs::rename(&tmp, path)
+    };
+    write().map_err(|e| {
+        let _ = fs::remove_file(&tmp);
+        CoreError::io(path, e)
+    })
+}
+
+fn checksum(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    })
+}

@@ -1,0 +1,311 @@
+//! The SegViz model: one [`RepresentationBlock`] and any number of named [`TaskHead`]s
+//! (paper §3.1, Fig. 2).
+//!
+//! The global model holds the heads of every task; a client's model holds only the heads of
+//! the organs it annotated. Heads can be added or removed without touching the
+//! representation block, so a site with a new organ can join a running federation.
+
+use burn::config::Config;
+use burn::module::Module;
+use burn::tensor::activation::softmax;
+use burn::tensor::{Device, Tensor};
+
+use crate::error::{CoreError, Result};
+use crate::head::{TaskHead, TaskHeadConfig};
+use crate::init::lecun_normal;
+use crate::representation::{RepresentationBlock, RepresentationConfig};
+use crate::state::{apply_state, describe_state, extract_state, ModelState};
+
+/// Configuration of a [`SegVizModel`].
+#[derive(Config, Debug, PartialEq)]
+pub struct SegVizConfig {
+    /// The U-Net body.
+    pub representation: RepresentationConfig,
+    /// Task (head) names in their fixed order, e.g. `["liver", "spleen", "pancreas",
+    /// "kidney"]`. The order is the label order of [`crate::fusion`].
+    pub tasks: Vec<String>,
+    /// Classes per head: 2 (background / organ) for SegViz heads. A pooled multi-class model
+    /// uses one head with `n + 1` classes.
+    #[config(default = 2)]
+    pub head_out_channels: usize,
+}
+
+impl SegVizConfig {
+    /// The paper's U-Net (channels 16–256, strides 2, two residual units) with the given
+    /// task heads.
+    pub fn paper(tasks: &[&str]) -> Self {
+        SegVizConfig::new(
+            RepresentationConfig::new(),
+            tasks.iter().map(|t| t.to_string()).collect(),
+        )
+    }
+
+    /// Checks the configuration.
+    pub fn validate(&self) -> Result<()> {
+        self.representation.validate()?;
+        for (i, task) in self.tasks.iter().enumerate() {
+            validate_task_name(task)?;
+            if self.tasks[..i].contains(task) {
+                return Err(CoreError::Task {
+                    name: task.clone(),
+                    reason: "appears twice in the task list".into(),
+                });
+            }
+        }
+        if self.head_out_channels < 2 {
+            return Err(CoreError::config(format!(
+                "head_out_channels must be at least 2, got {}",
+                self.head_out_channels
+            )));
+        }
+        Ok(())
+    }
+
+    fn head_config(&self) -> TaskHeadConfig {
+        TaskHeadConfig::new(self.representation.out_channels())
+            .with_out_channels(self.head_out_channels)
+            .with_stride(self.representation.strides[0])
+    }
+
+    /// Builds the model with the paper's LeCun-normal initialisation, deterministic for a
+    /// given `seed` (each tensor's values depend only on the seed and its path).
+    pub fn init(&self, device: &Device, seed: u64) -> Result<SegVizModel> {
+        self.validate()?;
+        let model = SegVizModel {
+            representation: self.representation.init(device)?,
+            heads: self
+                .tasks
+                .iter()
+                .map(|_| self.head_config().init(device))
+                .collect(),
+            config: self.clone(),
+        };
+        lecun_normal(model, seed)
+    }
+}
+
+/// A task name must be usable as a path segment and a file name.
+fn validate_task_name(task: &str) -> Result<()> {
+    let ok = !task.is_empty()
+        && task
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
+    if ok {
+        Ok(())
+    } else {
+        Err(CoreError::Task {
+            name: task.to_string(),
+            reason: "task names use only ASCII letters, digits, '_' and '-'".into(),
+        })
+    }
+}
+
+/// A SegViz model. See the module documentation.
+#[derive(Module, Debug)]
+pub struct SegVizModel {
+    /// The shared U-Net body.
+    pub representation: RepresentationBlock,
+    /// One head per task, in the order of `config.tasks`.
+    pub heads: Vec<TaskHead>,
+    /// The configuration the model was built from (kept in step with `heads`).
+    #[module(skip)]
+    pub config: SegVizConfig,
+}
+
+impl SegVizModel {
+    /// Task names in head order.
+    pub fn tasks(&self) -> &[String] {
+        &self.config.tasks
+    }
+
+    /// The configuration (tasks included).
+    pub fn config(&self) -> &SegVizConfig {
+        &self.config
+    }
+
+    /// Index of a task's head.
+    pub fn task_index(&self, task: &str) -> Result<usize> {
+        self.config
+            .tasks
+            .iter()
+            .position(|t| t == task)
+            .ok_or_else(|| CoreError::Task {
+                name: task.to_string(),
+                reason: format!("the model has heads {:?}", self.config.tasks),
+            })
+    }
+
+    /// Checks that an input of shape `[batch, channels, d, h, w]` can go through the model.
+    pub fn check_input(&self, dims: [usize; 5]) -> Result<()> {
+        if dims[1] != self.config.representation.in_channels {
+            return Err(CoreError::Shape {
+                shape: dims.to_vec(),
+                reason: format!(
+                    "the model takes {} input channel(s)",
+                    self.config.representation.in_channels
+                ),
+            });
+        }
+        self.config
+            .representation
+            .check_input([dims[2], dims[3], dims[4]])
+    }
+
+    /// Representation features.
+    ///
+    /// # Shapes
+    /// - input: `[batch, in_channels, d, h, w]`
+    /// - output: `[batch, 2·channels[0], d/s₀, h/s₀, w/s₀]`
+    pub fn features(&self, x: Tensor<5>) -> Tensor<5> {
+        self.representation.forward(x)
+    }
+
+    /// Logits of every head, in task order.
+    ///
+    /// # Shapes
+    /// - input: `[batch, in_channels, d, h, w]`, sizes multiples of the strides' product
+    /// - output: one `[batch, head_out_channels, d, h, w]` tensor per task
+    ///
+    /// # Panics
+    /// On an input the network cannot take (see [`SegVizModel::check_input`]).
+    pub fn forward(&self, x: Tensor<5>) -> Vec<Tensor<5>> {
+        let features = self.features(x);
+        self.heads
+            .iter()
+            .map(|h| h.forward(features.clone()))
+            .collect()
+    }
+
+    /// Logits of one head.
+    ///
+    /// # Shapes
+    /// Same as [`SegVizModel::forward`], one tensor.
+    pub fn forward_task(&self, x: Tensor<5>, task: &str) -> Result<Tensor<5>> {
+        let i = self.task_index(task)?;
+        Ok(self.heads[i].forward(self.features(x)))
+    }
+
+    /// Probabilities ready for [`crate::fusion`]: with two-class heads, the organ
+    /// probability (softmax channel 1) of each head stacked in task order; with a single
+    /// multi-class head, its softmax over classes.
+    ///
+    /// # Shapes
+    /// - input: `[batch, in_channels, d, h, w]`
+    /// - output: `[batch, n_tasks, d, h, w]` (two-class heads) or `[batch, classes, d, h, w]`
+    pub fn probabilities(&self, x: Tensor<5>) -> Tensor<5> {
+        let logits = self.forward(x);
+        if self.config.head_out_channels > 2 {
+            let mut it = logits.into_iter();
+            // A multi-class model has exactly one head (validated at construction).
+            return match it.next() {
+                Some(l) => softmax(l, 1),
+                None => unreachable_no_heads(),
+            };
+        }
+        let organs: Vec<Tensor<5>> = logits
+            .into_iter()
+            .map(|l| {
+                let [b, _, d, h, w] = l.dims();
+                softmax(l, 1).slice([0..b, 1..2, 0..d, 0..h, 0..w])
+            })
+            .collect();
+        Tensor::cat(organs, 1)
+    }
+
+    /// Adds a freshly initialised head for a new task, leaving every other tensor alone.
+    pub fn add_task(mut self, task: &str, seed: u64) -> Result<Self> {
+        validate_task_name(task)?;
+        if self.config.tasks.iter().any(|t| t == task) {
+            return Err(CoreError::Task {
+                name: task.to_string(),
+                reason: "the model already has this head".into(),
+            });
+        }
+        let device = self.representation.bottom.units[0].conv.weight.lazy_device();
+        // Initialise the new head inside a one-head model so its path (and so its LeCun
+        // values) is the same as if it had been there from the start.
+        let mut single = self.config.clone();
+        single.tasks = vec![task.to_string()];
+        let head_only = SegVizModel {
+            representation: self.representation.clone(),
+            heads: vec![self.config.head_config().init(&device)],
+            config: single,
+        };
+        let head_only = lecun_normal(head_only, seed)?;
+        self.heads.push(head_only.heads.into_iter().next().ok_or_else(|| {
+            CoreError::State("could not build the new head".into())
+        })?);
+        self.config.tasks.push(task.to_string());
+        Ok(self)
+    }
+
+    /// Removes a task's head; the representation block is untouched.
+    pub fn remove_task(mut self, task: &str) -> Result<Self> {
+        let i = self.task_index(task)?;
+        self.heads.remove(i);
+        self.config.tasks.remove(i);
+        Ok(self)
+    }
+
+    /// A copy holding only the representation block and the heads of `tasks` (in the given
+    /// order): the model a client trains.
+    pub fn subset(&self, tasks: &[String]) -> Result<Self> {
+        let heads = tasks
+            .iter()
+            .map(|t| self.task_index(t).map(|i| self.heads[i].clone()))
+            .collect::<Result<Vec<_>>>()?;
+        let mut config = self.config.clone();
+        config.tasks = tasks.to_vec();
+        Ok(SegVizModel {
+            representation: self.representation.clone(),
+            heads,
+            config,
+        })
+    }
+
+    /// Every tensor with its path and role (values copied to the host).
+    pub fn state(&self) -> ModelState {
+        extract_state(self, &self.config.tasks)
+    }
+
+    /// Paths, shapes and roles of every tensor (no values).
+    pub fn layout(&self) -> ModelState {
+        describe_state(self, &self.config.tasks)
+    }
+
+    /// Writes the tensors that `state` names (all or a subset); see
+    /// [`crate::state::apply_state`].
+    pub fn load_state(self, state: &ModelState) -> Result<Self> {
+        let tasks = self.config.tasks.clone();
+        apply_state(self, &tasks, state)
+    }
+
+    /// Number of trainable parameters (BatchNorm running statistics excluded), comparable
+    /// with PyTorch's `sum(p.numel() for p in model.parameters())`.
+    pub fn num_trainable_params(&self) -> usize {
+        self.layout()
+            .tensors
+            .values()
+            .filter(|t| t.trainable)
+            .map(|t| t.shape.iter().product::<usize>())
+            .sum()
+    }
+
+    /// Freezes the representation block for fine-tuning: its weights stop receiving
+    /// gradients and its BatchNorm layers stop updating their running statistics.
+    pub fn freeze_representation(mut self) -> Self {
+        self.representation = self.representation.freeze();
+        self
+    }
+
+    /// Undoes [`SegVizModel::freeze_representation`].
+    pub fn unfreeze_representation(mut self) -> Self {
+        self.representation = self.representation.unfreeze();
+        self
+    }
+}
+
+#[cold]
+fn unreachable_no_heads() -> Tensor<5> {
+    panic!("a SegViz model with a multi-class head must have exactly one head")
+}

@@ -1,0 +1,68 @@
+//! Writing files so that a reader never sees half of one: write a temporary file in the
+//! same folder, then rename it over the target (a rename within one file system is atomic).
+
+use std::path::{Path, PathBuf};
+
+use crate::error::{DataError, Result};
+
+/// The temporary path used while `path` is being written: same folder, a hidden name that
+/// keeps the original name as its suffix (so `x.nii.gz` stays recognisably gzipped NIfTI).
+pub(crate) fn temporary_path(path: &Path) -> PathBuf {
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    path.with_file_name(format!(".tmp-{}-{name}", std::process::id()))
+}
+
+/// Writes `path` by calling `write` on a temporary path beside it, then renaming.
+///
+/// The parent folder is created if needed. If `write` fails the temporary file is removed
+/// and the target is left untouched.
+pub(crate) fn write_with<F>(path: &Path, write: F) -> Result<()>
+where
+    F: FnOnce(&Path) -> Result<()>,
+{
+    if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::create_dir_all(parent).map_err(|e| DataError::io(parent, e))?;
+    }
+    let tmp = temporary_path(path);
+    if let Err(e) = write(&tmp) {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(e);
+    }
+    std::fs::rename(&tmp, path).map_err(|e| {
+        let _ = std::fs::remove_file(&tmp);
+        DataError::io(path, e)
+    })
+}
+
+/// Writes `bytes` to `path` atomically.
+pub(crate) fn write_bytes(path: &Path, bytes: &[u8]) -> Result<()> {
+    write_with(path, |tmp| {
+        std::fs::write(tmp, bytes).map_err(|e| DataError::io(tmp, e))
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn replaces_whole_file_and_leaves_no_temporary() {
+        let dir = std::env::temp_dir().join(format!("segviz-atomic-{}", std::process::id()));
+        let path = dir.join("sub").join("a.json");
+        write_bytes(&path, b"first").unwrap();
+        write_bytes(&path, b"second").unwrap();
+        assert_eq!(std::fs::read(&path).unwrap(), b"second");
+        let failed = write_with(&path, |_| Err(DataError::Config("boom".into())));
+        assert!(failed.is_err());
+        assert_eq!(std::fs::read(&path).unwrap(), b"second");
+        let names: Vec<_> = std::fs::read_dir(path.parent().unwrap())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names.len(), 1, "{names:?}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

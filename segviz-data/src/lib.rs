@@ -1,0 +1,34 @@
+//! # segviz-data
+//!
+//! Everything SegViz needs to turn CT folders into training patches, without knowing
+//! anything about models or federation:
+//! NIfTI reading/writing with geometry, reorientation to RAS, CT preprocessing,
+//! partial-label datasets in the MSD / KiTS19 / BTCV layouts, and synthetic abdominal
+//! CT phantoms written in those same layouts.
+//!
+//! Volumes are [`Volume`]s: voxel values in C order over `[i, j, k]` (the NIfTI index axes,
+//! `k` fastest), plus the voxel-to-world affine. After [`Volume::to_ras`] (once the
+//! orientation module exists) the axes are `i → R`, `j → A`, `k → S`, so a volume becomes a
+//! `[1, 1, i, j, k]` tensor by a plain reshape — the same spatial order MONAI uses.
+
+pub mod affine;
+pub mod augment;
+pub mod error;
+pub mod inspect;
+pub mod nifti_io;
+pub mod orientation;
+pub mod patches;
+pub mod preprocess;
+pub mod volume;
+
+pub(crate) mod atomic_write;
+pub mod datasets;
+pub mod labels;
+pub mod split;
+
+pub use error::{DataError, Result};
+pub use volume::{Geometry, Volume};
+
+pub use datasets::{CaseRef, Layout, Sample, SiteDataset};
+pub use labels::{LabelMap, Organ, OrganSet};
+pub use split::Split;
