@@ -38,7 +38,8 @@ pub fn multiply(a: &Affine, b: &Affine) -> Affine {
 
 /// Determinant of the linear (upper 3×3) part.
 pub fn determinant(a: &Affine) -> f64 {
-    a[0][0] * (a[1][1] * a[2][2] - a[1][2] * a[2][1]) - a[0][1] * (a[1][0] * a[2][2] - a[1][2] * a[2][0])
+    a[0][0] * (a[1][1] * a[2][2] - a[1][2] * a[2][1])
+        - a[0][1] * (a[1][0] * a[2][2] - a[1][2] * a[2][0])
         + a[0][2] * (a[1][0] * a[2][1] - a[1][1] * a[2][0])
 }
 
@@ -60,8 +61,8 @@ pub fn invert(a: &Affine) -> Option<Affine> {
     inv[2][0] = (m(1, 0) * m(2, 1) - m(1, 1) * m(2, 0)) / det;
     inv[2][1] = (m(0, 1) * m(2, 0) - m(0, 0) * m(2, 1)) / det;
     inv[2][2] = (m(0, 0) * m(1, 1) - m(0, 1) * m(1, 0)) / det;
-    for r in 0..3 {
-        inv[r][3] = -(0..3).map(|k| inv[r][k] * a[k][3]).sum::<f64>();
+    for row in inv.iter_mut().take(3) {
+        row[3] = -(0..3).map(|k| row[k] * a[k][3]).sum::<f64>();
     }
     inv[3][3] = 1.0;
     Some(inv)
@@ -74,7 +75,11 @@ pub fn max_abs_difference(a: &Affine, b: &Affine) -> f64 {
         for c in 0..4 {
             let d = (a[r][c] - b[r][c]).abs();
             // A NaN difference must count as a mismatch, not vanish in `max`.
-            worst = if d.is_nan() { f64::INFINITY } else { worst.max(d) };
+            worst = if d.is_nan() {
+                f64::INFINITY
+            } else {
+                worst.max(d)
+            };
         }
     }
     worst

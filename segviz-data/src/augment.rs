@@ -189,7 +189,11 @@ pub fn apply(patch: &Patch, params: &AugmentParams, image_fill: f32) -> Result<P
         for y in 0..shape[1] {
             for z in 0..shape[2] {
                 // Output → source: undo the rotation, then the scaling.
-                let q = [x as f64 - centre[0], y as f64 - centre[1], z as f64 - centre[2]];
+                let q = [
+                    x as f64 - centre[0],
+                    y as f64 - centre[1],
+                    z as f64 - centre[2],
+                ];
                 let r = [cos * q[0] + sin * q[1], -sin * q[0] + cos * q[1], q[2]];
                 let p = [0, 1, 2].map(|a| centre[a] + r[a] / params.scale[a]);
                 if inside(p, shape) {
@@ -224,7 +228,8 @@ mod tests {
         for i in 0..24 {
             for j in 0..24 {
                 for k in 0..12 {
-                    let inside = (6..15).contains(&i) && (9..20).contains(&j) && (3..9).contains(&k);
+                    let inside =
+                        (6..15).contains(&i) && (9..20).contains(&j) && (3..9).contains(&k);
                     label.push(u8::from(inside));
                 }
             }
@@ -272,7 +277,9 @@ mod tests {
         let original = patch();
         let run = |seed| {
             let mut a = Augmenter::new(AugmentConfig::default(), seed).expect("config");
-            (0..3).map(|_| a.augment(&original).expect("augment")).collect::<Vec<_>>()
+            (0..3)
+                .map(|_| a.augment(&original).expect("augment"))
+                .collect::<Vec<_>>()
         };
         assert_eq!(run(5), run(5));
         assert_ne!(run(5), run(6));
@@ -292,7 +299,7 @@ mod tests {
     #[test]
     fn a_quarter_turn_moves_voxels_where_expected_and_bad_input_is_refused() {
         let mut p = Patch {
-            image: vec![0.0; 5 * 5 * 1],
+            image: vec![0.0; 25],
             label: vec![0; 25],
             shape: [5, 5, 1],
         };
@@ -310,6 +317,13 @@ mod tests {
 
         p.label.pop();
         assert!(apply(&p, &params, 0.0).is_err());
-        assert!(Augmenter::new(AugmentConfig { scale_range: 1.0, ..Default::default() }, 0).is_err());
+        assert!(Augmenter::new(
+            AugmentConfig {
+                scale_range: 1.0,
+                ..Default::default()
+            },
+            0
+        )
+        .is_err());
     }
 }

@@ -70,7 +70,11 @@ pub enum DataError {
         found: [usize; 3],
     },
     /// A label file holding values its dataset does not declare.
-    #[error("{path}: label value(s) {} not declared by the dataset (declared: {})", join_values(values), join_values(declared))]
+    #[error(
+        "{path}: label value(s) {} not declared by the dataset (declared: {})",
+        join_values(values),
+        join_values(declared)
+    )]
     UndeclaredLabels {
         /// The label file.
         path: PathBuf,

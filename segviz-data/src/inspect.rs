@@ -125,7 +125,10 @@ mod tests {
         assert_eq!(s["distinct_values"], json!([0, 2, 13]));
         assert_eq!(s["distinct_values_truncated"], false);
         assert_eq!(s["max"], 13);
-        assert!(s["path"].as_str().expect("path").ends_with("label0001.nii.gz"));
+        assert!(s["path"]
+            .as_str()
+            .expect("path")
+            .ends_with("label0001.nii.gz"));
         let spacing = s["spacing"].as_array().expect("spacing");
         assert!((spacing[2].as_f64().expect("number") - 2.5).abs() < 1e-6);
     }
@@ -148,7 +151,10 @@ mod tests {
 
         write_volume(&path, &image, VoxelType::Int16).expect("write");
         let s = inspect_file(&path).expect("inspect");
-        assert_eq!(s["distinct_values"].as_array().expect("values").len(), MAX_DISTINCT_VALUES);
+        assert_eq!(
+            s["distinct_values"].as_array().expect("values").len(),
+            MAX_DISTINCT_VALUES
+        );
         assert_eq!(s["distinct_values_truncated"], true);
         assert!(inspect_file(dir.path().join("missing.nii")).is_err());
     }

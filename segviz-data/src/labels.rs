@@ -254,7 +254,9 @@ impl LabelMap {
 
     /// MSD Task07 (pancreas): 1 pancreas, 2 tumour (merged into the pancreas).
     pub fn msd_pancreas() -> Self {
-        Self::new().organ(1, Organ::Pancreas).organ(2, Organ::Pancreas)
+        Self::new()
+            .organ(1, Organ::Pancreas)
+            .organ(2, Organ::Pancreas)
     }
 
     /// KiTS19: 1 kidney, 2 tumour (merged into the kidney).
@@ -424,7 +426,10 @@ mod tests {
             other => panic!("unexpected error {other:?}"),
         }
         let msg = err.to_string();
-        assert!(msg.contains("spleen_3.nii.gz") && msg.contains("3, 7"), "{msg}");
+        assert!(
+            msg.contains("spleen_3.nii.gz") && msg.contains("3, 7"),
+            "{msg}"
+        );
     }
 
     #[test]

@@ -13,6 +13,7 @@
 
 pub mod affine;
 pub mod augment;
+pub mod cache;
 pub mod error;
 pub mod inspect;
 pub mod nifti_io;
@@ -24,11 +25,21 @@ pub mod volume;
 pub(crate) mod atomic_write;
 pub mod datasets;
 pub mod labels;
+pub mod phantom;
 pub mod split;
 
 pub use error::{DataError, Result};
 pub use volume::{Geometry, Volume};
 
+pub use augment::{AugmentConfig, Augmenter};
+pub use cache::{CacheOutcome, PreprocessCache};
+pub use inspect::inspect_file;
+pub use nifti_io::{read_labels, read_volume, write_labels, write_volume, VoxelType};
+pub use orientation::{from_ras, orientation_code};
+pub use patches::{Patch, PatchSampler, PatchSamplerConfig};
+pub use preprocess::{preprocess_files, preprocess_pair, PreprocessConfig};
+
 pub use datasets::{CaseRef, Layout, Sample, SiteDataset};
 pub use labels::{LabelMap, Organ, OrganSet};
+pub use phantom::{write_sites, PhantomConfig, PhantomManifest, PhantomSize};
 pub use split::Split;

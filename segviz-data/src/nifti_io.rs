@@ -227,7 +227,7 @@ pub fn read_labels(path: impl AsRef<Path>) -> Result<Volume<u8>> {
     let mut first_bad = None;
     let mut data = Vec::with_capacity(volume.data.len());
     for &v in &volume.data {
-        if v.is_finite() && v >= 0.0 && v <= 255.0 && v.fract() == 0.0 {
+        if (0.0..=255.0).contains(&v) && v.fract() == 0.0 {
             data.push(v as u8);
         } else {
             bad += 1;
@@ -238,9 +238,7 @@ pub fn read_labels(path: impl AsRef<Path>) -> Result<Volume<u8>> {
     if let Some(v) = first_bad {
         return Err(DataError::invalid(
             &info.path,
-            format!(
-                "not a label map: {bad} voxel(s) are not integers in 0..=255 (first: {v})"
-            ),
+            format!("not a label map: {bad} voxel(s) are not integers in 0..=255 (first: {v})"),
         ));
     }
     Ok(Volume {
@@ -426,7 +424,10 @@ fn parse_header(path: &Path, bytes: &[u8]) -> Result<Header> {
     if !h.vox_offset.is_finite() || h.vox_offset < NIFTI1_HEADER_SIZE as f32 {
         return Err(DataError::invalid(
             path,
-            format!("vox_offset {} is before the end of the header", h.vox_offset),
+            format!(
+                "vox_offset {} is before the end of the header",
+                h.vox_offset
+            ),
         ));
     }
     let (affine, affine_source) = header_affine(&h);
@@ -448,7 +449,10 @@ fn parse_header(path: &Path, bytes: &[u8]) -> Result<Header> {
 fn spatial_shape(path: &Path, dim: &[u16; 8]) -> Result<[usize; 3]> {
     let ndim = dim[0] as usize;
     if !(1..=7).contains(&ndim) {
-        return Err(DataError::invalid(path, format!("dim[0] = {ndim} (must be 1..=7)")));
+        return Err(DataError::invalid(
+            path,
+            format!("dim[0] = {ndim} (must be 1..=7)"),
+        ));
     }
     if let Some(extra) = (4..=ndim).find(|&d| dim[d] > 1) {
         return Err(DataError::Unsupported {
@@ -501,8 +505,18 @@ fn header_affine(h: &nifti::NiftiHeader) -> (Affine, AffineSource) {
             return (a, AffineSource::Sform);
         }
     }
-    let spacing = |v: f32| if v > 0.0 && v.is_finite() { v as f64 } else { 1.0 };
-    let (dx, dy, dz) = (spacing(h.pixdim[1]), spacing(h.pixdim[2]), spacing(h.pixdim[3]));
+    let spacing = |v: f32| {
+        if v > 0.0 && v.is_finite() {
+            v as f64
+        } else {
+            1.0
+        }
+    };
+    let (dx, dy, dz) = (
+        spacing(h.pixdim[1]),
+        spacing(h.pixdim[2]),
+        spacing(h.pixdim[3]),
+    );
     if h.qform_code > 0 {
         let (b, c, d) = (h.quatern_b as f64, h.quatern_c as f64, h.quatern_d as f64);
         let rotation = quaternion_to_rotation(b, c, d);
@@ -674,7 +688,11 @@ fn write_nifti(
             ),
         ));
     }
-    if geometry.shape.iter().any(|&s| s == 0 || s > i16::MAX as usize) {
+    if geometry
+        .shape
+        .iter()
+        .any(|&s| s == 0 || s > i16::MAX as usize)
+    {
         return Err(DataError::invalid(
             path,
             format!(
@@ -703,10 +721,7 @@ fn write_nifti(
         .file_name()
         .is_some_and(|n| n.to_string_lossy().to_ascii_lowercase().ends_with(".gz"));
     if gz {
-        let mut encoder = GzEncoder::new(
-            Vec::with_capacity(bytes.len() / 2),
-            Compression::fast(),
-        );
+        let mut encoder = GzEncoder::new(Vec::with_capacity(bytes.len() / 2), Compression::fast());
         std::io::Write::write_all(&mut encoder, &bytes).map_err(|e| DataError::io(path, e))?;
         let compressed = encoder.finish().map_err(|e| DataError::io(path, e))?;
         write_atomically(path, &compressed)
@@ -757,9 +772,7 @@ fn header_bytes(
     put(&mut h, 148, description);
     put(&mut h, 252, &XFORM_SCANNER.to_le_bytes());
     put(&mut h, 254, &XFORM_SCANNER.to_le_bytes());
-    let quatern = [
-        q.b, q.c, q.d, q.offset[0], q.offset[1], q.offset[2],
-    ];
+    let quatern = [q.b, q.c, q.d, q.offset[0], q.offset[1], q.offset[2]];
     for (n, v) in quatern.iter().enumerate() {
         put(&mut h, 256 + 4 * n, &(*v as f32).to_le_bytes());
     }
@@ -789,12 +802,17 @@ struct Qform {
 impl Qform {
     fn from_affine(a: &Affine) -> Self {
         // Unit columns, made orthonormal (Gram–Schmidt) in case the affine has a shear.
-        let mut cols = [affine::column(a, 0), affine::column(a, 1), affine::column(a, 2)];
+        let mut cols = [
+            affine::column(a, 0),
+            affine::column(a, 1),
+            affine::column(a, 2),
+        ];
         for n in 0..3 {
             for m in 0..n {
                 let dot: f64 = (0..3).map(|r| cols[n][r] * cols[m][r]).sum();
-                for r in 0..3 {
-                    cols[n][r] -= dot * cols[m][r];
+                let previous = cols[m];
+                for (x, p) in cols[n].iter_mut().zip(previous) {
+                    *x -= dot * p;
                 }
             }
             let norm = cols[n].iter().map(|v| v * v).sum::<f64>().sqrt();
@@ -892,22 +910,38 @@ mod tests {
     fn assert_geometry_close(a: &Geometry, b: &Geometry) {
         assert_eq!(a.shape, b.shape);
         let d = affine::max_abs_difference(&a.affine, &b.affine);
-        assert!(d < 1e-4, "affines differ by {d}: {:?} vs {:?}", a.affine, b.affine);
+        assert!(
+            d < 1e-4,
+            "affines differ by {d}: {:?} vs {:?}",
+            a.affine,
+            b.affine
+        );
     }
 
     #[test]
     fn round_trip_keeps_data_and_geometry_for_every_datatype() {
         let dir = tempfile::tempdir().expect("temp dir");
         let shape = [9, 8, 10];
-        let cases: [(VoxelType, fn(usize, usize, usize) -> f32); 8] = [
-            (VoxelType::UInt8, |i, j, k| ((i * 7 + j * 3 + k) % 256) as f32),
+        type Case = (VoxelType, fn(usize, usize, usize) -> f32);
+        let cases: [Case; 8] = [
+            (VoxelType::UInt8, |i, j, k| {
+                ((i * 7 + j * 3 + k) % 256) as f32
+            }),
             (VoxelType::Int8, |i, j, k| (i as f32) - (j + k) as f32),
-            (VoxelType::Int16, |i, j, k| -1000.0 + (i * 100 + j * 10 + k) as f32),
+            (VoxelType::Int16, |i, j, k| {
+                -1000.0 + (i * 100 + j * 10 + k) as f32
+            }),
             (VoxelType::UInt16, |i, j, k| (i * 6000 + j * 10 + k) as f32),
-            (VoxelType::Int32, |i, j, k| -100_000.0 + (i * 9000 + j * 100 + k) as f32),
+            (VoxelType::Int32, |i, j, k| {
+                -100_000.0 + (i * 9000 + j * 100 + k) as f32
+            }),
             (VoxelType::UInt32, |i, j, k| (i * 70_000 + j + k) as f32),
-            (VoxelType::Float32, |i, j, k| (i as f32).sin() * 3.5 + j as f32 * 0.1 - k as f32),
-            (VoxelType::Float64, |i, j, k| 1e-3 * (i * j * k) as f32 - 0.5),
+            (VoxelType::Float32, |i, j, k| {
+                (i as f32).sin() * 3.5 + j as f32 * 0.1 - k as f32
+            }),
+            (VoxelType::Float64, |i, j, k| {
+                1e-3 * (i * j * k) as f32 - 0.5
+            }),
         ];
         for (dtype, f) in cases {
             let volume = ramp(shape, f);
@@ -927,7 +961,9 @@ mod tests {
     fn int16_with_slope_and_intercept_round_trips() {
         let dir = tempfile::tempdir().expect("temp dir");
         // HU values on a 0.5 grid: representable exactly with slope 0.5, intercept -1024.
-        let volume = ramp([8, 9, 8], |i, j, k| -1024.0 + 0.5 * (i * 300 + j * 20 + k) as f32);
+        let volume = ramp([8, 9, 8], |i, j, k| {
+            -1024.0 + 0.5 * (i * 300 + j * 20 + k) as f32
+        });
         let path = dir.path().join("ct.nii.gz");
         write_volume_scaled(&path, &volume, VoxelType::Int16, 0.5, -1024.0).expect("write");
         let (back, info) = read_volume_with_info(&path).expect("read");
@@ -987,8 +1023,8 @@ mod tests {
         let (back, info) = read_volume_with_info(&path).expect("read");
         assert_eq!(info.affine_source, AffineSource::Pixdim);
         let spacing = volume.geometry.spacing();
-        for a in 0..3 {
-            assert!((back.geometry.affine[a][a] - spacing[a]).abs() < 1e-5);
+        for (a, s) in spacing.iter().enumerate() {
+            assert!((back.geometry.affine[a][a] - s).abs() < 1e-5);
         }
     }
 
@@ -1024,7 +1060,10 @@ mod tests {
         std::fs::write(&path, &bytes[..bytes.len() / 2]).expect("truncate");
         let err = read_volume(&path).unwrap_err();
         let message = err.to_string();
-        assert!(message.contains("cut.nii.gz") && message.contains("gzip"), "{message}");
+        assert!(
+            message.contains("cut.nii.gz") && message.contains("gzip"),
+            "{message}"
+        );
         // Corrupt (not merely short) compressed bytes are an error too.
         let mut corrupt = bytes.clone();
         for b in corrupt[20..60].iter_mut() {
@@ -1043,9 +1082,15 @@ mod tests {
         let bytes = std::fs::read(&path).expect("bytes");
         std::fs::write(&path, &bytes[..bytes.len() - 10]).expect("truncate");
         let message = read_volume(&path).unwrap_err().to_string();
-        assert!(message.contains("short.nii") && message.contains("truncated"), "{message}");
+        assert!(
+            message.contains("short.nii") && message.contains("truncated"),
+            "{message}"
+        );
         std::fs::write(&path, &bytes[..200]).expect("truncate header");
-        assert!(read_volume(&path).unwrap_err().to_string().contains("short.nii"));
+        assert!(read_volume(&path)
+            .unwrap_err()
+            .to_string()
+            .contains("short.nii"));
     }
 
     #[test]
@@ -1059,14 +1104,25 @@ mod tests {
         write_volume(&path, &volume, VoxelType::Float32).expect("write");
         let err = read_volume(&path).unwrap_err();
         assert!(
-            matches!(err, DataError::NonFinite { nan: 2, infinite: 1, total: 512, .. }),
+            matches!(
+                err,
+                DataError::NonFinite {
+                    nan: 2,
+                    infinite: 1,
+                    total: 512,
+                    ..
+                }
+            ),
             "{err:?}"
         );
         assert!(err.to_string().contains("nan.nii.gz"));
         // The inspector's path still reads them.
         assert!(read_volume_with_info(&path).is_ok());
         // Labels refuse them as well.
-        assert!(read_labels(&path).unwrap_err().to_string().contains("nan.nii.gz"));
+        assert!(read_labels(&path)
+            .unwrap_err()
+            .to_string()
+            .contains("nan.nii.gz"));
     }
 
     #[test]
@@ -1105,7 +1161,10 @@ mod tests {
         let mut bytes = good.clone();
         bytes[0..4].copy_from_slice(&123i32.to_le_bytes());
         std::fs::write(&path, &bytes).expect("rewrite");
-        assert!(read_volume(&path).unwrap_err().to_string().contains("sizeof_hdr"));
+        assert!(read_volume(&path)
+            .unwrap_err()
+            .to_string()
+            .contains("sizeof_hdr"));
 
         let mut bytes = good.clone();
         bytes[70..72].copy_from_slice(&32i16.to_le_bytes()); // complex64
@@ -1116,10 +1175,16 @@ mod tests {
         let mut bytes = good;
         bytes[70..72].copy_from_slice(&128i16.to_le_bytes()); // RGB24
         std::fs::write(&path, &bytes).expect("rewrite");
-        assert!(matches!(read_volume(&path), Err(DataError::Unsupported { .. })));
+        assert!(matches!(
+            read_volume(&path),
+            Err(DataError::Unsupported { .. })
+        ));
 
         std::fs::write(&path, b"hello").expect("rewrite");
-        assert!(read_volume(&path).unwrap_err().to_string().contains("odd.nii"));
+        assert!(read_volume(&path)
+            .unwrap_err()
+            .to_string()
+            .contains("odd.nii"));
     }
 
     #[test]

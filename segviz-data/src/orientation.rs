@@ -89,25 +89,22 @@ pub fn ras_geometry(geometry: &Geometry) -> Geometry {
     let map = AxisMap::of(&geometry.affine);
     let mut shape = [0usize; 3];
     let mut out = affine::identity();
-    for r in 0..3 {
-        out[r][3] = geometry.affine[r][3];
+    for (row, source) in out.iter_mut().zip(&geometry.affine).take(3) {
+        row[3] = source[3];
     }
     for a in 0..3 {
         let w = map.world_axis[a];
         shape[w] = geometry.shape[a];
         let sign = if map.flipped[a] { -1.0 } else { 1.0 };
-        for r in 0..3 {
-            out[r][w] = sign * geometry.affine[r][a];
+        for (row, source) in out.iter_mut().zip(&geometry.affine).take(3) {
+            row[w] = sign * source[a];
             // A flipped axis starts at its last voxel: move the origin there.
             if map.flipped[a] {
-                out[r][3] += geometry.affine[r][a] * (geometry.shape[a] as f64 - 1.0);
+                row[3] += source[a] * (geometry.shape[a] as f64 - 1.0);
             }
         }
     }
-    Geometry {
-        shape,
-        affine: out,
-    }
+    Geometry { shape, affine: out }
 }
 
 /// Input voxel index of output (RAS) voxel `o`, for the axis map of the input.
@@ -207,10 +204,10 @@ mod tests {
             ],
         };
         let mut data = Vec::new();
-        for i in 0..8 {
+        for i in 0..8i32 {
             for j in 0..9 {
                 for k in 0..10 {
-                    data.push((i * 100 + j * 10 + k) as i32);
+                    data.push(i * 100 + j * 10 + k);
                 }
             }
         }
@@ -222,14 +219,14 @@ mod tests {
     fn permute_and_flip(v: &Volume<i32>, perm: [usize; 3], flip: [bool; 3]) -> Volume<i32> {
         let shape = perm.map(|a| v.geometry.shape[a]);
         let mut affine = affine::identity();
-        for r in 0..3 {
-            affine[r][3] = v.geometry.affine[r][3];
+        for (row, source) in affine.iter_mut().zip(&v.geometry.affine).take(3) {
+            row[3] = source[3];
             for b in 0..3 {
                 let a = perm[b];
                 let sign = if flip[b] { -1.0 } else { 1.0 };
-                affine[r][b] = sign * v.geometry.affine[r][a];
+                row[b] = sign * source[a];
                 if flip[b] {
-                    affine[r][3] += v.geometry.affine[r][a] * (shape[b] as f64 - 1.0);
+                    row[3] += source[a] * (shape[b] as f64 - 1.0);
                 }
             }
         }
@@ -280,7 +277,14 @@ mod tests {
     #[test]
     fn every_permuted_and_flipped_copy_reorients_to_the_canonical_volume() {
         let v = canonical();
-        let perms = [[0, 1, 2], [0, 2, 1], [1, 0, 2], [1, 2, 0], [2, 0, 1], [2, 1, 0]];
+        let perms = [
+            [0, 1, 2],
+            [0, 2, 1],
+            [1, 0, 2],
+            [1, 2, 0],
+            [2, 0, 1],
+            [2, 1, 0],
+        ];
         for perm in perms {
             for bits in 0..8u8 {
                 let flip = [bits & 1 != 0, bits & 2 != 0, bits & 4 != 0];
@@ -321,6 +325,15 @@ mod tests {
         let moved = permute_and_flip(&v, [1, 0, 2], [false; 3]);
         let wrong = Volume::filled(Geometry::from_spacing([8, 8, 8], [1.0; 3]), 0i32);
         let err = from_ras(&wrong, &moved.geometry).unwrap_err();
-        assert!(matches!(err, DataError::Shape { expected: [8, 9, 10], .. }), "{err:?}");
+        assert!(
+            matches!(
+                err,
+                DataError::Shape {
+                    expected: [8, 9, 10],
+                    ..
+                }
+            ),
+            "{err:?}"
+        );
     }
 }

@@ -141,7 +141,9 @@ impl PatchSampler {
                 found: label.geometry.shape,
             });
         }
-        let positives: Vec<usize> = (0..label.data.len()).filter(|&n| label.data[n] > 0).collect();
+        let positives: Vec<usize> = (0..label.data.len())
+            .filter(|&n| label.data[n] > 0)
+            .collect();
         let negatives = label.data.len() - positives.len();
         let p_positive = self.config.pos as f64 / (self.config.pos + self.config.neg) as f64;
         let mut centres = Vec::with_capacity(self.config.samples_per_volume);
@@ -317,7 +319,10 @@ mod tests {
             // and the image values still encode their source voxel consistently.
             let i0 = patch.image[0] as usize;
             let (a, b, c) = (i0 % 100, (i0 / 100) % 100, i0 / 10_000);
-            assert_eq!(patch.image[(7 * 8 + 7) * 4 + 3] as usize, (a + 7) + 100 * (b + 7) + 10_000 * (c + 3));
+            assert_eq!(
+                patch.image[(7 * 8 + 7) * 4 + 3] as usize,
+                (a + 7) + 100 * (b + 7) + 10_000 * (c + 3)
+            );
         }
     }
 
@@ -354,10 +359,17 @@ mod tests {
         let b = sampler(1, 1, 8, 42).sample(&image, &label).expect("b");
         assert_eq!(a, b);
         let empty = Volume::filled(label.geometry.clone(), 0u8);
-        let centres = sampler(1, 0, 10, 1).sample_centres(&empty).expect("centres");
+        let centres = sampler(1, 0, 10, 1)
+            .sample_centres(&empty)
+            .expect("centres");
         assert!(centres.iter().all(|c| !c.positive));
         let bad = Volume::filled(Geometry::from_spacing([4, 4, 4], [1.0; 3]), 0.0f32);
         assert!(sampler(1, 1, 2, 1).sample(&bad, &label).is_err());
-        assert!(PatchSampler::new(PatchSamplerConfig { pos: 0, neg: 0, ..Default::default() }).is_err());
+        assert!(PatchSampler::new(PatchSamplerConfig {
+            pos: 0,
+            neg: 0,
+            ..Default::default()
+        })
+        .is_err());
     }
 }

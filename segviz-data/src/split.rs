@@ -193,7 +193,10 @@ mod tests {
         // A second call loads the saved split even with another seed.
         assert_eq!(Split::load_or_create(&path, &all, 0.2, 99).unwrap(), s);
         let err = Split::load(&path, &all[..3]).unwrap_err().to_string();
-        assert!(err.contains("split.json") && err.contains("does not have"), "{err}");
+        assert!(
+            err.contains("split.json") && err.contains("does not have"),
+            "{err}"
+        );
         std::fs::write(&path, "{").unwrap();
         let err = Split::load(&path, &all).unwrap_err().to_string();
         assert!(err.contains("split.json"), "{err}");

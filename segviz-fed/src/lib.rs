@@ -1,1 +1,21 @@
-//! segviz-fed
+//! # segviz-fed
+//!
+//! SegViz federation (paper §3–4): aggregation strategies ([`strategy`]: FedAvg, FedBN,
+//! FedProx, each with the SegViz task-head rule), the client interface the server sees
+//! ([`client`]), the server's round loop with faults and checkpoints ([`server`]), and the
+//! statistics used to compare methods ([`stats`]).
+//!
+//! Only model state, counts and metrics cross between server and clients ([`messages`]).
+
+pub mod client;
+pub mod error;
+pub mod messages;
+pub mod server;
+pub mod stats;
+pub mod strategy;
+
+pub use client::FederatedClient;
+pub use error::{FedError, Result};
+pub use messages::{ClientUpdate, EvaluateResult, FitInstructions};
+pub use server::{RoundReport, Server, ServerConfig, ServerEvent};
+pub use strategy::{AggregationStrategy, ClientInfo, FedAvg, FedBn, FedProx, Weighting};

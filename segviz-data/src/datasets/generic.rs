@@ -52,8 +52,7 @@ pub fn open(dir: &Path) -> Result<SiteDataset> {
         path: dir.to_path_buf(),
         reason: format!("neither {TOML_CONFIG} nor {JSON_CONFIG} found"),
     })?;
-    let text =
-        std::fs::read_to_string(&config_path).map_err(|e| DataError::io(&config_path, e))?;
+    let text = std::fs::read_to_string(&config_path).map_err(|e| DataError::io(&config_path, e))?;
     let config = parse_config(&text, &config_path)?;
     let (name, label_map) = interpret(&config, &config_path)?;
     let cases = pair_files(dir)?;
@@ -217,7 +216,12 @@ mod tests {
     fn site(config_name: &str, config: &str) -> tempfile::TempDir {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join(config_name), config).unwrap();
-        for f in ["images/a.nii.gz", "labels/a.nii.gz", "images/b.nii", "labels/b.nii"] {
+        for f in [
+            "images/a.nii.gz",
+            "labels/a.nii.gz",
+            "images/b.nii",
+            "labels/b.nii",
+        ] {
             touch(&dir.path().join(f));
         }
         dir
@@ -245,7 +249,10 @@ mod tests {
 
     #[test]
     fn short_json_config() {
-        let dir = site(JSON_CONFIG, r#"{"1": "liver", "2": "liver", "4": "kidneys"}"#);
+        let dir = site(
+            JSON_CONFIG,
+            r#"{"1": "liver", "2": "liver", "4": "kidneys"}"#,
+        );
         let ds = SiteDataset::detect(dir.path()).unwrap();
         assert_eq!(
             ds.annotated(),
@@ -258,8 +265,16 @@ mod tests {
     fn bad_configs_name_file_and_field() {
         let cases = [
             (JSON_CONFIG, r#"{"1": "livr"}"#, "`labels.1`"),
-            (JSON_CONFIG, r#"{"labels": {"1": "liver"}, "annotated": ["spleen"]}"#, "`annotated`"),
-            (JSON_CONFIG, r#"{"labels": {"1": "liver"}, "annotated": ["lung"]}"#, "`annotated`"),
+            (
+                JSON_CONFIG,
+                r#"{"labels": {"1": "liver"}, "annotated": ["spleen"]}"#,
+                "`annotated`",
+            ),
+            (
+                JSON_CONFIG,
+                r#"{"labels": {"1": "liver"}, "annotated": ["lung"]}"#,
+                "`annotated`",
+            ),
             (JSON_CONFIG, r#"{"1": "liver""#, "JSON"),
             (TOML_CONFIG, "[labels]\n1 = 3\n", "`labels.1`"),
             (TOML_CONFIG, "[labels\n", "TOML"),

@@ -206,10 +206,7 @@ pub fn check_same_grid(
 ) -> Result<()> {
     let mut problems = Vec::new();
     if image.shape != label.shape {
-        problems.push(format!(
-            "shape {:?} vs {:?}",
-            image.shape, label.shape
-        ));
+        problems.push(format!("shape {:?} vs {:?}", image.shape, label.shape));
     }
     let worst = image
         .affine
@@ -221,7 +218,7 @@ pub fn check_same_grid(
             (a - b).abs() / scale
         })
         .fold(0.0f64, f64::max);
-    if !(worst <= AFFINE_TOLERANCE) {
+    if worst.is_nan() || worst > AFFINE_TOLERANCE {
         problems.push(format!(
             "affines differ by up to {worst:.4} (image {:?}, label {:?})",
             &image.affine[..3],
@@ -305,7 +302,14 @@ pub(crate) mod tests {
         touch(&dir.path().join("readme.txt"));
         let err = SiteDataset::detect(dir.path()).unwrap_err();
         let msg = err.to_string();
-        for needle in ["dataset.json", "case_*", "img/", "label/", "segviz.toml", "labels.json"] {
+        for needle in [
+            "dataset.json",
+            "case_*",
+            "img/",
+            "label/",
+            "segviz.toml",
+            "labels.json",
+        ] {
             assert!(msg.contains(needle), "{msg}");
         }
     }
@@ -327,7 +331,10 @@ pub(crate) mod tests {
 
     #[test]
     fn nifti_stems() {
-        assert_eq!(nifti_stem(Path::new("a/liver_1.nii.gz")).as_deref(), Some("liver_1"));
+        assert_eq!(
+            nifti_stem(Path::new("a/liver_1.nii.gz")).as_deref(),
+            Some("liver_1")
+        );
         assert_eq!(nifti_stem(Path::new("x.nii")).as_deref(), Some("x"));
         assert_eq!(nifti_stem(Path::new("x.mha")), None);
     }

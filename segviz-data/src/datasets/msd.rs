@@ -57,7 +57,10 @@ fn parse_labels(json: &Value, path: &Path) -> Result<LabelMap> {
             )
         })?;
         let name = name.as_str().ok_or_else(|| {
-            DataError::invalid(path, format!("field `labels`: value of {key:?} is not a string"))
+            DataError::invalid(
+                path,
+                format!("field `labels`: value of {key:?} is not a string"),
+            )
         })?;
         named.push((value, name.to_ascii_lowercase()));
     }
@@ -187,7 +190,10 @@ mod tests {
         let ds = SiteDataset::detect(dir.path()).unwrap();
         assert_eq!(ds.layout, Layout::Msd);
         assert_eq!(ds.case_ids(), ["liver_0", "liver_1"]);
-        assert_eq!(ds.cases[0].label, dir.path().join("labelsTr/liver_0.nii.gz"));
+        assert_eq!(
+            ds.cases[0].label,
+            dir.path().join("labelsTr/liver_0.nii.gz")
+        );
         assert_eq!(ds.label_map, LabelMap::msd_liver());
         assert_eq!(ds.annotated(), OrganSet::single(Organ::Liver));
     }
@@ -213,18 +219,36 @@ mod tests {
     fn malformed_json_names_dataset_json() {
         let dir = task(r#"{"labels": {"0": "background""#, &[]);
         let msg = SiteDataset::detect(dir.path()).unwrap_err().to_string();
-        assert!(msg.contains("dataset.json") && msg.contains("JSON"), "{msg}");
+        assert!(
+            msg.contains("dataset.json") && msg.contains("JSON"),
+            "{msg}"
+        );
     }
 
     #[test]
     fn missing_or_wrong_fields_are_named() {
         let cases = [
             (r#"{"numTraining": 0, "training": []}"#, "`labels`"),
-            (r#"{"labels": {"1": "liver"}, "numTraining": 0}"#, "`training`"),
-            (r#"{"labels": {"1": "liver"}, "training": []}"#, "`numTraining`"),
-            (r#"{"labels": {"1": "liver"}, "numTraining": 3, "training": []}"#, "`numTraining`"),
-            (r#"{"labels": {"x": "liver"}, "numTraining": 0, "training": []}"#, "`labels`"),
-            (r#"{"labels": {"1": "aorta"}, "numTraining": 0, "training": []}"#, "`labels`"),
+            (
+                r#"{"labels": {"1": "liver"}, "numTraining": 0}"#,
+                "`training`",
+            ),
+            (
+                r#"{"labels": {"1": "liver"}, "training": []}"#,
+                "`numTraining`",
+            ),
+            (
+                r#"{"labels": {"1": "liver"}, "numTraining": 3, "training": []}"#,
+                "`numTraining`",
+            ),
+            (
+                r#"{"labels": {"x": "liver"}, "numTraining": 0, "training": []}"#,
+                "`labels`",
+            ),
+            (
+                r#"{"labels": {"1": "aorta"}, "numTraining": 0, "training": []}"#,
+                "`labels`",
+            ),
             (
                 r#"{"labels": {"1": "liver"}, "numTraining": 1, "training": [{"image": "./a.nii.gz"}]}"#,
                 "`training[0].label`",
@@ -233,7 +257,10 @@ mod tests {
         for (json, field) in cases {
             let dir = task(json, &[]);
             let msg = SiteDataset::detect(dir.path()).unwrap_err().to_string();
-            assert!(msg.contains("dataset.json") && msg.contains(field), "{json}: {msg}");
+            assert!(
+                msg.contains("dataset.json") && msg.contains(field),
+                "{json}: {msg}"
+            );
         }
     }
 

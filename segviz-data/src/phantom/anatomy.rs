@@ -317,12 +317,18 @@ impl Subject {
         let aorta_xy = [jitter(rng, -16.0, 3.0), spine_y + jitter(rng, 28.0, 3.0)];
         let aorta_r = vary(rng, 11.0, 0.12);
         let aorta = Tube::new(
-            vec![[aorta_xy[0], aorta_xy[1], 200.0], [aorta_xy[0] + 3.0, aorta_xy[1], -200.0]],
+            vec![
+                [aorta_xy[0], aorta_xy[1], 200.0],
+                [aorta_xy[0] + 3.0, aorta_xy[1], -200.0],
+            ],
             vec![aorta_r, aorta_r * 0.9],
         );
         let ivc_xy = [jitter(rng, 23.0, 3.0), spine_y + jitter(rng, 32.0, 3.0)];
         let ivc = Tube::new(
-            vec![[ivc_xy[0], ivc_xy[1], 200.0], [ivc_xy[0], ivc_xy[1], -200.0]],
+            vec![
+                [ivc_xy[0], ivc_xy[1], 200.0],
+                [ivc_xy[0], ivc_xy[1], -200.0],
+            ],
             vec![vary(rng, 12.0, 0.15); 2],
         );
 
@@ -341,8 +347,8 @@ impl Subject {
         ];
         let spleen_scale = rng.random_range(0.8..=1.2);
         let spleen = Ellipsoid::new(
-            jitter_point(rng, [-88.0, -40.0, 45.0], 6.0),
-            [24.0, 46.0, 48.0].map(|r| vary(rng, r, 0.08) * spleen_scale),
+            jitter_point(rng, [-82.0, -36.0, 50.0], 6.0),
+            [26.0, 48.0, 50.0].map(|r| vary(rng, r, 0.08) * spleen_scale),
         )
         .rotated(jitter(rng, 0.6, 0.15));
 
@@ -366,17 +372,23 @@ impl Subject {
                 label,
             }
         };
-        let kidneys = [
-            kidney(rng, 1.0, jitter(rng, -38.0, 8.0), btcv::RIGHT_KIDNEY),
-            kidney(rng, -1.0, jitter(rng, -22.0, 8.0), btcv::LEFT_KIDNEY),
-        ];
+        // The right kidney lies lower, under the liver.
+        let right_z = jitter(rng, -38.0, 8.0);
+        let right = kidney(rng, 1.0, right_z, btcv::RIGHT_KIDNEY);
+        let left_z = jitter(rng, -22.0, 8.0);
+        let left = kidney(rng, -1.0, left_z, btcv::LEFT_KIDNEY);
+        let kidneys = [right, left];
 
         let pancreas_scale = rng.random_range(0.85..=1.15);
         let head = jitter_point(rng, [36.0, spine_y + 62.0, -22.0], 5.0);
         let neck = jitter_point(rng, [2.0, spine_y + 72.0, -8.0], 5.0);
         let tail = jitter_point(rng, [-72.0, spine_y + 30.0, 12.0], 6.0);
         let mut points = bezier(head, neck, neck, 4);
-        points.extend(bezier(neck, [-35.0, spine_y + 64.0, 2.0], tail, 6).into_iter().skip(1));
+        points.extend(
+            bezier(neck, [-35.0, spine_y + 64.0, 2.0], tail, 6)
+                .into_iter()
+                .skip(1),
+        );
         let radii: Vec<f64> = (0..points.len())
             .map(|i| {
                 let t = i as f64 / (points.len() - 1) as f64;
@@ -398,7 +410,10 @@ impl Subject {
             let x = side * jitter(rng, 95.0, 6.0);
             bowel.push(BowelLoop {
                 tube: Tube::new(
-                    vec![[x, jitter(rng, 0.0, 8.0), -200.0], [x, jitter(rng, 0.0, 8.0), -20.0]],
+                    vec![
+                        [x, jitter(rng, 0.0, 8.0), -200.0],
+                        [x, jitter(rng, 0.0, 8.0), -20.0],
+                    ],
                     vec![vary(rng, 18.0, 0.15); 2],
                 ),
                 content: if rng.random_bool(0.5) {
@@ -554,9 +569,8 @@ impl Subject {
         }
         if !in_disc {
             let arch = canal_d < sp.canal_radius + 5.0 && p[1] < sp.y - sp.radius[1];
-            let spinous = dx.abs() < 4.5
-                && p[1] < canal_y
-                && p[1] > canal_y - sp.canal_radius - 24.0;
+            let spinous =
+                dx.abs() < 4.5 && p[1] < canal_y && p[1] > canal_y - sp.canal_radius - 24.0;
             if arch || spinous {
                 return Some(Tissue::CorticalBone);
             }
@@ -708,7 +722,8 @@ mod tests {
     fn landmarks_hold_the_expected_tissue() {
         for seed in 0..5 {
             let s = Subject::generate(&mut ChaCha8Rng::seed_from_u64(seed), Some(Organ::Liver));
-            assert_eq!(s.sample([0.0, 0.0, 400.0]).tissue, Tissue::Air);
+            // The trunk is a cylinder along z: beside it is air, above it is not.
+            assert_eq!(s.sample([0.0, 200.0, 400.0]).tissue, Tissue::Air);
             assert_eq!(s.sample([300.0, 0.0, 0.0]).tissue, Tissue::Air);
             let vertebra = s.sample([s.spine.x, s.spine.y, 0.0]).tissue;
             assert!(
@@ -735,8 +750,15 @@ mod tests {
     fn enhancement_raises_organs_in_portal_phase() {
         let s = Subject::generate(&mut ChaCha8Rng::seed_from_u64(1), None);
         let p = [0.0; 3];
-        for t in [Tissue::Liver, Tissue::Spleen, Tissue::KidneyCortex, Tissue::Aorta] {
-            assert!(s.hu(t, p, ContrastPhase::PortalVenous) > s.hu(t, p, ContrastPhase::Native) + 30.0);
+        for t in [
+            Tissue::Liver,
+            Tissue::Spleen,
+            Tissue::KidneyCortex,
+            Tissue::Aorta,
+        ] {
+            assert!(
+                s.hu(t, p, ContrastPhase::PortalVenous) > s.hu(t, p, ContrastPhase::Native) + 30.0
+            );
         }
         assert_eq!(s.hu(Tissue::Air, p, ContrastPhase::PortalVenous), -1000.0);
     }

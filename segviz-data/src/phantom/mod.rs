@@ -7,9 +7,9 @@
 //! spacing, field of view, intensity calibration and axis order ([`SiteStyle`]).
 //!
 //! Each site is like its real dataset: every subject has all organs, but the site writes
-//! only its own annotation — MSD liver (liver + tumour), MSD spleen, MSD pancreas (pancreas
-//! + tumour), KiTS19 (kidneys + tumour, stored slice-first), and BTCV with all structures
-//! in BTCV numbering (the external test set). [`write_sites`] is deterministic in the seed
+//! only its own annotation — MSD liver (liver and tumour), MSD spleen, MSD pancreas
+//! (pancreas and tumour), KiTS19 (kidneys and tumour, stored slice-first), and BTCV with
+//! all structures in BTCV numbering (the external test set). [`write_sites`] is deterministic in the seed
 //! and reuses an existing output written with the same configuration.
 
 pub mod anatomy;
@@ -144,7 +144,10 @@ pub struct PhantomManifest {
 impl PhantomManifest {
     /// The site folder called `name`, inside `out`.
     pub fn site_dir(&self, out: &Path, name: &str) -> Option<PathBuf> {
-        self.sites.iter().find(|s| s.name == name).map(|_| out.join(name))
+        self.sites
+            .iter()
+            .find(|s| s.name == name)
+            .map(|_| out.join(name))
     }
 }
 
@@ -268,9 +271,9 @@ fn case_seed(seed: u64, site: usize, case: usize) -> u64 {
 /// site's organ, rendered in the site's style, scan centre varying a little per case).
 fn generate_case(config: &PhantomConfig, site_index: usize, case: usize) -> Result<PhantomCase> {
     let specs = site_specs();
-    let spec = specs.get(site_index).ok_or_else(|| {
-        DataError::Config(format!("no phantom site with index {site_index}"))
-    })?;
+    let spec = specs
+        .get(site_index)
+        .ok_or_else(|| DataError::Config(format!("no phantom site with index {site_index}")))?;
     let mut rng = ChaCha8Rng::seed_from_u64(case_seed(config.seed, site_index, case));
     let subject = Subject::generate(&mut rng, spec.organ);
     let centre = [
@@ -459,7 +462,9 @@ fn write_site(config: &PhantomConfig, index: usize, spec: &SiteSpec) -> Result<P
                 "training": training,
                 "test": [],
             });
-            let path = out.join(spec.folder).join(crate::datasets::msd::DATASET_JSON);
+            let path = out
+                .join(spec.folder)
+                .join(crate::datasets::msd::DATASET_JSON);
             let text = serde_json::to_vec_pretty(&dataset)
                 .map_err(|e| DataError::invalid(&path, format!("cannot serialise: {e}")))?;
             atomic_write::write_bytes(&path, &text)?;

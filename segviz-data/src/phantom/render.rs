@@ -309,7 +309,9 @@ mod tests {
         assert_eq!(g.affine[0][2], -1.0);
         // The centre voxel maps to the scan centre.
         let c = (0..3)
-            .map(|r| g.affine[r][0] * 3.5 + g.affine[r][1] * 2.5 + g.affine[r][2] * 1.5 + g.affine[r][3])
+            .map(|r| {
+                g.affine[r][0] * 3.5 + g.affine[r][1] * 2.5 + g.affine[r][2] * 1.5 + g.affine[r][3]
+            })
             .collect::<Vec<_>>();
         assert!(c.iter().all(|v| v.abs() < 1e-12), "{c:?}");
         let bad = AxisLayout {

@@ -22,7 +22,12 @@ pub struct DisplacementField {
 impl DisplacementField {
     /// A field whose displacement along each axis is at most `amplitude` mm, built from
     /// `waves` sinusoids per axis with wavelengths in `wavelength` (mm).
-    pub fn random<R: Rng>(rng: &mut R, amplitude: f64, wavelength: (f64, f64), waves: usize) -> Self {
+    pub fn random<R: Rng>(
+        rng: &mut R,
+        amplitude: f64,
+        wavelength: (f64, f64),
+        waves: usize,
+    ) -> Self {
         let mut make_axis = || {
             (0..waves)
                 .map(|_| {
@@ -250,6 +255,9 @@ mod tests {
                 assert!((wa[k] - p[k]).abs() <= 6.0 + 1e-9);
             }
         }
-        assert_eq!(DisplacementField::zero().warp([1.0, 2.0, 3.0]), [1.0, 2.0, 3.0]);
+        assert_eq!(
+            DisplacementField::zero().warp([1.0, 2.0, 3.0]),
+            [1.0, 2.0, 3.0]
+        );
     }
 }

@@ -157,10 +157,19 @@ mod tests {
     #[test]
     fn validate_rejects_bad_fields() {
         let bad = [
-            PreprocessConfig { pixdim: [1.5, 0.0, 2.0], ..Default::default() },
+            PreprocessConfig {
+                pixdim: [1.5, 0.0, 2.0],
+                ..Default::default()
+            },
             PreprocessConfig::default().with_window(100.0, -100.0),
-            PreprocessConfig { pad_multiple: 0, ..Default::default() },
-            PreprocessConfig { resize: Some([256, 0, 128]), ..Default::default() },
+            PreprocessConfig {
+                pad_multiple: 0,
+                ..Default::default()
+            },
+            PreprocessConfig {
+                resize: Some([256, 0, 128]),
+                ..Default::default()
+            },
         ];
         for c in bad {
             assert!(matches!(c.validate(), Err(DataError::Config(_))), "{c:?}");

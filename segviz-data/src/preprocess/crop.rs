@@ -101,7 +101,13 @@ mod tests {
         let at = v.geometry.index(6, 5, 4);
         v.data[at] = 1;
         let b = foreground_box(&v, |x| x > 0, 1).expect("foreground");
-        assert_eq!(b, BoundingBox { start: [3, 4, 2], end: [8, 7, 6] });
+        assert_eq!(
+            b,
+            BoundingBox {
+                start: [3, 4, 2],
+                end: [8, 7, 6]
+            }
+        );
         let c = crop(&v, &b).expect("crop");
         assert_eq!(c.shape(), [5, 3, 4]);
         assert_eq!(c.at(1, 1, 1), 2);
@@ -109,8 +115,18 @@ mod tests {
         let w1 = affine::apply(&c.geometry.affine, [1.0, 1.0, 1.0]);
         assert_eq!(w0, w1);
         // The margin is clipped at the border.
-        assert_eq!(foreground_box(&v, |x| x > 0, 100).expect("fg").end, [10, 12, 8]);
+        assert_eq!(
+            foreground_box(&v, |x| x > 0, 100).expect("fg").end,
+            [10, 12, 8]
+        );
         assert!(foreground_box(&v, |x| x > 5, 0).is_none());
-        assert!(crop(&v, &BoundingBox { start: [0; 3], end: [11, 1, 1] }).is_err());
+        assert!(crop(
+            &v,
+            &BoundingBox {
+                start: [0; 3],
+                end: [11, 1, 1]
+            }
+        )
+        .is_err());
     }
 }

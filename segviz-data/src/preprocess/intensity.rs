@@ -8,7 +8,12 @@ use crate::volume::Volume;
 ///
 /// # Errors
 /// [`DataError::Config`] unless `a_min < a_max` and both are finite.
-pub fn window_intensity(image: &Volume<f32>, a_min: f32, a_max: f32, clip: bool) -> Result<Volume<f32>> {
+pub fn window_intensity(
+    image: &Volume<f32>,
+    a_min: f32,
+    a_max: f32,
+    clip: bool,
+) -> Result<Volume<f32>> {
     if !(a_min.is_finite() && a_max.is_finite() && a_min < a_max) {
         return Err(DataError::Config(format!(
             "intensity window needs finite a_min < a_max, got {a_min}..{a_max}"

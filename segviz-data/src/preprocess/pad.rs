@@ -5,12 +5,17 @@ use crate::volume::{Geometry, Volume};
 
 /// Pads `before[a]` voxels before and `after[a]` after each axis with `value`; the affine
 /// origin moves so the original voxels keep their world position.
-pub fn pad<T: Copy>(volume: &Volume<T>, before: [usize; 3], after: [usize; 3], value: T) -> Volume<T> {
+pub fn pad<T: Copy>(
+    volume: &Volume<T>,
+    before: [usize; 3],
+    after: [usize; 3],
+    value: T,
+) -> Volume<T> {
     let old = volume.geometry.shape;
     let shape = [0, 1, 2].map(|a| old[a] + before[a] + after[a]);
     let mut affine = volume.geometry.affine;
-    for r in 0..3 {
-        affine[r][3] -= (0..3).map(|c| affine[r][c] * before[c] as f64).sum::<f64>();
+    for row in affine.iter_mut().take(3) {
+        row[3] -= (0..3).map(|c| row[c] * before[c] as f64).sum::<f64>();
     }
     let geometry = Geometry { shape, affine };
     let mut out = Volume::filled(geometry, value);

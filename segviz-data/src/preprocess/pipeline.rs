@@ -6,7 +6,9 @@ use super::config::PreprocessConfig;
 use super::crop::{crop, foreground_box};
 use super::intensity::window_intensity;
 use super::pad::pad_to_multiple;
-use super::resample::{resample_image_to_spacing, resample_labels_to_spacing, resize_image, resize_labels};
+use super::resample::{
+    resample_image_to_spacing, resample_labels_to_spacing, resize_image, resize_labels,
+};
 use crate::affine;
 use crate::error::{DataError, Result};
 use crate::nifti_io::{read_labels, read_volume};
@@ -179,7 +181,10 @@ mod tests {
         let config = PreprocessConfig::default();
         let (img, lbl) = preprocess_pair(&image, &label, &config).expect("preprocess");
         assert_eq!(img.geometry, lbl.geometry);
-        assert_eq!(crate::orientation::orientation_code(&img.geometry.affine), "RAS");
+        assert_eq!(
+            crate::orientation::orientation_code(&img.geometry.affine),
+            "RAS"
+        );
         assert!(img.shape().iter().all(|n| n % 16 == 0));
         assert!(img.data.iter().all(|v| (0.0..=1.0).contains(v)));
         // Image and label stay aligned in world space: the centroid of the label, of the
@@ -190,8 +195,14 @@ mod tests {
         let of_label = centroid(&lbl.geometry, lbl.data.iter().map(|&l| l == 1));
         let of_image = centroid(&img.geometry, img.data.iter().map(|&v| v > 0.3));
         for d in 0..3 {
-            assert!((original[d] - of_label[d]).abs() < 1.0, "{original:?} vs {of_label:?}");
-            assert!((original[d] - of_image[d]).abs() < 1.0, "{original:?} vs {of_image:?}");
+            assert!(
+                (original[d] - of_label[d]).abs() < 1.0,
+                "{original:?} vs {of_label:?}"
+            );
+            assert!(
+                (original[d] - of_image[d]).abs() < 1.0,
+                "{original:?} vs {of_image:?}"
+            );
         }
         let volume_mm3 = |l: &Volume<u8>| {
             l.data.iter().filter(|&&x| x == 1).count() as f64
@@ -220,12 +231,25 @@ mod tests {
         write_volume(&image_path, &image, VoxelType::Int16).expect("write image");
 
         // Shape mismatch.
-        let small = Volume::filled(Geometry { shape: [10, 20, 17], ..label.geometry.clone() }, 0u8);
+        let small = Volume::filled(
+            Geometry {
+                shape: [10, 20, 17],
+                ..label.geometry.clone()
+            },
+            0u8,
+        );
         write_labels(&label_path, &small).expect("write label");
-        let err = preprocess_files(&image_path, &label_path, &PreprocessConfig::default()).unwrap_err();
+        let err =
+            preprocess_files(&image_path, &label_path, &PreprocessConfig::default()).unwrap_err();
         let message = err.to_string();
-        assert!(message.contains("img0001.nii.gz") && message.contains("label0001.nii.gz"), "{message}");
-        assert!(message.contains("shape mismatch") && !message.contains("affine"), "{message}");
+        assert!(
+            message.contains("img0001.nii.gz") && message.contains("label0001.nii.gz"),
+            "{message}"
+        );
+        assert!(
+            message.contains("shape mismatch") && !message.contains("affine"),
+            "{message}"
+        );
 
         // Affine mismatch (origin moved by 2 mm).
         let mut moved = label.clone();
@@ -234,19 +258,30 @@ mod tests {
         let message = preprocess_files(&image_path, &label_path, &PreprocessConfig::default())
             .unwrap_err()
             .to_string();
-        assert!(message.contains("img0001.nii.gz") && message.contains("label0001.nii.gz"), "{message}");
-        assert!(message.contains("affine mismatch") && !message.contains("shape"), "{message}");
+        assert!(
+            message.contains("img0001.nii.gz") && message.contains("label0001.nii.gz"),
+            "{message}"
+        );
+        assert!(
+            message.contains("affine mismatch") && !message.contains("shape"),
+            "{message}"
+        );
 
         // Both at once.
         let mut both = small;
         both.geometry.affine[1][3] -= 1.0;
-        assert!(check_pair(&image_path, &image.geometry, &label_path, &both.geometry)
-            .unwrap_err()
-            .to_string()
-            .contains("shape mismatch: image [10, 20, 18], label [10, 20, 17]; affine mismatch"));
+        assert!(
+            check_pair(&image_path, &image.geometry, &label_path, &both.geometry)
+                .unwrap_err()
+                .to_string()
+                .contains(
+                    "shape mismatch: image [10, 20, 18], label [10, 20, 17]; affine mismatch"
+                )
+        );
 
         // Matching files go through.
         write_labels(&label_path, &label).expect("write label");
-        preprocess_files(&image_path, &label_path, &PreprocessConfig::spleen()).expect("matching pair");
+        preprocess_files(&image_path, &label_path, &PreprocessConfig::spleen())
+            .expect("matching pair");
     }
 }

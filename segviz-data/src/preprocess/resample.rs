@@ -45,7 +45,11 @@ pub(crate) fn inside(p: [f64; 3], shape: [usize; 3]) -> bool {
 ///
 /// # Errors
 /// [`DataError::Config`] if the source affine is singular.
-pub fn resample_nearest<T: Copy>(volume: &Volume<T>, target: &Geometry, fill: T) -> Result<Volume<T>> {
+pub fn resample_nearest<T: Copy>(
+    volume: &Volume<T>,
+    target: &Geometry,
+    fill: T,
+) -> Result<Volume<T>> {
     let map = IndexMap::new(&volume.geometry, target)?;
     let shape = volume.geometry.shape;
     let mut data = Vec::with_capacity(target.len());
@@ -73,7 +77,11 @@ pub fn resample_nearest<T: Copy>(volume: &Volume<T>, target: &Geometry, fill: T)
 ///
 /// # Errors
 /// [`DataError::Config`] if the source affine is singular.
-pub fn resample_trilinear(volume: &Volume<f32>, target: &Geometry, fill: f32) -> Result<Volume<f32>> {
+pub fn resample_trilinear(
+    volume: &Volume<f32>,
+    target: &Geometry,
+    fill: f32,
+) -> Result<Volume<f32>> {
     let map = IndexMap::new(&volume.geometry, target)?;
     let shape = volume.geometry.shape;
     let mut data = Vec::with_capacity(target.len());
@@ -148,7 +156,11 @@ pub fn spacing_geometry(geometry: &Geometry, pixdim: [f64; 3]) -> Result<Geometr
     for a in 0..3 {
         let extent = geometry.shape[a] as f64 * spacing[a];
         shape[a] = ((extent / pixdim[a]).round() as usize).max(1);
-        scale[a] = if spacing[a] > 0.0 { pixdim[a] / spacing[a] } else { 1.0 };
+        scale[a] = if spacing[a] > 0.0 {
+            pixdim[a] / spacing[a]
+        } else {
+            1.0
+        };
     }
     Ok(rescaled_grid(geometry, shape, scale))
 }
@@ -257,7 +269,10 @@ mod tests {
         assert_eq!(resampled.geometry.shape, [21, 21, 16]);
         let count = resampled.data.iter().filter(|&&v| v == 1).count() as f64;
         let mm3 = count * voxel_volume(&resampled.geometry);
-        assert!((mm3 / expected - 1.0).abs() < 0.05, "labels: {mm3} vs {expected}");
+        assert!(
+            (mm3 / expected - 1.0).abs() < 0.05,
+            "labels: {mm3} vs {expected}"
+        );
 
         let image = Volume {
             data: labels.data.iter().map(|&v| v as f32).collect(),
@@ -266,7 +281,10 @@ mod tests {
         let resampled = resample_image_to_spacing(&image, [1.5, 1.5, 2.0]).expect("resample");
         let mass: f64 = resampled.data.iter().map(|&v| v as f64).sum::<f64>()
             * voxel_volume(&resampled.geometry);
-        assert!((mass / expected - 1.0).abs() < 0.05, "image: {mass} vs {expected}");
+        assert!(
+            (mass / expected - 1.0).abs() < 0.05,
+            "image: {mass} vs {expected}"
+        );
     }
 
     #[test]
@@ -287,7 +305,9 @@ mod tests {
             assert!((c0[d] - c1[d]).abs() < 1e-9);
         }
         let s = t.spacing();
-        assert!((s[0] - 1.5).abs() < 1e-12 && (s[1] - 1.5).abs() < 1e-12 && (s[2] - 2.0).abs() < 1e-12);
+        assert!(
+            (s[0] - 1.5).abs() < 1e-12 && (s[1] - 1.5).abs() < 1e-12 && (s[2] - 2.0).abs() < 1e-12
+        );
         assert_eq!(t.shape, [12, 5, 11]);
     }
 

@@ -1,0 +1,100 @@
+//! The arithmetic shared by the strategies: weighted means of tensors and the SegViz
+//! task-head rule.
+
+use segviz_core::{ModelState, StateTensor, TensorRole};
+
+use super::Weighting;
+use crate::error::{FedError, Result};
+use crate::messages::ClientUpdate;
+
+/// Weighted mean, over the updates that carry it, of every tensor that `select` accepts.
+///
+/// Returns the averaged tensors only. Updates disagreeing on a tensor's shape are an error.
+pub fn average(
+    round: usize,
+    updates: &[ClientUpdate],
+    weighting: Weighting,
+    select: impl Fn(&str, &StateTensor) -> bool,
+) -> Result<ModelState> {
+    let mut out = ModelState::default();
+    let mut weights: std::collections::BTreeMap<String, f64> = Default::default();
+    for u in updates {
+        let w = match weighting {
+            Weighting::Examples => u.num_examples as f64,
+            Weighting::Uniform => 1.0,
+        };
+        if w <= 0.0 {
+            continue;
+        }
+        for (path, t) in &u.state.tensors {
+            if !select(path, t) {
+                continue;
+            }
+            let acc = out.tensors.entry(path.clone()).or_insert_with(|| StateTensor {
+                data: vec![0.0; t.data.len()],
+                ..t.clone()
+            });
+            if acc.shape != t.shape || acc.data.len() != t.data.len() {
+                return Err(FedError::Round {
+                    round,
+                    reason: format!(
+                        "client {} sent {path} with shape {:?}, others {:?}",
+                        u.client, t.shape, acc.shape
+                    ),
+                });
+            }
+            // Accumulate in f64 for exactness, stored back as f32 below.
+            for (a, v) in acc.data.iter_mut().zip(&t.data) {
+                *a = (*a as f64 + w * *v as f64) as f32;
+            }
+            *weights.entry(path.clone()).or_insert(0.0) += w;
+        }
+    }
+    for (path, t) in out.tensors.iter_mut() {
+        let w = weights.get(path).copied().unwrap_or(1.0);
+        t.data.iter_mut().for_each(|v| *v = (*v as f64 / w) as f32);
+    }
+    Ok(out)
+}
+
+/// The SegViz task rule: each head's tensors, averaged over the clients that own the task.
+pub fn route_heads(round: usize, updates: &[ClientUpdate], weighting: Weighting) -> Result<ModelState> {
+    average(round, updates, weighting, |_, t| {
+        matches!(t.role, TensorRole::Head(_))
+    })
+}
+
+/// The common shape of every strategy's `aggregate_fit`: representation tensors chosen by
+/// `shared` are averaged, heads are routed, everything else keeps the global value.
+pub(crate) fn aggregate_with(
+    round: usize,
+    global: &ModelState,
+    updates: &[ClientUpdate],
+    weighting: Weighting,
+    shared: impl Fn(&StateTensor) -> bool,
+) -> Result<ModelState> {
+    if updates.is_empty() {
+        return Err(FedError::Round {
+            round,
+            reason: "no client finished the round".into(),
+        });
+    }
+    let mut next = global.clone();
+    next.merge(average(round, updates, weighting, |_, t| {
+        t.role == TensorRole::Representation && shared(t)
+    })?);
+    next.merge(route_heads(round, updates, weighting)?);
+    Ok(next)
+}
+
+/// The representation tensors chosen by `shared` plus the heads of the client's tasks.
+pub(crate) fn client_view(
+    global: &ModelState,
+    tasks: &[String],
+    shared: impl Fn(&StateTensor) -> bool,
+) -> ModelState {
+    global.filter(|_, t| match &t.role {
+        TensorRole::Representation => shared(t),
+        TensorRole::Head(task) => tasks.contains(task),
+    })
+}
