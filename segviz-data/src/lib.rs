@@ -7,8 +7,7 @@
 //! CT phantoms written in those same layouts.
 //!
 //! Volumes are [`Volume`]s: voxel values in C order over `[i, j, k]` (the NIfTI index axes,
-//! `k` fastest), plus the voxel-to-world affine. After [`Volume::to_ras`] (once the
-//! orientation module exists) the axes are `i → R`, `j → A`, `k → S`, so a volume becomes a
+//! `k` fastest), plus the voxel-to-world affine. After [`Volume::to_ras`] the axes are `i → R`, `j → A`, `k → S`, so a volume becomes a
 //! `[1, 1, i, j, k]` tensor by a plain reshape — the same spatial order MONAI uses.
 
 pub mod affine;

@@ -33,3 +33,25 @@ pub trait FederatedClient: Send {
     /// Restores a state returned by [`FederatedClient::local_state`] (on resume).
     fn restore_local_state(&mut self, state: &ModelState) -> Result<()>;
 }
+
+impl<T: FederatedClient + ?Sized> FederatedClient for Box<T> {
+    fn info(&self) -> ClientInfo {
+        (**self).info()
+    }
+
+    fn fit(&mut self, instructions: &FitInstructions, deadline: Option<Instant>) -> Result<ClientUpdate> {
+        (**self).fit(instructions, deadline)
+    }
+
+    fn evaluate(&mut self, round: usize, state: &ModelState) -> Result<EvaluateResult> {
+        (**self).evaluate(round, state)
+    }
+
+    fn local_state(&self) -> ModelState {
+        (**self).local_state()
+    }
+
+    fn restore_local_state(&mut self, state: &ModelState) -> Result<()> {
+        (**self).restore_local_state(state)
+    }
+}

@@ -7,15 +7,23 @@
 //!
 //! Only model state, counts and metrics cross between server and clients ([`messages`]).
 
+pub mod batches;
 pub mod client;
 pub mod error;
+pub mod evaluate;
+pub mod experiment;
+pub mod local;
 pub mod messages;
 pub mod server;
+pub mod site;
+pub mod site_client;
 pub mod stats;
 pub mod strategy;
 
 pub use client::FederatedClient;
 pub use error::{FedError, Result};
 pub use messages::{ClientUpdate, EvaluateResult, FitInstructions};
+pub use site::SiteData;
+pub use site_client::SiteClient;
 pub use server::{RoundReport, Server, ServerConfig, ServerEvent};
 pub use strategy::{AggregationStrategy, ClientInfo, FedAvg, FedBn, FedProx, Weighting};

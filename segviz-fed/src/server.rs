@@ -129,9 +129,9 @@ impl Server {
 
     /// If `checkpoint_dir` holds a finished round, loads the global state, the history and
     /// every client's local state from it; returns the last finished round (0 if none).
-    pub fn resume(
+    pub fn resume<C: FederatedClient>(
         &mut self,
-        clients: &mut [Box<dyn FederatedClient>],
+        clients: &mut [C],
         mut on_event: impl FnMut(ServerEvent<'_>),
     ) -> Result<usize> {
         let Some(dir) = self.config.checkpoint_dir.clone() else {
@@ -169,9 +169,9 @@ impl Server {
     }
 
     /// Runs rounds `first..=rounds`, checkpointing after each.
-    pub fn run(
+    pub fn run<C: FederatedClient>(
         &mut self,
-        clients: &mut [Box<dyn FederatedClient>],
+        clients: &mut [C],
         first: usize,
         mut on_event: impl FnMut(ServerEvent<'_>),
     ) -> Result<()> {
@@ -188,10 +188,10 @@ impl Server {
     }
 
     /// One round: configure, fit (concurrently), aggregate, evaluate.
-    fn round(
+    fn round<C: FederatedClient>(
         &mut self,
         round: usize,
-        clients: &mut [Box<dyn FederatedClient>],
+        clients: &mut [C],
         on_event: &mut impl FnMut(ServerEvent<'_>),
     ) -> Result<RoundReport> {
         let start = Instant::now();
@@ -209,7 +209,7 @@ impl Server {
 
         let mut results: Vec<(String, Result<ClientUpdate>)> = Vec::new();
         let chunk = self.config.parallel_clients;
-        let mut pairs: Vec<(&mut Box<dyn FederatedClient>, &FitInstructions)> =
+        let mut pairs: Vec<(&mut C, &FitInstructions)> =
             clients.iter_mut().zip(&instructions).collect();
         for group in pairs.chunks_mut(chunk) {
             let outcomes: Vec<(String, Result<ClientUpdate>)> = std::thread::scope(|scope| {
@@ -278,7 +278,7 @@ impl Server {
     }
 
     /// Writes the global model, each client's local state and the history.
-    fn checkpoint(&self, round: usize, clients: &[Box<dyn FederatedClient>]) -> Result<()> {
+    fn checkpoint<C: FederatedClient>(&self, round: usize, clients: &[C]) -> Result<()> {
         let Some(dir) = &self.config.checkpoint_dir else {
             return Ok(());
         };

@@ -1,0 +1,257 @@
+//! Evaluation of trained models on whole volumes: segmentation by sliding window and head
+//! fusion, then Dice and HD95 per organ per volume.
+
+use std::collections::BTreeMap;
+
+use burn::tensor::Device;
+use segviz_core::fusion::{fuse, ProbabilityKind};
+use segviz_core::metrics::{dice, hausdorff95};
+use segviz_core::sliding_window::{sliding_window_inference, SlidingWindowConfig};
+use segviz_core::SegVizModel;
+use segviz_data::{Organ, Volume};
+use serde::{Deserialize, Serialize};
+
+use crate::error::{FedError, Result};
+use crate::local::organ_of;
+use crate::site::SiteData;
+
+/// The model(s) a method segments with.
+#[derive(Debug, Clone)]
+pub enum Segmenter {
+    /// One model; its two-class heads are fused, or its multi-class head is arg-maxed.
+    Single(SegVizModel),
+    /// One model per organ (e.g. the baselines, or each site's own model under FedBN):
+    /// each gives the probability of its organ, then the probabilities are fused.
+    PerOrgan(Vec<(Organ, SegVizModel)>),
+}
+
+/// Organ probabilities of one volume, from which both per-organ masks and the fused label
+/// map are read.
+#[derive(Debug, Clone)]
+pub struct Prediction {
+    /// The organs, in channel order (for class probabilities: classes 1..).
+    pub organs: Vec<Organ>,
+    /// Channel-major probabilities.
+    pub probabilities: Vec<f32>,
+    /// Channels in `probabilities`.
+    pub channels: usize,
+    /// Their meaning.
+    pub kind: ProbabilityKind,
+}
+
+impl Prediction {
+    /// Voxels predicted as `organ` by the organ's own output: probability ≥ 0.5 for a
+    /// two-class head, the arg-max for a multi-class head. `None` if the organ is not
+    /// predicted at all.
+    pub fn organ_mask(&self, organ: Organ) -> Option<Vec<u8>> {
+        let index = self.organs.iter().position(|o| *o == organ)?;
+        let n = self.probabilities.len() / self.channels;
+        Some(match self.kind {
+            ProbabilityKind::TaskProbabilities => self.probabilities[index * n..(index + 1) * n]
+                .iter()
+                .map(|&p| u8::from(p >= 0.5))
+                .collect(),
+            ProbabilityKind::ClassProbabilities => {
+                let labels = fuse(&self.probabilities, self.channels, self.kind);
+                labels.iter().map(|&c| u8::from(c as usize == index + 1)).collect()
+            }
+        })
+    }
+
+    /// The fused label map in vocabulary labels (see [`segviz_core::fusion`]).
+    pub fn labels(&self) -> Vec<u8> {
+        let fused = fuse(&self.probabilities, self.channels, self.kind);
+        to_vocabulary(&fused, &self.organs)
+    }
+}
+
+impl Segmenter {
+    /// The organs this segmenter can label.
+    pub fn organs(&self) -> Result<Vec<Organ>> {
+        match self {
+            Segmenter::Single(m) => single_organs(m),
+            Segmenter::PerOrgan(list) => Ok(list.iter().map(|(o, _)| *o).collect()),
+        }
+    }
+
+    /// Organ probabilities of a preprocessed image, by sliding window.
+    pub fn predict(
+        &self,
+        image: &Volume<f32>,
+        window: &SlidingWindowConfig,
+        device: &Device,
+    ) -> Result<Prediction> {
+        let shape = image.geometry.shape;
+        match self {
+            Segmenter::Single(model) => {
+                let (probabilities, channels) = sliding_window_inference(
+                    &image.data,
+                    shape,
+                    window,
+                    device,
+                    |x| model.probabilities(x),
+                )?;
+                let multi_class = model.config().head_out_channels > 2;
+                Ok(Prediction {
+                    organs: single_organs(model)?,
+                    probabilities,
+                    channels,
+                    kind: if multi_class {
+                        ProbabilityKind::ClassProbabilities
+                    } else {
+                        ProbabilityKind::TaskProbabilities
+                    },
+                })
+            }
+            Segmenter::PerOrgan(list) => {
+                let n = image.data.len();
+                let mut all = Vec::with_capacity(list.len() * n);
+                for (organ, model) in list {
+                    let index = model.task_index(organ.name())?;
+                    let (probs, _) = sliding_window_inference(
+                        &image.data,
+                        shape,
+                        window,
+                        device,
+                        |x| {
+                            let p = model.probabilities(x);
+                            let [b, _, d, h, w] = p.dims();
+                            p.slice([0..b, index..index + 1, 0..d, 0..h, 0..w])
+                        },
+                    )?;
+                    all.extend(probs);
+                }
+                Ok(Prediction {
+                    organs: list.iter().map(|(o, _)| *o).collect(),
+                    probabilities: all,
+                    channels: list.len(),
+                    kind: ProbabilityKind::TaskProbabilities,
+                })
+            }
+        }
+    }
+}
+
+/// The organs of a single model: its task heads, or every organ for a multi-class head.
+fn single_organs(model: &SegVizModel) -> Result<Vec<Organ>> {
+    if model.config().head_out_channels > 2 {
+        let classes = model.config().head_out_channels - 1;
+        return Ok(Organ::ALL.iter().copied().take(classes).collect());
+    }
+    model.tasks().iter().map(|t| organ_of(t)).collect()
+}
+
+/// Fused labels `1..=n` (index into `organs` + 1) to vocabulary labels.
+fn to_vocabulary(fused: &[u8], organs: &[Organ]) -> Vec<u8> {
+    fused
+        .iter()
+        .map(|&v| match v {
+            0 => 0,
+            i => organs.get(i as usize - 1).map_or(0, |o| o.label()),
+        })
+        .collect()
+}
+
+/// Scores of one volume.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct VolumeScore {
+    /// Site name.
+    pub site: String,
+    /// Case id.
+    pub case: String,
+    /// Organ name → Dice.
+    pub dice: BTreeMap<String, f64>,
+    /// Organ name → HD95 in mm (`None` when a mask is empty).
+    pub hd95: BTreeMap<String, Option<f64>>,
+}
+
+/// Segments every case of `cases` at `site` and scores `organs` (those the site annotates
+/// and the segmenter predicts), each from the organ's own output (see
+/// [`Prediction::organ_mask`]). `on_case` is called after each volume with the preprocessed
+/// image, its labels and the prediction.
+pub fn evaluate_site(
+    segmenter: &Segmenter,
+    site: &SiteData,
+    cases: &[String],
+    organs: &[Organ],
+    window: &SlidingWindowConfig,
+    device: &Device,
+    mut on_case: impl FnMut(&str, &Volume<f32>, &Volume<u8>, &Prediction),
+) -> Result<Vec<VolumeScore>> {
+    let annotated = site.annotated();
+    let mut scores = Vec::new();
+    for id in cases {
+        let (image, label) = site.volume(id)?;
+        let prediction = segmenter.predict(&image, window, device)?;
+        let spacing = image.geometry.spacing();
+        let mut score = VolumeScore {
+            site: site.name().to_string(),
+            case: id.clone(),
+            dice: BTreeMap::new(),
+            hd95: BTreeMap::new(),
+        };
+        for organ in organs.iter().filter(|o| annotated.contains(**o)) {
+            let Some(mask) = prediction.organ_mask(*organ) else {
+                continue;
+            };
+            let truth: Vec<u8> = label.data.iter().map(|&v| u8::from(v == organ.label())).collect();
+            score.dice.insert(organ.name().into(), dice(&mask, &truth, 1));
+            score.hd95.insert(
+                organ.name().into(),
+                hausdorff95(&mask, &truth, 1, image.geometry.shape, spacing),
+            );
+        }
+        on_case(id, &image, &label, &prediction);
+        scores.push(score);
+    }
+    if scores.is_empty() && !cases.is_empty() {
+        return Err(FedError::Config(format!("site {} produced no score", site.name())));
+    }
+    Ok(scores)
+}
+
+/// Mean Dice per organ over scores.
+pub fn mean_dice(scores: &[VolumeScore]) -> BTreeMap<String, f64> {
+    let mut sums: BTreeMap<String, (f64, usize)> = BTreeMap::new();
+    for s in scores {
+        for (organ, d) in &s.dice {
+            let e = sums.entry(organ.clone()).or_insert((0.0, 0));
+            e.0 += d;
+            e.1 += 1;
+        }
+    }
+    sums.into_iter()
+        .map(|(k, (s, n))| (k, s / n as f64))
+        .collect()
+}
+
+/// Segments a CT file end to end: reads it, applies the training preprocessing, runs the
+/// sliding window and head fusion, and returns the label map resampled (nearest) back onto
+/// the file's own grid, so it overlays the scan in a viewer.
+pub fn segment_file(
+    segmenter: &Segmenter,
+    image_path: &std::path::Path,
+    preprocess: &segviz_data::PreprocessConfig,
+    window: &SlidingWindowConfig,
+    device: &Device,
+) -> Result<Volume<u8>> {
+    let original = segviz_data::read_volume(image_path)?;
+    // The pipeline prepares an image with its label; an empty label goes along.
+    let empty = Volume::filled(original.geometry.clone(), 0u8);
+    let (image, _) = segviz_data::preprocess_pair(&original, &empty, preprocess)?;
+    let labels = segmenter.predict(&image, window, device)?.labels();
+    to_original_grid(labels, &image, &original.geometry)
+}
+
+/// Moves a label map computed on a preprocessed image back onto the original grid.
+pub fn to_original_grid(
+    labels: Vec<u8>,
+    preprocessed: &Volume<f32>,
+    original: &segviz_data::Geometry,
+) -> Result<Volume<u8>> {
+    let volume = Volume {
+        data: labels,
+        geometry: preprocessed.geometry.clone(),
+    };
+    Ok(segviz_data::preprocess::resample_nearest(&volume, original, 0)?)
+}

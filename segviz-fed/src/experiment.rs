@@ -1,0 +1,1005 @@
+//! The paper's comparisons (§4): per-organ baselines, central aggregation (naive and with
+//! the marginal loss), FedAvg, FedBN (and FedProx), each with and without local
+//! fine-tuning, evaluated on every site's validation split (Table 1) and on an external
+//! test site (Table 2) with paired t-tests against the baselines.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+use burn::module::Module;
+use burn::tensor::Device;
+use segviz_core::checkpoint::{save_model, write_atomically};
+use segviz_core::sliding_window::SlidingWindowConfig;
+use segviz_core::{RepresentationConfig, SegVizConfig, SegVizModel};
+use segviz_data::{AugmentConfig, Organ, PatchSamplerConfig, PreprocessConfig};
+use serde::{Deserialize, Serialize};
+
+use crate::error::{FedError, Result};
+use crate::evaluate::{evaluate_site, Segmenter, VolumeScore};
+use crate::local::{
+    train_epochs, LocalTrainingConfig, LossKind, Objective, Schedule, POOLED_HEAD,
+};
+use crate::server::{RoundReport, Server, ServerConfig, ServerEvent};
+use crate::site::SiteData;
+use crate::site_client::SiteClient;
+use crate::stats::{paired_t_test, PairedTTest};
+use crate::strategy::{strategy_by_name, Weighting};
+
+/// A method of the comparison.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Method {
+    /// One model per organ, trained on its own site.
+    Baseline,
+    /// One multi-class model on all sites pooled, unannotated organs as background.
+    Central,
+    /// The same with the marginal (partial-label) loss.
+    CentralMarginal,
+    /// SegViz with FedAvg.
+    Fedavg,
+    /// FedAvg then local fine-tuning of the heads.
+    FedavgFt,
+    /// SegViz with FedBN.
+    Fedbn,
+    /// FedBN then local fine-tuning.
+    FedbnFt,
+    /// SegViz with FedProx.
+    Fedprox,
+    /// FedProx then local fine-tuning.
+    FedproxFt,
+}
+
+impl Method {
+    /// Every method, in table order.
+    pub const ALL: [Method; 9] = [
+        Method::Baseline,
+        Method::Central,
+        Method::CentralMarginal,
+        Method::Fedavg,
+        Method::FedavgFt,
+        Method::Fedbn,
+        Method::FedbnFt,
+        Method::Fedprox,
+        Method::FedproxFt,
+    ];
+
+    /// The paper's methods plus the marginal-loss upper bound (FedProx is opt-in).
+    pub const DEFAULT: [Method; 7] = [
+        Method::Baseline,
+        Method::Central,
+        Method::CentralMarginal,
+        Method::Fedavg,
+        Method::FedavgFt,
+        Method::Fedbn,
+        Method::FedbnFt,
+    ];
+
+    /// Command-line / file name.
+    pub fn name(self) -> &'static str {
+        match self {
+            Method::Baseline => "baseline",
+            Method::Central => "central",
+            Method::CentralMarginal => "central_marginal",
+            Method::Fedavg => "fedavg",
+            Method::FedavgFt => "fedavg_ft",
+            Method::Fedbn => "fedbn",
+            Method::FedbnFt => "fedbn_ft",
+            Method::Fedprox => "fedprox",
+            Method::FedproxFt => "fedprox_ft",
+        }
+    }
+
+    /// Row label in the tables.
+    pub fn label(self) -> &'static str {
+        match self {
+            Method::Baseline => "Baseline (per organ)",
+            Method::Central => "Central agg.",
+            Method::CentralMarginal => "Central + marginal loss",
+            Method::Fedavg => "FedAvg",
+            Method::FedavgFt => "FedAvg + FT",
+            Method::Fedbn => "FedBN",
+            Method::FedbnFt => "FedBN + FT",
+            Method::Fedprox => "FedProx",
+            Method::FedproxFt => "FedProx + FT",
+        }
+    }
+
+    /// Parses a name from [`Method::name`].
+    pub fn from_name(name: &str) -> Option<Method> {
+        Method::ALL.into_iter().find(|m| m.name() == name)
+    }
+
+    /// The federation strategy behind a federated method.
+    fn strategy(self) -> Option<&'static str> {
+        match self {
+            Method::Fedavg | Method::FedavgFt => Some("fedavg"),
+            Method::Fedbn | Method::FedbnFt => Some("fedbn"),
+            Method::Fedprox | Method::FedproxFt => Some("fedprox"),
+            _ => None,
+        }
+    }
+
+    fn fine_tuned(self) -> bool {
+        matches!(self, Method::FedavgFt | Method::FedbnFt | Method::FedproxFt)
+    }
+}
+
+/// Everything an experiment needs to know (saved with the results).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ExperimentConfig {
+    /// Preset this configuration started from.
+    pub preset: String,
+    /// The U-Net body.
+    pub representation: RepresentationConfig,
+    /// Preprocessing (one intensity window for all sites, so one model sees one scale).
+    pub preprocess: PreprocessConfig,
+    /// Local training.
+    pub training: LocalTrainingConfig,
+    /// Sliding-window inference.
+    pub window: SlidingWindowConfig,
+    /// Federated rounds (paper: 50).
+    pub rounds: usize,
+    /// Local epochs per round (paper: 10). Non-federated methods train
+    /// `rounds × local_epochs` epochs.
+    pub local_epochs: usize,
+    /// Fine-tuning epochs after federation (paper: 150).
+    pub fine_tune_epochs: usize,
+    /// Client weighting of the averages.
+    pub weighting: Weighting,
+    /// FedProx μ.
+    pub proximal_mu: f64,
+    /// Exclusion-term weight of the marginal loss.
+    pub exclusion_weight: f64,
+    /// Methods to run.
+    pub methods: Vec<Method>,
+    /// Seed of everything.
+    pub seed: u64,
+    /// Validation fraction of each site's split.
+    pub validation_fraction: f64,
+    /// Clients trained at once.
+    pub parallel_clients: usize,
+}
+
+impl ExperimentConfig {
+    /// The quick preset: a small U-Net (channels 8–64, three levels) on 4×4×5 mm volumes,
+    /// 48×48×16 patches, 8 rounds of 3 local epochs, Dice + cross-entropy at lr 1e-3 —
+    /// every method of the comparison in minutes on a 2-core CPU.
+    pub fn quick() -> Self {
+        ExperimentConfig {
+            preset: "quick".into(),
+            representation: RepresentationConfig::new()
+                .with_channels(vec![8, 16, 32, 64])
+                .with_strides(vec![2, 2, 2]),
+            preprocess: PreprocessConfig {
+                pixdim: [4.0, 4.0, 5.0],
+                a_min: -200.0,
+                a_max: 250.0,
+                pad_multiple: 8,
+                ..PreprocessConfig::default()
+            },
+            training: LocalTrainingConfig {
+                sampler: PatchSamplerConfig {
+                    patch_size: [48, 48, 16],
+                    ..PatchSamplerConfig::default()
+                },
+                augment: Some(AugmentConfig::default()),
+                batch_size: 2,
+                loss: LossKind::DiceCe,
+                learning_rate: 1e-3,
+                min_learning_rate: 1e-5,
+            },
+            window: SlidingWindowConfig::new([96, 96, 48]).with_sw_batch_size(1),
+            rounds: 8,
+            local_epochs: 3,
+            fine_tune_epochs: 5,
+            weighting: Weighting::Examples,
+            proximal_mu: 0.01,
+            exclusion_weight: 0.0,
+            methods: Method::DEFAULT.to_vec(),
+            seed: 0,
+            validation_fraction: 0.2,
+            parallel_clients: 2,
+        }
+    }
+
+    /// The paper's settings (§3.1, NOTES.md §2): the full U-Net (channels 16–256), 1.5×1.5×2
+    /// mm, 128×128×32 patches, batch 2, Adam 1e-4 with cosine annealing, Dice loss,
+    /// 50 rounds × 10 local epochs, 150 fine-tuning epochs, 160³ sliding windows. Meant for a
+    /// GPU.
+    pub fn paper() -> Self {
+        ExperimentConfig {
+            preset: "paper".into(),
+            representation: RepresentationConfig::new(),
+            preprocess: PreprocessConfig {
+                a_min: -200.0,
+                a_max: 250.0,
+                ..PreprocessConfig::default()
+            },
+            training: LocalTrainingConfig {
+                sampler: PatchSamplerConfig::default(),
+                augment: Some(AugmentConfig::default()),
+                batch_size: 2,
+                loss: LossKind::Dice,
+                learning_rate: 1e-4,
+                min_learning_rate: 0.0,
+            },
+            window: SlidingWindowConfig::new([160, 160, 160]),
+            rounds: 50,
+            local_epochs: 10,
+            fine_tune_epochs: 150,
+            ..ExperimentConfig::quick()
+        }
+    }
+
+    /// A preset by name: `quick` or `paper`.
+    pub fn preset(name: &str) -> Result<Self> {
+        match name {
+            "quick" => Ok(Self::quick()),
+            "paper" => Ok(Self::paper()),
+            other => Err(FedError::Config(format!(
+                "unknown preset {other:?} (use quick or paper)"
+            ))),
+        }
+    }
+
+    /// Checks the configuration.
+    pub fn validate(&self) -> Result<()> {
+        self.representation.validate()?;
+        self.preprocess.validate()?;
+        self.window.validate()?;
+        if self.rounds == 0 || self.local_epochs == 0 || self.training.batch_size == 0 {
+            return Err(FedError::Config(
+                "rounds, local epochs and batch size must be at least 1".into(),
+            ));
+        }
+        if self.methods.is_empty() {
+            return Err(FedError::Config("no method to run".into()));
+        }
+        let k = self.representation.size_divisor();
+        let patch = self.training.sampler.patch_size;
+        let roi = self.window.roi_size;
+        if patch.iter().chain(roi.iter()).any(|s| s % k != 0) {
+            return Err(FedError::Config(format!(
+                "patch size {patch:?} and window {roi:?} must be multiples of {k} (the strides' product)"
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// The data of an experiment: training sites and an optional external test site.
+#[derive(Debug, Clone)]
+pub struct ExperimentData {
+    /// One folder per training site (MSD task folder, KiTS19 folder, generic folder…).
+    pub training_sites: Vec<PathBuf>,
+    /// The external test site (e.g. BTCV), all organs annotated.
+    pub test_site: Option<PathBuf>,
+}
+
+impl ExperimentData {
+    /// Finds the sites in `dir`: every sub-folder whose layout is recognised (see
+    /// [`segviz_data::SiteDataset::detect`]); a BTCV-layout folder is the external test
+    /// site, the others are training sites. Sub-folders that are no dataset are skipped;
+    /// finding no training site is an error that lists what was tried.
+    pub fn discover(dir: &Path) -> Result<ExperimentData> {
+        let entries = std::fs::read_dir(dir).map_err(|e| FedError::io(dir, e))?;
+        let mut folders: Vec<PathBuf> = entries
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.is_dir())
+            .collect();
+        folders.sort();
+        let mut data = ExperimentData {
+            training_sites: Vec::new(),
+            test_site: None,
+        };
+        let mut skipped = Vec::new();
+        for folder in folders {
+            match segviz_data::SiteDataset::detect(&folder) {
+                Ok(ds) if ds.layout == segviz_data::Layout::Btcv => {
+                    if data.test_site.replace(folder.clone()).is_some() {
+                        return Err(FedError::Config(format!(
+                            "{}: more than one BTCV-layout test site",
+                            dir.display()
+                        )));
+                    }
+                }
+                Ok(_) => data.training_sites.push(folder),
+                Err(e) => skipped.push(format!("{e}")),
+            }
+        }
+        if data.training_sites.is_empty() {
+            return Err(FedError::Config(format!(
+                "{}: no training site found among its sub-folders ({})",
+                dir.display(),
+                skipped.join("; ")
+            )));
+        }
+        Ok(data)
+    }
+}
+
+/// Progress of a running experiment, for bars and logs.
+#[derive(Debug, Clone)]
+pub enum ExperimentEvent {
+    /// A method starts.
+    MethodStarted {
+        /// The method.
+        method: Method,
+        /// Units of work it will report (training epochs or rounds, then evaluated volumes).
+        total: u64,
+    },
+    /// One unit of work done.
+    Advanced {
+        /// Units done since the last event.
+        units: u64,
+    },
+    /// A line worth printing (e.g. the per-round Dice).
+    Line(String),
+    /// A method finished.
+    MethodFinished {
+        /// The method.
+        method: Method,
+        /// Seconds it took (training and evaluation).
+        seconds: f64,
+    },
+}
+
+/// Per-method results.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MethodResult {
+    /// The method.
+    pub method: Method,
+    /// Scores on each training site's validation split (Table 1).
+    pub validation: Vec<VolumeScore>,
+    /// Scores on the external test site (Table 2).
+    pub test: Vec<VolumeScore>,
+    /// Per-round reports of a federated method.
+    pub rounds: Vec<RoundReport>,
+    /// Seconds of training.
+    pub train_seconds: f64,
+    /// Seconds of evaluation.
+    pub eval_seconds: f64,
+}
+
+/// One cell of a results table.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Cell {
+    /// Mean Dice.
+    pub mean: f64,
+    /// Sample standard deviation.
+    pub sd: f64,
+    /// Volumes.
+    pub n: usize,
+    /// Mean HD95 (mm) over volumes where it is defined.
+    pub hd95: Option<f64>,
+    /// Paired t-test against the baseline on the same volumes.
+    pub vs_baseline: Option<PairedTTest>,
+}
+
+/// A results table: method → organ → cell.
+pub type Table = BTreeMap<Method, BTreeMap<String, Cell>>;
+
+/// All results of an experiment.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ExperimentResults {
+    /// The configuration.
+    pub config: ExperimentConfig,
+    /// Organs of the experiment, in label order.
+    pub organs: Vec<String>,
+    /// Per-method results.
+    pub methods: Vec<MethodResult>,
+    /// Table 1: in-federation validation.
+    pub table_validation: Table,
+    /// Table 2: external test site.
+    pub table_test: Table,
+}
+
+/// The trained model(s) of one method, kept for writing predictions and figures.
+pub struct TrainedMethod {
+    /// The method.
+    pub method: Method,
+    /// How it segments.
+    pub segmenter: Segmenter,
+    /// Fused label maps of the external test cases (case id, labels on the preprocessed
+    /// grid).
+    pub test_predictions: Vec<(String, Vec<u8>)>,
+}
+
+/// Runs an experiment. See the module documentation.
+pub struct Experiment {
+    config: ExperimentConfig,
+    sites: Vec<Arc<SiteData>>,
+    test_site: Option<Arc<SiteData>>,
+    out: PathBuf,
+    resume: bool,
+}
+
+impl Experiment {
+    /// Opens the data (splits saved in `out/splits`, cache in `out/cache`).
+    pub fn new(config: ExperimentConfig, data: &ExperimentData, out: &Path, resume: bool) -> Result<Self> {
+        config.validate()?;
+        if data.training_sites.is_empty() {
+            return Err(FedError::Config("no training site given".into()));
+        }
+        let split_dir = out.join("splits");
+        let cache_dir = out.join("cache");
+        let sites = data
+            .training_sites
+            .iter()
+            .map(|dir| {
+                SiteData::open(
+                    dir,
+                    config.preprocess.clone(),
+                    config.validation_fraction,
+                    config.seed,
+                    &split_dir,
+                    &cache_dir,
+                )
+                .map(Arc::new)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        for s in &sites {
+            if s.split.train.is_empty() {
+                return Err(FedError::Config(format!(
+                    "site {} has no training case after the split",
+                    s.name()
+                )));
+            }
+        }
+        let test_site = match &data.test_site {
+            Some(dir) => Some(Arc::new(SiteData::open_test(
+                dir,
+                config.preprocess.clone(),
+                &cache_dir,
+            )?)),
+            None => None,
+        };
+        Ok(Experiment {
+            config,
+            sites,
+            test_site,
+            out: out.to_path_buf(),
+            resume,
+        })
+    }
+
+    /// The training sites.
+    pub fn sites(&self) -> &[Arc<SiteData>] {
+        &self.sites
+    }
+
+    /// The external test site.
+    pub fn test_site(&self) -> Option<&Arc<SiteData>> {
+        self.test_site.as_ref()
+    }
+
+    /// Organs annotated by at least one training site, in label order.
+    pub fn organs(&self) -> Vec<Organ> {
+        Organ::ALL
+            .into_iter()
+            .filter(|o| self.sites.iter().any(|s| s.annotated().contains(*o)))
+            .collect()
+    }
+
+    fn global_config(&self) -> SegVizConfig {
+        SegVizConfig::new(
+            self.config.representation.clone(),
+            self.organs().iter().map(|o| o.name().to_string()).collect(),
+        )
+    }
+
+    fn epochs(&self) -> usize {
+        self.config.rounds * self.config.local_epochs
+    }
+
+    /// Trains and evaluates every configured method. `device` is the compute device
+    /// (training runs on its autodiff version).
+    pub fn run(
+        &self,
+        device: &Device,
+        mut on_event: impl FnMut(ExperimentEvent),
+    ) -> Result<(ExperimentResults, Vec<TrainedMethod>)> {
+        let train_device = device.clone().autodiff();
+        let mut results = Vec::new();
+        let mut trained = Vec::new();
+        // A federation serves both the plain and the fine-tuned method.
+        let mut federations: BTreeMap<&'static str, (Vec<SiteClient>, Vec<RoundReport>, f64)> =
+            BTreeMap::new();
+        for &method in &self.config.methods {
+            let start = Instant::now();
+            let evaluate_units = self.evaluation_units();
+            let train_units = match method.strategy() {
+                Some(s) if federations.contains_key(s) => 0,
+                Some(_) => self.config.rounds as u64,
+                None => match method {
+                    Method::Baseline => (self.epochs() * self.sites.len()) as u64,
+                    _ => self.epochs() as u64,
+                },
+            } + if method.fine_tuned() {
+                self.sites.len() as u64
+            } else {
+                0
+            };
+            on_event(ExperimentEvent::MethodStarted {
+                method,
+                total: train_units + evaluate_units,
+            });
+            let (segmenter, rounds) = match method {
+                Method::Baseline => (self.train_baselines(&train_device, &mut on_event)?, vec![]),
+                Method::Central | Method::CentralMarginal => {
+                    (self.train_central(method, &train_device, &mut on_event)?, vec![])
+                }
+                _ => {
+                    let strategy = method.strategy().unwrap_or("fedavg");
+                    if !federations.contains_key(strategy) {
+                        let fed = self.federate(strategy, &train_device, &mut on_event)?;
+                        federations.insert(strategy, fed);
+                    }
+                    let (clients, rounds, _) = &federations[strategy];
+                    let clients = if method.fine_tuned() {
+                        self.fine_tune(clients, &mut on_event)?
+                    } else {
+                        clients.iter().map(|c| c.model().clone()).collect()
+                    };
+                    self.save_client_models(method, &clients)?;
+                    (self.per_organ(&clients)?, rounds.clone())
+                }
+            };
+            let train_seconds = start.elapsed().as_secs_f64();
+            let eval_start = Instant::now();
+            let segmenter = valid_segmenter(segmenter);
+            let (validation, test, test_predictions) = self.evaluate(&segmenter, device, &mut on_event)?;
+            let eval_seconds = eval_start.elapsed().as_secs_f64();
+            on_event(ExperimentEvent::MethodFinished {
+                method,
+                seconds: start.elapsed().as_secs_f64(),
+            });
+            results.push(MethodResult {
+                method,
+                validation,
+                test,
+                rounds,
+                train_seconds,
+                eval_seconds,
+            });
+            trained.push(TrainedMethod {
+                method,
+                segmenter,
+                test_predictions,
+            });
+        }
+        let organs: Vec<String> = self.organs().iter().map(|o| o.name().to_string()).collect();
+        let table_validation = make_table(&results, &organs, |r| &r.validation);
+        let table_test = make_table(&results, &organs, |r| &r.test);
+        Ok((
+            ExperimentResults {
+                config: self.config.clone(),
+                organs,
+                methods: results,
+                table_validation,
+                table_test,
+            },
+            trained,
+        ))
+    }
+
+    fn evaluation_units(&self) -> u64 {
+        let val: usize = self.sites.iter().map(|s| s.split.validation.len()).sum();
+        let test = self.test_site.as_ref().map_or(0, |t| t.split.validation.len());
+        (val + test) as u64
+    }
+
+    /// Each organ's baseline model, trained on its own site alone.
+    fn train_baselines(
+        &self,
+        device: &Device,
+        on_event: &mut impl FnMut(ExperimentEvent),
+    ) -> Result<Segmenter> {
+        let global = self.global_config().init(device, self.config.seed)?;
+        let mut models = Vec::new();
+        for site in &self.sites {
+            let tasks: Vec<String> = site.annotated().iter().map(|o| o.name().to_string()).collect();
+            let model = global.subset(&tasks)?;
+            let (model, _) = self.train_local(
+                model,
+                std::slice::from_ref(site),
+                Objective::TaskHeads,
+                self.config.seed ^ 0xba5e,
+                on_event,
+            )?;
+            save_model(
+                &self.out.join("models/baseline").join(format!("{}.segviz", site.name())),
+                &model,
+                self.model_metadata("baseline"),
+            )?;
+            for organ in site.annotated().iter() {
+                models.push((organ, model.clone()));
+            }
+        }
+        Ok(Segmenter::PerOrgan(models))
+    }
+
+    /// The pooled multi-class model.
+    fn train_central(
+        &self,
+        method: Method,
+        device: &Device,
+        on_event: &mut impl FnMut(ExperimentEvent),
+    ) -> Result<Segmenter> {
+        let config = SegVizConfig::new(self.config.representation.clone(), vec![POOLED_HEAD.into()])
+            .with_head_out_channels(Organ::ALL.len() + 1);
+        let model = config.init(device, self.config.seed)?;
+        let objective = if method == Method::CentralMarginal {
+            Objective::PooledMarginal {
+                exclusion_weight: self.config.exclusion_weight,
+            }
+        } else {
+            Objective::PooledNaive
+        };
+        let (model, _) = self.train_local(model, &self.sites, objective, self.config.seed ^ 0xce47, on_event)?;
+        save_model(
+            &self.out.join("models").join(method.name()).join("global.segviz"),
+            &model,
+            self.model_metadata(method.name()),
+        )?;
+        Ok(Segmenter::Single(model))
+    }
+
+    fn train_local(
+        &self,
+        model: SegVizModel,
+        sites: &[Arc<SiteData>],
+        objective: Objective,
+        seed: u64,
+        on_event: &mut impl FnMut(ExperimentEvent),
+    ) -> Result<(SegVizModel, crate::local::TrainStats)> {
+        let epochs = self.epochs();
+        let mut model = model;
+        let mut total = crate::local::TrainStats {
+            examples: 0,
+            steps: 0,
+            mean_loss: f64::NAN,
+        };
+        // Epoch by epoch, so progress moves and the schedule spans the whole run.
+        for epoch in 0..epochs {
+            let (m, stats) = train_epochs(
+                model,
+                sites,
+                objective,
+                &self.config.training,
+                1,
+                Schedule {
+                    first_epoch: epoch,
+                    total_epochs: epochs,
+                },
+                seed,
+                None,
+                None,
+                |_| {},
+            )?;
+            model = m;
+            total.examples += stats.examples;
+            total.steps += stats.steps;
+            total.mean_loss = stats.mean_loss;
+            on_event(ExperimentEvent::Advanced { units: 1 });
+        }
+        Ok((model, total))
+    }
+
+    /// Runs a federation with `strategy`; returns the clients after the last round.
+    fn federate(
+        &self,
+        strategy: &'static str,
+        device: &Device,
+        on_event: &mut impl FnMut(ExperimentEvent),
+    ) -> Result<(Vec<SiteClient>, Vec<RoundReport>, f64)> {
+        let start = Instant::now();
+        let global = self.global_config().init(device, self.config.seed)?;
+        let mut clients: Vec<SiteClient> = Vec::new();
+        for site in &self.sites {
+            clients.push(SiteClient::new(
+                site.clone(),
+                &global,
+                self.config.training.clone(),
+                self.config.window.clone(),
+                self.config.seed,
+            )?);
+        }
+        let strategy_box = strategy_by_name(strategy, self.config.weighting, self.config.proximal_mu)
+            .ok_or_else(|| FedError::Config(format!("unknown strategy {strategy}")))?;
+        let checkpoint_dir = self.out.join("checkpoints").join(strategy);
+        if !self.resume && checkpoint_dir.exists() {
+            std::fs::remove_dir_all(&checkpoint_dir).map_err(|e| FedError::io(&checkpoint_dir, e))?;
+        }
+        let mut server = Server::new(
+            ServerConfig {
+                rounds: self.config.rounds,
+                local_epochs: self.config.local_epochs,
+                round_deadline: None,
+                parallel_clients: self.config.parallel_clients,
+                checkpoint_dir: Some(checkpoint_dir),
+            },
+            global.config().clone(),
+            strategy_box,
+            global.state(),
+        )?;
+        let mut forward = |event: ServerEvent<'_>| match event {
+            ServerEvent::RoundFinished(report) => {
+                on_event(ExperimentEvent::Advanced { units: 1 });
+                on_event(ExperimentEvent::Line(round_line(strategy, report)));
+            }
+            ServerEvent::Resumed { round } => {
+                on_event(ExperimentEvent::Advanced { units: round as u64 });
+                on_event(ExperimentEvent::Line(format!(
+                    "{strategy}: resumed after round {round}"
+                )));
+            }
+            _ => {}
+        };
+        let done = server.resume(&mut clients, &mut forward)?;
+        server.run(&mut clients, done + 1, &mut forward)?;
+        let model = global.clone().load_state(server.global())?;
+        save_model(
+            &self.out.join("models").join(strategy).join("global.segviz"),
+            &model,
+            self.model_metadata(strategy),
+        )?;
+        let history = server.history().to_vec();
+        Ok((clients, history, start.elapsed().as_secs_f64()))
+    }
+
+    fn fine_tune(
+        &self,
+        clients: &[SiteClient],
+        on_event: &mut impl FnMut(ExperimentEvent),
+    ) -> Result<Vec<SegVizModel>> {
+        let mut models = Vec::new();
+        for client in clients {
+            let mut tuned = SiteClient::new(
+                client.site().clone(),
+                client.model(),
+                self.config.training.clone(),
+                self.config.window.clone(),
+                self.config.seed,
+            )?;
+            tuned.fine_tune(self.config.fine_tune_epochs, self.config.seed ^ 0xf17e)?;
+            on_event(ExperimentEvent::Advanced { units: 1 });
+            models.push(tuned.model().clone());
+        }
+        Ok(models)
+    }
+
+    fn save_client_models(&self, method: Method, models: &[SegVizModel]) -> Result<()> {
+        for (site, model) in self.sites.iter().zip(models) {
+            save_model(
+                &self
+                    .out
+                    .join("models")
+                    .join(method.name())
+                    .join(format!("{}.segviz", site.name())),
+                model,
+                self.model_metadata(method.name()),
+            )?;
+        }
+        Ok(())
+    }
+
+    /// Each organ segmented by the model of the site that owns it.
+    fn per_organ(&self, models: &[SegVizModel]) -> Result<Segmenter> {
+        let mut list = Vec::new();
+        for (site, model) in self.sites.iter().zip(models) {
+            for organ in site.annotated().iter() {
+                list.push((organ, model.clone()));
+            }
+        }
+        Ok(Segmenter::PerOrgan(list))
+    }
+
+    /// What `predict` needs to use a saved model: preprocessing and window.
+    pub fn model_metadata(&self, method: &str) -> serde_json::Value {
+        serde_json::json!({
+            "method": method,
+            "seed": self.config.seed,
+            "preprocess": self.config.preprocess,
+            "window": self.config.window,
+        })
+    }
+
+    fn evaluate(
+        &self,
+        segmenter: &Segmenter,
+        device: &Device,
+        on_event: &mut impl FnMut(ExperimentEvent),
+    ) -> Result<(Vec<VolumeScore>, Vec<VolumeScore>, Vec<(String, Vec<u8>)>)> {
+        let organs = segmenter.organs()?;
+        let mut validation = Vec::new();
+        for site in &self.sites {
+            validation.extend(evaluate_site(
+                segmenter,
+                site,
+                &site.split.validation,
+                &organs,
+                &self.config.window,
+                device,
+                |_, _, _, _| on_event(ExperimentEvent::Advanced { units: 1 }),
+            )?);
+        }
+        let mut test = Vec::new();
+        let mut predictions = Vec::new();
+        if let Some(site) = &self.test_site {
+            test = evaluate_site(
+                segmenter,
+                site,
+                &site.split.validation,
+                &organs,
+                &self.config.window,
+                device,
+                |id, _, _, prediction| {
+                    predictions.push((id.to_string(), prediction.labels()));
+                    on_event(ExperimentEvent::Advanced { units: 1 });
+                },
+            )?;
+        }
+        Ok((validation, test, predictions))
+    }
+
+    /// Writes `results.json` and `results.csv` into the output folder, atomically.
+    pub fn write_results(&self, results: &ExperimentResults) -> Result<()> {
+        let json = serde_json::to_vec_pretty(results)
+            .map_err(|e| FedError::Config(format!("cannot encode results: {e}")))?;
+        write_atomically(&self.out.join("results.json"), &json)?;
+        let mut csv = String::from("method,table,site,case,organ,dice,hd95_mm\n");
+        for r in &results.methods {
+            for (table, scores) in [("validation", &r.validation), ("test", &r.test)] {
+                for s in scores {
+                    for (organ, d) in &s.dice {
+                        let hd = s
+                            .hd95
+                            .get(organ)
+                            .copied()
+                            .flatten()
+                            .map_or(String::new(), |v| format!("{v:.3}"));
+                        csv.push_str(&format!(
+                            "{},{table},{},{},{organ},{d:.5},{hd}\n",
+                            r.method.name(),
+                            s.site,
+                            s.case
+                        ));
+                    }
+                }
+            }
+        }
+        write_atomically(&self.out.join("results.csv"), csv.as_bytes())?;
+        Ok(())
+    }
+}
+
+/// Moves the models of a segmenter off the autodiff device for evaluation.
+fn valid_segmenter(segmenter: Segmenter) -> Segmenter {
+    match segmenter {
+        Segmenter::Single(m) => Segmenter::Single(m.valid()),
+        Segmenter::PerOrgan(list) => {
+            Segmenter::PerOrgan(list.into_iter().map(|(o, m)| (o, m.valid())).collect())
+        }
+    }
+}
+
+/// One log line per round: loss and validation Dice per organ.
+fn round_line(strategy: &str, report: &RoundReport) -> String {
+    let dice: Vec<String> = report
+        .metrics
+        .iter()
+        .filter_map(|(k, v)| k.strip_prefix("dice/").map(|o| format!("{o} {v:.3}")))
+        .collect();
+    let failed = if report.failed.is_empty() {
+        String::new()
+    } else {
+        format!(
+            "  left out: {}",
+            report
+                .failed
+                .iter()
+                .map(|(c, why)| format!("{c} ({why})"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        )
+    };
+    format!(
+        "{strategy} round {:>3}: loss {:.4}  val Dice {}  ({:.1} s){failed}",
+        report.round,
+        report.train_loss,
+        dice.join(", "),
+        report.seconds
+    )
+}
+
+/// Builds a table from per-volume scores, with t-tests against the baseline on the same
+/// volumes.
+fn make_table(
+    results: &[MethodResult],
+    organs: &[String],
+    scores: impl Fn(&MethodResult) -> &Vec<VolumeScore>,
+) -> Table {
+    let values = |r: &MethodResult, organ: &str| -> Vec<(String, f64, Option<f64>)> {
+        scores(r)
+            .iter()
+            .filter_map(|s| {
+                s.dice
+                    .get(organ)
+                    .map(|d| (format!("{}/{}", s.site, s.case), *d, s.hd95.get(organ).copied().flatten()))
+            })
+            .collect()
+    };
+    let baseline = results.iter().find(|r| r.method == Method::Baseline);
+    let mut table = Table::new();
+    for r in results {
+        let mut row = BTreeMap::new();
+        for organ in organs {
+            let v = values(r, organ);
+            if v.is_empty() {
+                continue;
+            }
+            let dice: Vec<f64> = v.iter().map(|x| x.1).collect();
+            let (mean, sd) = segviz_core::metrics::mean_sd(&dice);
+            let hds: Vec<f64> = v.iter().filter_map(|x| x.2).collect();
+            let hd95 = (!hds.is_empty()).then(|| hds.iter().sum::<f64>() / hds.len() as f64);
+            let vs_baseline = match baseline {
+                Some(b) if r.method != Method::Baseline => {
+                    let base: BTreeMap<String, f64> =
+                        values(b, organ).into_iter().map(|x| (x.0, x.1)).collect();
+                    let (ours, theirs): (Vec<f64>, Vec<f64>) = v
+                        .iter()
+                        .filter_map(|x| base.get(&x.0).map(|b| (x.1, *b)))
+                        .unzip();
+                    paired_t_test(&ours, &theirs)
+                }
+                _ => None,
+            };
+            row.insert(
+                organ.clone(),
+                Cell {
+                    mean,
+                    sd,
+                    n: dice.len(),
+                    hd95,
+                    vs_baseline,
+                },
+            );
+        }
+        table.insert(r.method, row);
+    }
+    table
+}
+
+/// A table as Markdown, in the paper's format: `mean (SD)`, a `*` marking p < 0.05 against
+/// the baseline.
+pub fn format_table(title: &str, table: &Table, organs: &[String]) -> String {
+    let mut s = format!("{title}\n\n| Method |");
+    for o in organs {
+        s.push_str(&format!(" {o} |"));
+    }
+    s.push_str("\n|---|");
+    for _ in organs {
+        s.push_str("---|");
+    }
+    s.push('\n');
+    for (method, row) in table {
+        s.push_str(&format!("| {} |", method.label()));
+        for o in organs {
+            match row.get(o) {
+                Some(c) => {
+                    let star = c
+                        .vs_baseline
+                        .filter(|t| t.p_value < 0.05)
+                        .map_or("", |_| "*");
+                    s.push_str(&format!(" {:.2} ({:.2}){star} |", c.mean, c.sd));
+                }
+                None => s.push_str(" - |"),
+            }
+        }
+        s.push('\n');
+    }
+    s
+}
