@@ -154,11 +154,19 @@ fn run(args: &Args) -> AnyResult<()> {
             }
         }
         ExperimentEvent::Line(line) => {
-            let _ = bars.println(line);
+            // A hidden bar (output not a terminal) swallows println: print plainly then.
+            if bars.is_hidden() {
+                println!("{line}");
+            } else {
+                let _ = bars.println(line);
+            }
         }
         ExperimentEvent::MethodFinished { method, seconds } => {
             if let Some(b) = bar.take() {
-                b.finish_with_message(format!("{} done in {seconds:.0} s", method.name()));
+                b.finish_with_message(format!("done in {seconds:.0} s"));
+            }
+            if bars.is_hidden() {
+                println!("{} done in {seconds:.0} s", method.name());
             }
         }
     })?;

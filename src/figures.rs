@@ -144,9 +144,9 @@ fn panel(image: &Volume<f32>, labels: &[u8], organ: Organ, k: usize, zoom: u32) 
                     ((g as u16 + 2 * colour[2] as u16) / 3) as u8,
                 ]);
             }
-            // RAS: i grows to the left of the patient, shown on the right; j grows
-            // anteriorly, shown upwards.
-            let (x, y) = (i as u32, (nj - 1 - j) as u32);
+            // RAS: i grows towards the patient's right, shown on the left of the
+            // picture; j grows anteriorly, shown upwards.
+            let (x, y) = ((ni - 1 - i) as u32, (nj - 1 - j) as u32);
             fill_rect(&mut img, x * zoom, y * zoom, zoom, zoom, px);
         }
     }
@@ -260,7 +260,7 @@ mod tests {
         assert_eq!(img.height(), 20 + 2 * (12 + 6) + 6);
         assert_eq!(best_slice(&truth, Organ::Liver), 1);
         // The liver voxel is coloured, not grey.
-        let (x, y) = (6 + 2 * 2, 20 + 6 + (6 - 1 - 3) * 2);
+        let (x, y) = (6 + (8 - 1 - 2) * 2, 20 + 6 + (6 - 1 - 3) * 2);
         let px = img.get_pixel(x, y);
         assert!(px[0] != px[1], "{px:?}");
     }

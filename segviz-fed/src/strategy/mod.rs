@@ -105,3 +105,6 @@ pub fn strategy_by_name(
         _ => None,
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,264 @@
+//! A tiny federation end to end on tiny phantoms: the global model learns, a failing client
+//! does not stop a round, resuming equals an uninterrupted run, and only model state,
+//! counts and metrics leave a client.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use burn::module::Module;
+use segviz::core::sliding_window::SlidingWindowConfig;
+use segviz::core::{ModelState, RepresentationConfig, SegVizConfig, SegVizModel};
+use segviz::data::phantom::{write_sites, PhantomConfig};
+use segviz::data::{AugmentConfig, Organ, PatchSamplerConfig, PreprocessConfig};
+use segviz::fed::evaluate::{evaluate_site, mean_dice, Segmenter};
+use segviz::fed::experiment::ExperimentData;
+use segviz::fed::local::{LocalTrainingConfig, LossKind};
+use segviz::fed::{
+    ClientInfo, ClientUpdate, EvaluateResult, FedAvg, FedBn, FedError, FederatedClient,
+    FitInstructions, Server, ServerConfig, SiteClient, SiteData,
+};
+
+fn tempdir(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("segviz-fed-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+fn preprocess() -> PreprocessConfig {
+    PreprocessConfig {
+        pixdim: [11.5, 11.5, 15.0],
+        a_min: -200.0,
+        a_max: 250.0,
+        pad_multiple: 8,
+        ..PreprocessConfig::default()
+    }
+}
+
+fn training() -> LocalTrainingConfig {
+    LocalTrainingConfig {
+        sampler: PatchSamplerConfig {
+            patch_size: [16, 16, 8],
+            samples_per_volume: 4,
+            ..PatchSamplerConfig::default()
+        },
+        augment: Some(AugmentConfig::default()),
+        batch_size: 2,
+        loss: LossKind::DiceCe,
+        learning_rate: 3e-3,
+        min_learning_rate: 1e-4,
+    }
+}
+
+fn window() -> SlidingWindowConfig {
+    SlidingWindowConfig::new([32, 32, 16]).with_sw_batch_size(1)
+}
+
+fn model_config(tasks: &[Organ]) -> SegVizConfig {
+    SegVizConfig::new(
+        RepresentationConfig::new()
+            .with_channels(vec![4, 8, 16])
+            .with_strides(vec![2, 2]),
+        tasks.iter().map(|o| o.name().to_string()).collect(),
+    )
+}
+
+/// Tiny phantom sites (written once per test binary run).
+fn sites(dir: &Path) -> (Vec<Arc<SiteData>>, Arc<SiteData>) {
+    let phantoms = dir.join("phantoms");
+    let mut config = PhantomConfig::tiny(&phantoms);
+    config.cases_per_site = 3;
+    write_sites(&config).unwrap();
+    let data = ExperimentData::discover(&phantoms).unwrap();
+    let open = |d: &PathBuf| {
+        Arc::new(
+            SiteData::open(d, preprocess(), 0.34, 7, &dir.join("splits"), &dir.join("cache")).unwrap(),
+        )
+    };
+    let training = data.training_sites.iter().map(open).collect();
+    let test = Arc::new(
+        SiteData::open_test(&data.test_site.unwrap(), preprocess(), &dir.join("cache")).unwrap(),
+    );
+    (training, test)
+}
+
+fn clients(sites: &[Arc<SiteData>], global: &SegVizModel) -> Vec<SiteClient> {
+    sites
+        .iter()
+        .map(|s| SiteClient::new(s.clone(), global, training(), window(), 3).unwrap())
+        .collect()
+}
+
+fn server(global: &SegVizModel, rounds: usize, dir: Option<PathBuf>, fedbn: bool) -> Server {
+    let strategy: Box<dyn segviz::fed::AggregationStrategy> = if fedbn {
+        Box::new(FedBn::default())
+    } else {
+        Box::new(FedAvg::default())
+    };
+    Server::new(
+        ServerConfig {
+            rounds,
+            local_epochs: 2,
+            round_deadline: None,
+            parallel_clients: 2,
+            checkpoint_dir: dir,
+        },
+        global.config().clone(),
+        strategy,
+        global.state(),
+    )
+    .unwrap()
+}
+
+fn liver_dice(model: &SegVizModel, test: &SiteData) -> f64 {
+    let device = burn::tensor::Device::flex();
+    let scores = evaluate_site(
+        &Segmenter::Single(model.valid()),
+        test,
+        &test.split.validation,
+        &[Organ::Liver],
+        &window(),
+        &device,
+        |_, _, _, _| {},
+    )
+    .unwrap();
+    mean_dice(&scores)["liver"]
+}
+
+#[test]
+fn tiny_federation_learns_survives_a_failing_client_and_resumes_exactly() {
+    let dir = tempdir("federation");
+    let (sites, test) = sites(&dir);
+    assert_eq!(sites.len(), 4);
+    let organs: Vec<Organ> = Organ::ALL.to_vec();
+    let device = burn::tensor::Device::flex().autodiff();
+    let global = model_config(&organs).init(&device, 1).unwrap();
+
+    // 1. Uninterrupted FedBN run of 4 rounds with checkpoints.
+    let mut full = clients(&sites, &global);
+    let mut uninterrupted = server(&global, 4, Some(dir.join("full")), true);
+    uninterrupted.run(&mut full, 1, |_| {}).unwrap();
+    let history = uninterrupted.history();
+    assert_eq!(history.len(), 4);
+    assert!(history.iter().all(|r| r.aggregated.len() == 4 && r.failed.is_empty()));
+
+    // The global model learned the liver on the external test site.
+    let before = liver_dice(&global, &test);
+    let trained = global.clone().load_state(uninterrupted.global()).unwrap();
+    let after = liver_dice(&trained, &test);
+    assert!(after > 0.5 && after > before + 0.2, "liver Dice {before:.3} -> {after:.3}");
+
+    // 2. Interrupted after round 2, then resumed from the checkpoint: same model.
+    let mut part = clients(&sites, &global);
+    let mut first = server(&global, 2, Some(dir.join("resumed")), true);
+    first.run(&mut part, 1, |_| {}).unwrap();
+    let mut fresh = clients(&sites, &global);
+    let mut second = server(&global, 4, Some(dir.join("resumed")), true);
+    let done = second.resume(&mut fresh, |_| {}).unwrap();
+    assert_eq!(done, 2);
+    second.run(&mut fresh, done + 1, |_| {}).unwrap();
+    assert_eq!(second.global(), uninterrupted.global(), "resume differs from uninterrupted");
+    for (a, b) in fresh.iter().zip(&full) {
+        assert_eq!(a.local_state(), b.local_state());
+    }
+}
+
+/// A client that fails in one round, then behaves again.
+struct FailsInRound {
+    inner: SiteClient,
+    round: usize,
+}
+
+impl FederatedClient for FailsInRound {
+    fn info(&self) -> ClientInfo {
+        self.inner.info()
+    }
+    fn fit(&mut self, i: &FitInstructions, deadline: Option<Instant>) -> segviz::fed::Result<ClientUpdate> {
+        if i.round == self.round {
+            return Err(FedError::client(self.info().name, "simulated crash"));
+        }
+        self.inner.fit(i, deadline)
+    }
+    fn evaluate(&mut self, round: usize, state: &ModelState) -> segviz::fed::Result<EvaluateResult> {
+        self.inner.evaluate(round, state)
+    }
+    fn local_state(&self) -> ModelState {
+        self.inner.local_state()
+    }
+    fn restore_local_state(&mut self, state: &ModelState) -> segviz::fed::Result<()> {
+        self.inner.restore_local_state(state)
+    }
+}
+
+/// Records everything a client sends to the server.
+struct Spy {
+    inner: Box<dyn FederatedClient>,
+    sent: Arc<Mutex<Vec<ClientUpdate>>>,
+}
+
+impl FederatedClient for Spy {
+    fn info(&self) -> ClientInfo {
+        self.inner.info()
+    }
+    fn fit(&mut self, i: &FitInstructions, deadline: Option<Instant>) -> segviz::fed::Result<ClientUpdate> {
+        let u = self.inner.fit(i, deadline)?;
+        self.sent.lock().unwrap().push(u.clone());
+        Ok(u)
+    }
+    fn evaluate(&mut self, round: usize, state: &ModelState) -> segviz::fed::Result<EvaluateResult> {
+        self.inner.evaluate(round, state)
+    }
+    fn local_state(&self) -> ModelState {
+        self.inner.local_state()
+    }
+    fn restore_local_state(&mut self, state: &ModelState) -> segviz::fed::Result<()> {
+        self.inner.restore_local_state(state)
+    }
+}
+
+#[test]
+fn a_failing_client_is_left_out_and_rejoins_and_only_model_state_leaves_a_client() {
+    let dir = tempdir("faults");
+    let (sites, _) = sites(&dir);
+    let organs: Vec<Organ> = Organ::ALL.to_vec();
+    let device = burn::tensor::Device::flex().autodiff();
+    let global = model_config(&organs).init(&device, 1).unwrap();
+    let sent = Arc::new(Mutex::new(Vec::new()));
+    let mut boxed: Vec<Box<dyn FederatedClient>> = Vec::new();
+    for (i, c) in clients(&sites, &global).into_iter().enumerate() {
+        let inner: Box<dyn FederatedClient> = if i == 1 {
+            Box::new(FailsInRound { inner: c, round: 1 })
+        } else {
+            Box::new(c)
+        };
+        boxed.push(Box::new(Spy {
+            inner,
+            sent: sent.clone(),
+        }));
+    }
+    let failing = boxed[1].info().name;
+    let mut s = server(&global, 2, None, false);
+    s.run(&mut boxed, 1, |_| {}).unwrap();
+    let h = s.history();
+    assert_eq!(h[0].aggregated.len(), 3);
+    assert_eq!(h[0].failed.len(), 1);
+    assert_eq!(h[0].failed[0].0, failing);
+    assert!(h[0].failed[0].1.contains("simulated crash"));
+    assert_eq!(h[1].aggregated.len(), 4, "the client rejoins in round 2");
+
+    // Every update holds only tensors of the model (by path), counts and training metrics.
+    let layout = global.layout();
+    let sent = sent.lock().unwrap();
+    assert_eq!(sent.len(), 7);
+    for u in sent.iter() {
+        for (path, t) in &u.state.tensors {
+            let own = layout.tensors.get(path).unwrap_or_else(|| panic!("{path} is no model tensor"));
+            assert_eq!(own.shape, t.shape);
+        }
+        assert!(u.metrics.keys().all(|k| k == "loss" || k == "steps"), "{:?}", u.metrics);
+        assert_eq!(u.tasks.len(), 1);
+        // A site sends the representation and its own head only.
+        assert_eq!(u.state.tasks(), u.tasks);
+    }
+}
