@@ -58,7 +58,7 @@ pub struct Checkpoint {
 impl Checkpoint {
     /// Builds the model on `device` from this checkpoint.
     pub fn into_model(self, device: &Device) -> Result<SegVizModel> {
-        self.config.init(device, 0)?.load_state(&self.state)
+        self.config.with_state(device, &self.state)
     }
 }
 

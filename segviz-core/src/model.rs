@@ -14,7 +14,7 @@ use crate::error::{CoreError, Result};
 use crate::head::{TaskHead, TaskHeadConfig};
 use crate::init::lecun_normal;
 use crate::representation::{RepresentationBlock, RepresentationConfig};
-use crate::state::{apply_state, describe_state, extract_state, ModelState};
+use crate::state::{apply_state, describe_state, extract_state, ModelState, TensorRole};
 
 /// Configuration of a [`SegVizModel`].
 #[derive(Config, Debug, PartialEq)]
@@ -70,8 +70,14 @@ impl SegVizConfig {
     /// Builds the model with the paper's LeCun-normal initialisation, deterministic for a
     /// given `seed` (each tensor's values depend only on the seed and its path).
     pub fn init(&self, device: &Device, seed: u64) -> Result<SegVizModel> {
+        lecun_normal(self.build(device)?, seed)
+    }
+
+    /// The module structure with Burn's lazy default initialisation, meant to be filled by
+    /// [`SegVizModel::load_state`] (which never materialises the lazy values).
+    fn build(&self, device: &Device) -> Result<SegVizModel> {
         self.validate()?;
-        let model = SegVizModel {
+        Ok(SegVizModel {
             representation: self.representation.init(device)?,
             heads: self
                 .tasks
@@ -79,8 +85,17 @@ impl SegVizConfig {
                 .map(|_| self.head_config().init(device))
                 .collect(),
             config: self.clone(),
-        };
-        lecun_normal(model, seed)
+        })
+    }
+
+    /// A model of this configuration holding `state` (every tensor), on `device`.
+    pub fn with_state(&self, device: &Device, state: &ModelState) -> Result<SegVizModel> {
+        let model = self.build(device)?;
+        let layout = model.layout();
+        if let Some(missing) = layout.tensors.keys().find(|p| !state.tensors.contains_key(*p)) {
+            return Err(CoreError::State(format!("the state has no tensor {missing:?}")));
+        }
+        model.load_state(state)
     }
 }
 
@@ -221,7 +236,7 @@ impl SegVizModel {
                 reason: "the model already has this head".into(),
             });
         }
-        let device = self.representation.bottom.units[0].conv.weight.lazy_device();
+        let device = self.device();
         // Initialise the new head inside a one-head model so its path (and so its LeCun
         // values) is the same as if it had been there from the start.
         let mut single = self.config.clone();
@@ -247,20 +262,35 @@ impl SegVizModel {
         Ok(self)
     }
 
-    /// A copy holding only the representation block and the heads of `tasks` (in the given
-    /// order): the model a client trains.
+    /// An independent copy holding only the representation block and the heads of `tasks`
+    /// (in the given order): the model a client trains. See [`SegVizModel::deep_copy`].
     pub fn subset(&self, tasks: &[String]) -> Result<Self> {
-        let heads = tasks
-            .iter()
-            .map(|t| self.task_index(t).map(|i| self.heads[i].clone()))
-            .collect::<Result<Vec<_>>>()?;
+        for t in tasks {
+            self.task_index(t)?;
+        }
         let mut config = self.config.clone();
         config.tasks = tasks.to_vec();
-        Ok(SegVizModel {
-            representation: self.representation.clone(),
-            heads,
-            config,
-        })
+        let state = self.state();
+        let wanted = state.filter(|_, t| match &t.role {
+            TensorRole::Representation => true,
+            TensorRole::Head(h) => tasks.contains(h),
+        });
+        config.with_state(&self.device(), &wanted)
+    }
+
+    /// An independent copy: its own parameters *and its own BatchNorm running statistics*.
+    ///
+    /// Burn's `clone()` shares each BatchNorm's running statistics between the copies (they
+    /// are meant for data-parallel training on one model), so two sites training clones of
+    /// one model would update the same statistics. Every model that trains on its own —
+    /// a client, a baseline — must be a deep copy.
+    pub fn deep_copy(&self) -> Result<Self> {
+        self.config.with_state(&self.device(), &self.state())
+    }
+
+    /// The device of the model's parameters.
+    pub fn device(&self) -> Device {
+        self.representation.bottom.units[0].conv.weight.lazy_device()
     }
 
     /// Every tensor with its path and role (values copied to the host).

@@ -205,17 +205,19 @@ impl ModuleVisitor for Collector {
     }
 
     fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
-        let tensor = param.val();
-        let shape = tensor.dims().to_vec();
-        let data = if self.shapes_only {
-            Vec::new()
+        // A layout must not materialise lazily initialised parameters.
+        let (shape, data) = if self.shapes_only {
+            (param.lazy_shape().to_vec(), Vec::new())
         } else {
+            let tensor = param.val();
+            let shape = tensor.dims().to_vec();
             // The model's own tensors are f32; a failed conversion is a Burn invariant broken.
-            tensor
+            let data = tensor
                 .into_data()
                 .convert::<f32>()
                 .try_to_vec::<f32>()
-                .unwrap_or_default()
+                .unwrap_or_default();
+            (shape, data)
         };
         let (role, batch_norm, trainable) = self.tracker.classify();
         self.state.tensors.insert(

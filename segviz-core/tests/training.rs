@@ -219,3 +219,25 @@ fn marginal_loss_does_not_punish_an_unannotated_organ() {
         as f64;
     assert!(with_exclusion >= marginal && with_exclusion < marginal + 0.05);
 }
+
+#[test]
+fn copies_do_not_share_batchnorm_statistics() {
+    let dev = device().autodiff();
+    let model = tiny_config(&["liver", "spleen"]).init(&dev, 4).unwrap();
+    let before = model.state();
+    // Burn's clone() shares BatchNorm running statistics; deep copies and subsets must not.
+    let mut copy = model.subset(&["liver".to_string()]).unwrap();
+    let mut optim = OptimizerConfig::new().adam();
+    let (x, y, _) = ball(8, 2.5, &dev);
+    for _ in 0..2 {
+        let loss = DiceLoss::new().dice_ce(copy.forward(x.clone()).remove(0), &y);
+        copy = optimizer_step(copy, &mut optim, loss, 1e-2);
+    }
+    assert_eq!(model.state(), before, "training a subset changed the original");
+    let running = |s: &segviz_core::ModelState| {
+        s.filter(|p, t| !t.trainable && p.starts_with("representation."))
+    };
+    assert_ne!(running(&copy.state()), running(&before));
+    let twin = model.deep_copy().unwrap();
+    assert_eq!(twin.state(), before);
+}

@@ -221,7 +221,7 @@ pub fn train_epochs(
 
 /// The device of a model's parameters.
 pub fn model_device(model: &SegVizModel) -> Device {
-    model.representation.bottom.units[0].conv.weight.lazy_device()
+    model.device()
 }
 
 /// The organ of a task head, by its name.
