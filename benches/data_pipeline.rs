@@ -58,8 +58,9 @@ fn preprocessing(c: &mut Criterion) {
 
 fn patches(c: &mut Criterion) {
     let (image, label) = ct_pair();
-    let (image, label) = segviz::data::preprocess_pair(&image, &label, &PreprocessConfig::default())
-        .expect("preprocess");
+    let (image, label) =
+        segviz::data::preprocess_pair(&image, &label, &PreprocessConfig::default())
+            .expect("preprocess");
     let mut group = c.benchmark_group("patches");
     for (name, size) in [("128x128x32", [128, 128, 32]), ("48x48x16", [48, 48, 16])] {
         let mut sampler = PatchSampler::new(PatchSamplerConfig {

@@ -21,9 +21,24 @@ struct Size {
 
 fn sizes() -> Vec<Size> {
     vec![
-        Size { name: "tiny", channels: vec![4, 8, 16, 32, 64], patch: [32, 32, 16], batch: 2 },
-        Size { name: "small", channels: vec![8, 16, 32, 64, 128], patch: [64, 64, 16], batch: 2 },
-        Size { name: "paper", channels: vec![16, 32, 64, 128, 256], patch: [128, 128, 32], batch: 2 },
+        Size {
+            name: "tiny",
+            channels: vec![4, 8, 16, 32, 64],
+            patch: [32, 32, 16],
+            batch: 2,
+        },
+        Size {
+            name: "small",
+            channels: vec![8, 16, 32, 64, 128],
+            patch: [64, 64, 16],
+            batch: 2,
+        },
+        Size {
+            name: "paper",
+            channels: vec![16, 32, 64, 128, 256],
+            patch: [128, 128, 32],
+            batch: 2,
+        },
     ]
 }
 
@@ -37,7 +52,9 @@ fn throughput(c: &mut Criterion) {
         );
         let [d, h, w] = size.patch;
         let n = size.batch * d * h * w;
-        let x: Vec<f32> = (0..n).map(|i| ((i * 7919) % 1000) as f32 / 1000.0).collect();
+        let x: Vec<f32> = (0..n)
+            .map(|i| ((i * 7919) % 1000) as f32 / 1000.0)
+            .collect();
         let y: Vec<i64> = (0..n).map(|i| i64::from((i / 97) % 3 == 0)).collect();
         let mut group = c.benchmark_group(format!("unet_{}", size.name));
         group.sample_size(10);
@@ -45,8 +62,12 @@ fn throughput(c: &mut Criterion) {
 
         let mut model = config.init(&train_device, 0).expect("model");
         let mut optim = OptimizerConfig::new().adam();
-        let xt = Tensor::<5>::from_data(TensorData::new(x.clone(), [size.batch, 1, d, h, w]), &train_device);
-        let yt = Tensor::<4, Int>::from_data(TensorData::new(y, [size.batch, d, h, w]), &train_device);
+        let xt = Tensor::<5>::from_data(
+            TensorData::new(x.clone(), [size.batch, 1, d, h, w]),
+            &train_device,
+        );
+        let yt =
+            Tensor::<4, Int>::from_data(TensorData::new(y, [size.batch, d, h, w]), &train_device);
         group.bench_function("train_step", |b| {
             b.iter(|| {
                 let logits = model.forward(xt.clone()).remove(0);

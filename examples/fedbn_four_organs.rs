@@ -19,8 +19,8 @@ use segviz::data::phantom::{write_sites, PhantomConfig, PhantomSize};
 use segviz::data::{write_labels, Organ};
 use segviz::fed::evaluate::to_original_grid;
 use segviz::fed::experiment::{
-    format_table, Experiment, ExperimentConfig, ExperimentData, ExperimentEvent,
-    ExperimentResults, Method, TrainedMethod,
+    format_table, Experiment, ExperimentConfig, ExperimentData, ExperimentEvent, ExperimentResults,
+    Method, TrainedMethod,
 };
 use segviz::fed::Weighting;
 use segviz::figures::{comparison_figure, dice_per_round_figure, save_png};
@@ -106,7 +106,11 @@ fn run(args: &Args) -> AnyResult<()> {
             })?;
             println!(
                 "{} phantom sites in {}",
-                if manifest.reused { "reusing" } else { "generated" },
+                if manifest.reused {
+                    "reusing"
+                } else {
+                    "generated"
+                },
                 dir.display()
             );
             ExperimentData::discover(&dir)?
@@ -119,7 +123,12 @@ fn run(args: &Args) -> AnyResult<()> {
         config.preset,
         config.rounds,
         config.local_epochs,
-        config.methods.iter().map(|m| m.name()).collect::<Vec<_>>().join(",")
+        config
+            .methods
+            .iter()
+            .map(|m| m.name())
+            .collect::<Vec<_>>()
+            .join(",")
     );
     let experiment = Experiment::new(config, &data, &args.out, args.resume)?;
     for site in experiment.sites() {
@@ -132,7 +141,11 @@ fn run(args: &Args) -> AnyResult<()> {
         );
     }
     if let Some(t) = experiment.test_site() {
-        println!("  test {:<16} {:>3} cases", t.name(), t.split.validation.len());
+        println!(
+            "  test {:<16} {:>3} cases",
+            t.name(),
+            t.split.validation.len()
+        );
     }
 
     let bars = MultiProgress::new();
@@ -285,7 +298,13 @@ fn write_outputs(
     let series: Vec<(String, Vec<(Organ, Vec<f64>)>)> = results
         .methods
         .iter()
-        .filter(|r| !r.rounds.is_empty() && !matches!(r.method, Method::FedavgFt | Method::FedbnFt | Method::FedproxFt))
+        .filter(|r| {
+            !r.rounds.is_empty()
+                && !matches!(
+                    r.method,
+                    Method::FedavgFt | Method::FedbnFt | Method::FedproxFt
+                )
+        })
         .map(|r| {
             let mut per: BTreeMap<Organ, Vec<f64>> = BTreeMap::new();
             for report in &r.rounds {

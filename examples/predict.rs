@@ -76,8 +76,8 @@ fn run(args: &Args) -> AnyResult<()> {
         None => PreprocessConfig::default(),
     };
     if let Some(p) = &args.pixdim {
-        preprocess.pixdim = <[f64; 3]>::try_from(p.as_slice())
-            .map_err(|_| "--pixdim takes three values")?;
+        preprocess.pixdim =
+            <[f64; 3]>::try_from(p.as_slice()).map_err(|_| "--pixdim takes three values")?;
     }
     if let Some(v) = args.a_min {
         preprocess.a_min = v;

@@ -117,11 +117,14 @@ fn line(img: &mut RgbImage, (x0, y0): (f64, f64), (x1, y1): (f64, f64), colour: 
 /// Saves a PNG atomically.
 pub fn save_png(img: &RgbImage, path: &Path) -> segviz_core::Result<()> {
     let mut bytes = Vec::new();
-    img.write_to(&mut std::io::Cursor::new(&mut bytes), image::ImageFormat::Png)
-        .map_err(|e| segviz_core::CoreError::File {
-            path: path.to_path_buf(),
-            reason: format!("cannot encode PNG: {e}"),
-        })?;
+    img.write_to(
+        &mut std::io::Cursor::new(&mut bytes),
+        image::ImageFormat::Png,
+    )
+    .map_err(|e| segviz_core::CoreError::File {
+        path: path.to_path_buf(),
+        reason: format!("cannot encode PNG: {e}"),
+    })?;
     write_atomically(path, &bytes)
 }
 
@@ -185,7 +188,14 @@ pub fn comparison_figure(
     let height = title + organs.len() as u32 * (ph + gap) + gap;
     let mut img = RgbImage::from_pixel(width, height, Rgb([255, 255, 255]));
     for (c, (name, _)) in columns.iter().enumerate() {
-        draw_text(&mut img, gap + c as u32 * (pw + gap), 6, name, 2, Rgb([0, 0, 0]));
+        draw_text(
+            &mut img,
+            gap + c as u32 * (pw + gap),
+            6,
+            name,
+            2,
+            Rgb([0, 0, 0]),
+        );
     }
     for (r, organ) in organs.iter().enumerate() {
         let k = best_slice(truth, *organ);
@@ -213,25 +223,70 @@ pub fn dice_per_round_figure(series: &[(String, Vec<(Organ, Vec<f64>)>)]) -> Rgb
     for (p, (name, organs)) in series.iter().enumerate() {
         let x0 = margin + p as u32 * (pw + margin);
         let y0 = margin;
-        draw_text(&mut img, x0, 10, &format!("{name}: VAL DICE PER ROUND"), 2, Rgb([0, 0, 0]));
+        draw_text(
+            &mut img,
+            x0,
+            10,
+            &format!("{name}: VAL DICE PER ROUND"),
+            2,
+            Rgb([0, 0, 0]),
+        );
         // Axes and grid at 0.2 steps.
         for g in 0..=5 {
             let y = y0 + ph - g * ph / 5;
-            let shade = if g == 0 { Rgb([0, 0, 0]) } else { Rgb([220, 220, 220]) };
-            line(&mut img, (x0 as f64, y as f64), ((x0 + pw) as f64, y as f64), shade);
-            draw_text(&mut img, x0.saturating_sub(26), y.saturating_sub(2), &format!("{:.1}", g as f64 / 5.0), 1, Rgb([0, 0, 0]));
+            let shade = if g == 0 {
+                Rgb([0, 0, 0])
+            } else {
+                Rgb([220, 220, 220])
+            };
+            line(
+                &mut img,
+                (x0 as f64, y as f64),
+                ((x0 + pw) as f64, y as f64),
+                shade,
+            );
+            draw_text(
+                &mut img,
+                x0.saturating_sub(26),
+                y.saturating_sub(2),
+                &format!("{:.1}", g as f64 / 5.0),
+                1,
+                Rgb([0, 0, 0]),
+            );
         }
-        line(&mut img, (x0 as f64, y0 as f64), (x0 as f64, (y0 + ph) as f64), Rgb([0, 0, 0]));
+        line(
+            &mut img,
+            (x0 as f64, y0 as f64),
+            (x0 as f64, (y0 + ph) as f64),
+            Rgb([0, 0, 0]),
+        );
         let rounds = organs.iter().map(|(_, v)| v.len()).max().unwrap_or(0);
-        draw_text(&mut img, x0 + pw - 60, y0 + ph + 8, &format!("ROUNDS 1-{rounds}"), 1, Rgb([0, 0, 0]));
+        draw_text(
+            &mut img,
+            x0 + pw - 60,
+            y0 + ph + 8,
+            &format!("ROUNDS 1-{rounds}"),
+            1,
+            Rgb([0, 0, 0]),
+        );
         for (o, (organ, values)) in organs.iter().enumerate() {
             let colour = organ_colour(*organ);
             let to_xy = |r: usize, v: f64| {
-                let x = x0 as f64 + if rounds > 1 { r as f64 * pw as f64 / (rounds - 1) as f64 } else { 0.0 };
+                let x = x0 as f64
+                    + if rounds > 1 {
+                        r as f64 * pw as f64 / (rounds - 1) as f64
+                    } else {
+                        0.0
+                    };
                 (x, y0 as f64 + ph as f64 * (1.0 - v.clamp(0.0, 1.0)))
             };
             for r in 1..values.len() {
-                line(&mut img, to_xy(r - 1, values[r - 1]), to_xy(r, values[r]), colour);
+                line(
+                    &mut img,
+                    to_xy(r - 1, values[r - 1]),
+                    to_xy(r, values[r]),
+                    colour,
+                );
             }
             // Legend.
             let ly = y0 + ph + 20;
@@ -267,10 +322,8 @@ mod tests {
 
     #[test]
     fn dice_plot_draws_lines_in_organ_colours() {
-        let img = dice_per_round_figure(&[(
-            "FEDBN".into(),
-            vec![(Organ::Spleen, vec![0.1, 0.5, 0.9])],
-        )]);
+        let img =
+            dice_per_round_figure(&[("FEDBN".into(), vec![(Organ::Spleen, vec![0.1, 0.5, 0.9])])]);
         let blue = organ_colour(Organ::Spleen);
         assert!(img.pixels().filter(|p| **p == blue).count() > 100);
     }

@@ -60,7 +60,12 @@ pub fn default_device() -> Device {
 /// then flex, then ndarray.
 #[cfg(all(
     feature = "ndarray",
-    not(any(feature = "cuda", feature = "vulkan", feature = "wgpu", feature = "flex"))
+    not(any(
+        feature = "cuda",
+        feature = "vulkan",
+        feature = "wgpu",
+        feature = "flex"
+    ))
 ))]
 #[allow(deprecated)]
 pub fn default_device() -> Device {

@@ -107,7 +107,13 @@ impl ResidualUnit {
                 } else {
                     (out_channels, 1)
                 };
-                ConvUnit::new(cin, out_channels, s, last_conv_only && i + 1 == subunits, device)
+                ConvUnit::new(
+                    cin,
+                    out_channels,
+                    s,
+                    last_conv_only && i + 1 == subunits,
+                    device,
+                )
             })
             .collect();
         // MONAI: a strided residual uses the full kernel, a pure channel change a 1×1×1 conv.

@@ -124,13 +124,15 @@ pub fn read_checkpoint(path: &Path) -> Result<Checkpoint> {
     let bytes = fs::read(path).map_err(|e| CoreError::io(path, e))?;
     let bad = |reason: String| CoreError::file(path, reason);
     if bytes.len() < MAGIC.len() + 16 || &bytes[..8] != MAGIC {
-        return Err(bad("not a SegViz model file (bad magic or too short)".into()));
+        return Err(bad(
+            "not a SegViz model file (bad magic or too short)".into()
+        ));
     }
     let (body, tail) = bytes.split_at(bytes.len() - 8);
     let stored = u64::from_le_bytes(tail.try_into().map_err(|_| bad("short checksum".into()))?);
     if checksum(body) != stored {
         return Err(bad(
-            "checksum mismatch: the file is truncated or corrupted".into(),
+            "checksum mismatch: the file is truncated or corrupted".into()
         ));
     }
     let header_len = u64::from_le_bytes(

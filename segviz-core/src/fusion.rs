@@ -30,7 +30,11 @@ pub enum ProbabilityKind {
 /// (programmer errors).
 pub fn fuse(probabilities: &[f32], channels: usize, kind: ProbabilityKind) -> Vec<u8> {
     assert!(channels > 0 && channels < 256, "1..=255 channels expected");
-    assert_eq!(probabilities.len() % channels, 0, "channel-major probabilities expected");
+    assert_eq!(
+        probabilities.len() % channels,
+        0,
+        "channel-major probabilities expected"
+    );
     let voxels = probabilities.len() / channels;
     (0..voxels)
         .map(|v| {
@@ -60,7 +64,10 @@ mod tests {
     fn task_rule_picks_confident_organ_and_background() {
         // Three voxels, two tasks: liver-ish, nothing, spleen beats liver.
         let p = [0.9, 0.2, 0.6, /* task 2 */ 0.1, 0.4, 0.7];
-        assert_eq!(fuse(&p, 2, ProbabilityKind::TaskProbabilities), vec![1, 0, 2]);
+        assert_eq!(
+            fuse(&p, 2, ProbabilityKind::TaskProbabilities),
+            vec![1, 0, 2]
+        );
     }
 
     #[test]

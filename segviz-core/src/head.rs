@@ -30,7 +30,13 @@ impl TaskHeadConfig {
     /// Builds the head with Burn's default initialisation.
     pub fn init(&self, device: &Device) -> TaskHead {
         TaskHead {
-            block: UpBlock::new(self.in_channels, self.out_channels, self.stride, true, device),
+            block: UpBlock::new(
+                self.in_channels,
+                self.out_channels,
+                self.stride,
+                true,
+                device,
+            ),
         }
     }
 }

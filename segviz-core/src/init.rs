@@ -25,8 +25,8 @@ pub fn lecun_normal(model: SegVizModel, seed: u64) -> Result<SegVizModel> {
         } else if t.shape.len() == 5 {
             let fan_in = t.shape[1] * t.shape[2] * t.shape[3] * t.shape[4];
             let std = (1.0 / fan_in as f64).sqrt();
-            let normal = Normal::new(0.0, std)
-                .map_err(|e| CoreError::State(format!("{path}: {e}")))?;
+            let normal =
+                Normal::new(0.0, std).map_err(|e| CoreError::State(format!("{path}: {e}")))?;
             let mut rng = ChaCha8Rng::seed_from_u64(seed ^ stable_hash(&path));
             (0..n).map(|_| normal.sample(&mut rng) as f32).collect()
         } else if path.ends_with(".bias") {
@@ -35,13 +35,7 @@ pub fn lecun_normal(model: SegVizModel, seed: u64) -> Result<SegVizModel> {
             // PReLU slopes keep their 0.25.
             continue;
         };
-        state.tensors.insert(
-            path,
-            StateTensor {
-                data,
-                ..t
-            },
-        );
+        state.tensors.insert(path, StateTensor { data, ..t });
     }
     model.load_state(&state)
 }

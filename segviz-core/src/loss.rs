@@ -76,7 +76,13 @@ impl DiceLoss {
     fn class_weights(&self, classes: usize, like: &Tensor<3>) -> Tensor<2> {
         let [b, _, _] = like.dims();
         let row: Vec<f32> = (0..classes)
-            .map(|c| if c == 0 && !self.include_background { 0.0 } else { 1.0 })
+            .map(|c| {
+                if c == 0 && !self.include_background {
+                    0.0
+                } else {
+                    1.0
+                }
+            })
             .collect();
         let data: Vec<f32> = (0..b).flat_map(|_| row.iter().copied()).collect();
         Tensor::from_data(TensorData::new(data, [b, classes]), &like.device())
@@ -85,7 +91,12 @@ impl DiceLoss {
     /// The Dice loss from probabilities `[b, c, n]`, one-hot truth `[b, c, n]` and per
     /// sample-class weights `[b, c]` (1 = counts, 0 = ignored); the mean runs over the
     /// counted entries.
-    fn from_probabilities(&self, probs: Tensor<3>, truth: Tensor<3>, weights: Tensor<2>) -> Tensor<1> {
+    fn from_probabilities(
+        &self,
+        probs: Tensor<3>,
+        truth: Tensor<3>,
+        weights: Tensor<2>,
+    ) -> Tensor<1> {
         let (inter, volumes) = if self.batch {
             let inter = (probs.clone() * truth.clone()).sum_dim(2).sum_dim(0);
             let volumes = (probs.sum_dim(2) + truth.sum_dim(2)).sum_dim(0);
@@ -97,8 +108,8 @@ impl DiceLoss {
         let [b2, c2, _] = inter.dims();
         let inter: Tensor<2> = inter.reshape([b2, c2]);
         let volumes: Tensor<2> = volumes.reshape([b2, c2]);
-        let dice = (inter.mul_scalar(2.0).add_scalar(self.smooth_nr))
-            / volumes.add_scalar(self.smooth_dr);
+        let dice =
+            (inter.mul_scalar(2.0).add_scalar(self.smooth_nr)) / volumes.add_scalar(self.smooth_dr);
         let loss = dice.neg().add_scalar(1.0);
         let weights = if self.batch {
             weights.sum_dim(0).clamp_max(1.0)

@@ -13,7 +13,11 @@
 /// # Panics
 /// If the two maps have different lengths (a programmer error).
 pub fn dice(prediction: &[u8], truth: &[u8], label: u8) -> f64 {
-    assert_eq!(prediction.len(), truth.len(), "label maps of equal size expected");
+    assert_eq!(
+        prediction.len(),
+        truth.len(),
+        "label maps of equal size expected"
+    );
     let (mut both, mut a, mut b) = (0usize, 0usize, 0usize);
     for (&p, &t) in prediction.iter().zip(truth) {
         let (p, t) = (p == label, t == label);

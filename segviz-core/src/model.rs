@@ -92,8 +92,14 @@ impl SegVizConfig {
     pub fn with_state(&self, device: &Device, state: &ModelState) -> Result<SegVizModel> {
         let model = self.build(device)?;
         let layout = model.layout();
-        if let Some(missing) = layout.tensors.keys().find(|p| !state.tensors.contains_key(*p)) {
-            return Err(CoreError::State(format!("the state has no tensor {missing:?}")));
+        if let Some(missing) = layout
+            .tensors
+            .keys()
+            .find(|p| !state.tensors.contains_key(*p))
+        {
+            return Err(CoreError::State(format!(
+                "the state has no tensor {missing:?}"
+            )));
         }
         model.load_state(state)
     }
@@ -247,9 +253,13 @@ impl SegVizModel {
             config: single,
         };
         let head_only = lecun_normal(head_only, seed)?;
-        self.heads.push(head_only.heads.into_iter().next().ok_or_else(|| {
-            CoreError::State("could not build the new head".into())
-        })?);
+        self.heads.push(
+            head_only
+                .heads
+                .into_iter()
+                .next()
+                .ok_or_else(|| CoreError::State("could not build the new head".into()))?,
+        );
         self.config.tasks.push(task.to_string());
         Ok(self)
     }
@@ -290,12 +300,24 @@ impl SegVizModel {
 
     /// The device of the model's parameters.
     pub fn device(&self) -> Device {
-        self.representation.bottom.units[0].conv.weight.lazy_device()
+        self.representation.bottom.units[0]
+            .conv
+            .weight
+            .lazy_device()
     }
 
     /// Every tensor with its path and role (values copied to the host).
     pub fn state(&self) -> ModelState {
+        self.sync_running_statistics();
         extract_state(self, &self.config.tasks)
+    }
+
+    /// Burn keeps each BatchNorm's newest running statistics as a pending per-thread update
+    /// until they are synchronised; reading the state before that would return values one
+    /// step old, and writing it would be overwritten by the pending update. `valid()`
+    /// synchronises them (in place, for this model too).
+    fn sync_running_statistics(&self) {
+        let _ = self.valid();
     }
 
     /// Paths, shapes and roles of every tensor (no values).
@@ -305,7 +327,12 @@ impl SegVizModel {
 
     /// Writes the tensors that `state` names (all or a subset); see
     /// [`crate::state::apply_state`].
+    ///
+    /// BatchNorm running statistics are written in place, and Burn's `clone()` shares them
+    /// with the original: load into a [`SegVizModel::deep_copy`] (or build with
+    /// [`SegVizConfig::with_state`]) when the original must stay as it is.
     pub fn load_state(self, state: &ModelState) -> Result<Self> {
+        self.sync_running_statistics();
         let tasks = self.config.tasks.clone();
         apply_state(self, &tasks, state)
     }

@@ -31,7 +31,14 @@ pub fn monai_key(path: &str, levels: usize) -> Option<String> {
     let (base, rest): (String, &[&str]) = match parts.as_slice() {
         ["representation", "down", l, rest @ ..] => {
             let l: usize = l.parse().ok()?;
-            (if l == 0 { "model.0".into() } else { format!("{}.0", prefix(l)) }, rest)
+            (
+                if l == 0 {
+                    "model.0".into()
+                } else {
+                    format!("{}.0", prefix(l))
+                },
+                rest,
+            )
         }
         ["representation", "bottom", rest @ ..] => (prefix(levels), rest),
         ["representation", "up", i, rest @ ..] => {
@@ -92,9 +99,8 @@ pub fn load_monai_checkpoint(
     let levels = config.representation.strides.len();
     let mut state = ModelState::default();
     for (our_path, entry) in model.layout().tensors {
-        let key = monai_key(&our_path, levels).ok_or_else(|| {
-            CoreError::State(format!("no MONAI key for tensor {our_path:?}"))
-        })?;
+        let key = monai_key(&our_path, levels)
+            .ok_or_else(|| CoreError::State(format!("no MONAI key for tensor {our_path:?}")))?;
         let tensor = reader.get(&key).ok_or_else(|| {
             CoreError::file(
                 path,
@@ -114,11 +120,14 @@ pub fn load_monai_checkpoint(
         let data = tensor
             .read()
             .map_err(|e| CoreError::file(path, format!("{key}: {e}")))?;
-        let values = decode_f32(&data, tensor.dtype(), entry.shape.iter().product())
-            .ok_or_else(|| {
+        let values =
+            decode_f32(&data, tensor.dtype(), entry.shape.iter().product()).ok_or_else(|| {
                 CoreError::file(
                     path,
-                    format!("{key}: unsupported dtype {:?} (float32 expected)", tensor.dtype()),
+                    format!(
+                        "{key}: unsupported dtype {:?} (float32 expected)",
+                        tensor.dtype()
+                    ),
                 )
             })?;
         state.tensors.insert(

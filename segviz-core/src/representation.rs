@@ -101,7 +101,14 @@ impl RepresentationConfig {
         let down = (0..levels)
             .map(|l| {
                 let cin = if l == 0 { self.in_channels } else { c[l - 1] };
-                ResidualUnit::new(cin, c[l], self.strides[l], self.num_res_units, false, device)
+                ResidualUnit::new(
+                    cin,
+                    c[l],
+                    self.strides[l],
+                    self.num_res_units,
+                    false,
+                    device,
+                )
             })
             .collect();
         let bottom = ResidualUnit::new(

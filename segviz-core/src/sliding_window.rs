@@ -69,7 +69,10 @@ fn starts(size: usize, roi: usize, overlap: f64) -> Vec<usize> {
         return vec![0];
     }
     let step = ((roi as f64) * (1.0 - overlap)).floor().max(1.0) as usize;
-    let mut s: Vec<usize> = (0..).map(|i| i * step).take_while(|&x| x + roi < size).collect();
+    let mut s: Vec<usize> = (0..)
+        .map(|i| i * step)
+        .take_while(|&x| x + roi < size)
+        .collect();
     s.push(size - roi);
     s
 }
@@ -133,7 +136,11 @@ where
     }
     let roi = config.roi_size;
     // The padded extent: at least one window along each axis.
-    let padded = [shape[0].max(roi[0]), shape[1].max(roi[1]), shape[2].max(roi[2])];
+    let padded = [
+        shape[0].max(roi[0]),
+        shape[1].max(roi[1]),
+        shape[2].max(roi[2]),
+    ];
     let axes = [
         starts(padded[0], roi[0], config.overlap),
         starts(padded[1], roi[1], config.overlap),

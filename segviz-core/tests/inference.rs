@@ -72,7 +72,10 @@ fn save_then_load_gives_identical_outputs() {
     let b = values(loaded.probabilities(x));
     assert_eq!(a, b);
     // No temporary file is left behind.
-    let names: Vec<_> = std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().file_name()).collect();
+    let names: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
     assert_eq!(names.len(), 1, "{names:?}");
 }
 
@@ -97,7 +100,9 @@ fn truncated_or_corrupted_model_files_are_errors() {
     std::fs::write(&bad, &flipped).unwrap();
     let err = load_model(&bad, &dev).unwrap_err().to_string();
     assert!(err.contains("checksum"), "{err}");
-    let err = load_model(&dir.join("missing.segviz"), &dev).unwrap_err().to_string();
+    let err = load_model(&dir.join("missing.segviz"), &dev)
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("missing.segviz"), "{err}");
 }
 

@@ -59,7 +59,9 @@ fn odd_but_valid_sizes_keep_their_shape() {
     let dev = device();
     let model = tiny_config(&["liver", "spleen"]).init(&dev, 1).unwrap();
     for shape in [[4, 8, 12], [12, 4, 20], [8, 8, 8]] {
-        model.check_input([1, 1, shape[0], shape[1], shape[2]]).unwrap();
+        model
+            .check_input([1, 1, shape[0], shape[1], shape[2]])
+            .unwrap();
         let out = model.forward(input(shape, &dev));
         assert_eq!(out.len(), 2);
         for logits in out {
@@ -110,14 +112,21 @@ fn initialisation_is_seeded_and_path_local() {
     assert_eq!(a, b);
     assert_ne!(a, c);
     // Another head does not change the liver head or the body.
-    let d = tiny_config(&["spleen", "liver"]).init(&dev, 3).unwrap().state();
+    let d = tiny_config(&["spleen", "liver"])
+        .init(&dev, 3)
+        .unwrap()
+        .state();
     assert_eq!(a.head("liver"), d.head("liver"));
     assert_eq!(a.representation(), d.representation());
     // LeCun normal: conv weights have std ≈ 1/sqrt(fan_in).
     let w = &a.tensors["representation.down.1.units.1.conv.weight"];
     let fan_in = (w.shape[1] * 27) as f64;
     let var = w.data.iter().map(|v| (*v as f64).powi(2)).sum::<f64>() / w.data.len() as f64;
-    assert!((var * fan_in - 1.0).abs() < 0.25, "variance × fan_in = {}", var * fan_in);
+    assert!(
+        (var * fan_in - 1.0).abs() < 0.25,
+        "variance × fan_in = {}",
+        var * fan_in
+    );
 }
 
 #[test]
@@ -142,7 +151,9 @@ fn heads_are_added_and_removed_without_touching_the_representation() {
 
 #[test]
 fn every_path_is_classified_and_maps_to_one_monai_key() {
-    let model = tiny_config(&["liver", "spleen"]).init(&device(), 0).unwrap();
+    let model = tiny_config(&["liver", "spleen"])
+        .init(&device(), 0)
+        .unwrap();
     let layout = model.layout();
     let mut keys = std::collections::HashSet::new();
     for (path, t) in &layout.tensors {

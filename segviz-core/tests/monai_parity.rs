@@ -57,9 +57,13 @@ fn monai_keys_are_exactly_the_fixture_keys() {
 #[test]
 fn monai_checkpoint_gives_monai_output() {
     let dev = device();
-    let model =
-        load_monai_checkpoint(&fixture("monai_unet_tiny.pt"), &fixture_config(), "organ", &dev)
-            .unwrap();
+    let model = load_monai_checkpoint(
+        &fixture("monai_unet_tiny.pt"),
+        &fixture_config(),
+        "organ",
+        &dev,
+    )
+    .unwrap();
     assert_eq!(model.num_trainable_params(), 76_007);
     let x = Tensor::<5>::from_data(
         TensorData::new(read_f32("monai_unet_tiny_input.f32"), [1, 1, 16, 16, 16]),
@@ -80,7 +84,10 @@ fn checkpoint_of_another_shape_is_refused_with_the_key() {
     let err = load_monai_checkpoint(&fixture("monai_unet_tiny.pt"), &config, "organ", &device())
         .unwrap_err()
         .to_string();
-    assert!(err.contains("monai_unet_tiny.pt") && err.contains("shape"), "{err}");
+    assert!(
+        err.contains("monai_unet_tiny.pt") && err.contains("shape"),
+        "{err}"
+    );
     let err = load_monai_checkpoint(
         &fixture("monai_unet_tiny_input.f32"),
         &fixture_config(),

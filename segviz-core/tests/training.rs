@@ -160,13 +160,17 @@ fn dice_by_hand(logits: &[f32], target: &[i64], b: usize, c: usize, n: usize, bg
 fn dice_loss_matches_the_formula() {
     let (logits, target) = logits_and_target();
     let l = values(logits.clone());
-    let t: Vec<i64> = target.clone().into_data().convert::<i64>().try_to_vec().unwrap();
+    let t: Vec<i64> = target
+        .clone()
+        .into_data()
+        .convert::<i64>()
+        .try_to_vec()
+        .unwrap();
     for bg in [true, false] {
         let ours = DiceLoss::new()
             .with_include_background(bg)
             .forward(logits.clone(), &target)
-            .into_scalar::<f32>()
-            as f64;
+            .into_scalar::<f32>() as f64;
         let expected = dice_by_hand(&l, &t, 2, 3, 8, bg);
         assert!((ours - expected).abs() < 1e-5, "{ours} vs {expected}");
     }
@@ -180,9 +184,10 @@ fn marginal_loss_equals_dice_ce_when_everything_is_annotated() {
     let full = vec![vec![true, true]; 2];
     let marginal = MarginalLoss::new()
         .forward(logits.clone(), &target, &full)
-        .into_scalar::<f32>()
-        as f64;
-    let plain = DiceLoss::new().dice_ce(logits, &target).into_scalar::<f32>() as f64;
+        .into_scalar::<f32>() as f64;
+    let plain = DiceLoss::new()
+        .dice_ce(logits, &target)
+        .into_scalar::<f32>() as f64;
     assert!((marginal - plain).abs() < 1e-4, "{marginal} vs {plain}");
 }
 
@@ -206,17 +211,20 @@ fn marginal_loss_does_not_punish_an_unannotated_organ() {
     let partial = vec![vec![true, false]];
     let marginal = MarginalLoss::new()
         .forward(logits.clone(), &target, &partial)
-        .into_scalar::<f32>()
-        as f64;
-    let naive = DiceLoss::new().dice_ce(logits.clone(), &target).into_scalar::<f32>() as f64;
-    assert!(marginal < naive * 0.5, "marginal {marginal} vs naive {naive}");
+        .into_scalar::<f32>() as f64;
+    let naive = DiceLoss::new()
+        .dice_ce(logits.clone(), &target)
+        .into_scalar::<f32>() as f64;
+    assert!(
+        marginal < naive * 0.5,
+        "marginal {marginal} vs naive {naive}"
+    );
     // The exclusion term adds a penalty only when the unannotated organ sits on an
     // annotated one: here class 2 is predicted on the background voxel, so almost none.
     let with_exclusion = MarginalLoss::new()
         .with_exclusion_weight(1.0)
         .forward(logits, &target, &partial)
-        .into_scalar::<f32>()
-        as f64;
+        .into_scalar::<f32>() as f64;
     assert!(with_exclusion >= marginal && with_exclusion < marginal + 0.05);
 }
 
@@ -233,7 +241,11 @@ fn copies_do_not_share_batchnorm_statistics() {
         let loss = DiceLoss::new().dice_ce(copy.forward(x.clone()).remove(0), &y);
         copy = optimizer_step(copy, &mut optim, loss, 1e-2);
     }
-    assert_eq!(model.state(), before, "training a subset changed the original");
+    assert_eq!(
+        model.state(),
+        before,
+        "training a subset changed the original"
+    );
     let running = |s: &segviz_core::ModelState| {
         s.filter(|p, t| !t.trainable && p.starts_with("representation."))
     };

@@ -20,7 +20,11 @@ pub trait FederatedClient: Send {
     /// Loads `instructions.state` into the local model, trains for the given local epochs
     /// and replies with the new local state. Must give up with an error once `deadline`
     /// has passed.
-    fn fit(&mut self, instructions: &FitInstructions, deadline: Option<Instant>) -> Result<ClientUpdate>;
+    fn fit(
+        &mut self,
+        instructions: &FitInstructions,
+        deadline: Option<Instant>,
+    ) -> Result<ClientUpdate>;
 
     /// Loads `state` (the client's view of the global model) and evaluates it on the
     /// client's validation split; replies with metrics only.
@@ -39,7 +43,11 @@ impl<T: FederatedClient + ?Sized> FederatedClient for Box<T> {
         (**self).info()
     }
 
-    fn fit(&mut self, instructions: &FitInstructions, deadline: Option<Instant>) -> Result<ClientUpdate> {
+    fn fit(
+        &mut self,
+        instructions: &FitInstructions,
+        deadline: Option<Instant>,
+    ) -> Result<ClientUpdate> {
         (**self).fit(instructions, deadline)
     }
 

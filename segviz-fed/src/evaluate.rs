@@ -53,7 +53,10 @@ impl Prediction {
                 .collect(),
             ProbabilityKind::ClassProbabilities => {
                 let labels = fuse(&self.probabilities, self.channels, self.kind);
-                labels.iter().map(|&c| u8::from(c as usize == index + 1)).collect()
+                labels
+                    .iter()
+                    .map(|&c| u8::from(c as usize == index + 1))
+                    .collect()
             }
         })
     }
@@ -84,13 +87,10 @@ impl Segmenter {
         let shape = image.geometry.shape;
         match self {
             Segmenter::Single(model) => {
-                let (probabilities, channels) = sliding_window_inference(
-                    &image.data,
-                    shape,
-                    window,
-                    device,
-                    |x| model.probabilities(x),
-                )?;
+                let (probabilities, channels) =
+                    sliding_window_inference(&image.data, shape, window, device, |x| {
+                        model.probabilities(x)
+                    })?;
                 let multi_class = model.config().head_out_channels > 2;
                 Ok(Prediction {
                     organs: single_organs(model)?,
@@ -108,17 +108,12 @@ impl Segmenter {
                 let mut all = Vec::with_capacity(list.len() * n);
                 for (organ, model) in list {
                     let index = model.task_index(organ.name())?;
-                    let (probs, _) = sliding_window_inference(
-                        &image.data,
-                        shape,
-                        window,
-                        device,
-                        |x| {
+                    let (probs, _) =
+                        sliding_window_inference(&image.data, shape, window, device, |x| {
                             let p = model.probabilities(x);
                             let [b, _, d, h, w] = p.dims();
                             p.slice([0..b, index..index + 1, 0..d, 0..h, 0..w])
-                        },
-                    )?;
+                        })?;
                     all.extend(probs);
                 }
                 Ok(Prediction {
@@ -194,8 +189,14 @@ pub fn evaluate_site(
             let Some(mask) = prediction.organ_mask(*organ) else {
                 continue;
             };
-            let truth: Vec<u8> = label.data.iter().map(|&v| u8::from(v == organ.label())).collect();
-            score.dice.insert(organ.name().into(), dice(&mask, &truth, 1));
+            let truth: Vec<u8> = label
+                .data
+                .iter()
+                .map(|&v| u8::from(v == organ.label()))
+                .collect();
+            score
+                .dice
+                .insert(organ.name().into(), dice(&mask, &truth, 1));
             score.hd95.insert(
                 organ.name().into(),
                 hausdorff95(&mask, &truth, 1, image.geometry.shape, spacing),
@@ -205,7 +206,10 @@ pub fn evaluate_site(
         scores.push(score);
     }
     if scores.is_empty() && !cases.is_empty() {
-        return Err(FedError::Config(format!("site {} produced no score", site.name())));
+        return Err(FedError::Config(format!(
+            "site {} produced no score",
+            site.name()
+        )));
     }
     Ok(scores)
 }
@@ -253,5 +257,7 @@ pub fn to_original_grid(
         data: labels,
         geometry: preprocessed.geometry.clone(),
     };
-    Ok(segviz_data::preprocess::resample_nearest(&volume, original, 0)?)
+    Ok(segviz_data::preprocess::resample_nearest(
+        &volume, original, 0,
+    )?)
 }

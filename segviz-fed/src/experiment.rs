@@ -18,9 +18,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{FedError, Result};
 use crate::evaluate::{evaluate_site, Segmenter, VolumeScore};
-use crate::local::{
-    train_epochs, LocalTrainingConfig, LossKind, Objective, Schedule, POOLED_HEAD,
-};
+use crate::local::{train_epochs, LocalTrainingConfig, LossKind, Objective, Schedule, POOLED_HEAD};
 use crate::server::{RoundReport, Server, ServerConfig, ServerEvent};
 use crate::site::SiteData;
 use crate::site_client::SiteClient;
@@ -164,7 +162,7 @@ pub struct ExperimentConfig {
 
 impl ExperimentConfig {
     /// The quick preset: a small U-Net (channels 8–64, three levels) on 4×4×5 mm volumes,
-    /// 48×48×16 patches, 10 rounds of 4 local epochs, Dice + cross-entropy at lr 1e-3 —
+    /// 48×48×16 patches, 20 rounds of 2 local epochs, Dice + cross-entropy at lr 1e-3 —
     /// every method of the comparison in minutes on a 2-core CPU.
     pub fn quick() -> Self {
         ExperimentConfig {
@@ -191,8 +189,8 @@ impl ExperimentConfig {
                 min_learning_rate: 1e-5,
             },
             window: SlidingWindowConfig::new([96, 96, 48]).with_sw_batch_size(1),
-            rounds: 10,
-            local_epochs: 4,
+            rounds: 20,
+            local_epochs: 2,
             fine_tune_epochs: 5,
             weighting: Weighting::Examples,
             proximal_mu: 0.01,
@@ -418,7 +416,12 @@ pub struct Experiment {
 
 impl Experiment {
     /// Opens the data (splits saved in `out/splits`, cache in `out/cache`).
-    pub fn new(config: ExperimentConfig, data: &ExperimentData, out: &Path, resume: bool) -> Result<Self> {
+    pub fn new(
+        config: ExperimentConfig,
+        data: &ExperimentData,
+        out: &Path,
+        resume: bool,
+    ) -> Result<Self> {
         config.validate()?;
         if data.training_sites.is_empty() {
             return Err(FedError::Config("no training site given".into()));
@@ -564,7 +567,8 @@ impl Experiment {
                                 pooled.insert(m, seg);
                             }
                         }
-                        let seg = mine.ok_or_else(|| FedError::Config("central model missing".into()))?;
+                        let seg =
+                            mine.ok_or_else(|| FedError::Config("central model missing".into()))?;
                         (seg, vec![])
                     }
                 }
@@ -587,7 +591,8 @@ impl Experiment {
             let train_seconds = start.elapsed().as_secs_f64();
             let eval_start = Instant::now();
             let segmenter = valid_segmenter(segmenter);
-            let (validation, test, test_predictions) = self.evaluate(&segmenter, device, on_event)?;
+            let (validation, test, test_predictions) =
+                self.evaluate(&segmenter, device, on_event)?;
             let eval_seconds = eval_start.elapsed().as_secs_f64();
             on_event(ExperimentEvent::MethodFinished {
                 method,
@@ -624,21 +629,23 @@ impl Experiment {
 
     fn evaluation_units(&self) -> u64 {
         let val: usize = self.sites.iter().map(|s| s.split.validation.len()).sum();
-        let test = self.test_site.as_ref().map_or(0, |t| t.split.validation.len());
+        let test = self
+            .test_site
+            .as_ref()
+            .map_or(0, |t| t.split.validation.len());
         (val + test) as u64
     }
 
     /// Each organ's baseline model, trained on its own site alone.
-    fn train_baselines(
-        &self,
-        device: &Device,
-        on_event: &Emit<'_>,
-    ) -> Result<Segmenter> {
+    fn train_baselines(&self, device: &Device, on_event: &Emit<'_>) -> Result<Segmenter> {
         let global = self.global_config().init(device, self.config.seed)?;
         // Sites train independently: run them in parallel groups.
         let trained = parallel_map(&self.sites, self.config.parallel_clients, |site| {
-            let tasks: Vec<String> =
-                site.annotated().iter().map(|o| o.name().to_string()).collect();
+            let tasks: Vec<String> = site
+                .annotated()
+                .iter()
+                .map(|o| o.name().to_string())
+                .collect();
             let model = global.subset(&tasks)?;
             let (model, _) = self.train_local(
                 model,
@@ -648,7 +655,10 @@ impl Experiment {
                 on_event,
             )?;
             save_model(
-                &self.out.join("models/baseline").join(format!("{}.segviz", site.name())),
+                &self
+                    .out
+                    .join("models/baseline")
+                    .join(format!("{}.segviz", site.name())),
                 &model,
                 self.model_metadata("baseline"),
             )?;
@@ -670,8 +680,9 @@ impl Experiment {
         device: &Device,
         on_event: &Emit<'_>,
     ) -> Result<Segmenter> {
-        let config = SegVizConfig::new(self.config.representation.clone(), vec![POOLED_HEAD.into()])
-            .with_head_out_channels(Organ::ALL.len() + 1);
+        let config =
+            SegVizConfig::new(self.config.representation.clone(), vec![POOLED_HEAD.into()])
+                .with_head_out_channels(Organ::ALL.len() + 1);
         let model = config.init(device, self.config.seed)?;
         let objective = if method == Method::CentralMarginal {
             Objective::PooledMarginal {
@@ -680,9 +691,19 @@ impl Experiment {
         } else {
             Objective::PooledNaive
         };
-        let (model, _) = self.train_local(model, &self.sites, objective, self.config.seed ^ 0xce47, on_event)?;
+        let (model, _) = self.train_local(
+            model,
+            &self.sites,
+            objective,
+            self.config.seed ^ 0xce47,
+            on_event,
+        )?;
         save_model(
-            &self.out.join("models").join(method.name()).join("global.segviz"),
+            &self
+                .out
+                .join("models")
+                .join(method.name())
+                .join("global.segviz"),
             &model,
             self.model_metadata(method.name()),
         )?;
@@ -749,11 +770,13 @@ impl Experiment {
                 self.config.seed,
             )?);
         }
-        let strategy_box = strategy_by_name(strategy, self.config.weighting, self.config.proximal_mu)
-            .ok_or_else(|| FedError::Config(format!("unknown strategy {strategy}")))?;
+        let strategy_box =
+            strategy_by_name(strategy, self.config.weighting, self.config.proximal_mu)
+                .ok_or_else(|| FedError::Config(format!("unknown strategy {strategy}")))?;
         let checkpoint_dir = self.out.join("checkpoints").join(strategy);
         if !self.resume && checkpoint_dir.exists() {
-            std::fs::remove_dir_all(&checkpoint_dir).map_err(|e| FedError::io(&checkpoint_dir, e))?;
+            std::fs::remove_dir_all(&checkpoint_dir)
+                .map_err(|e| FedError::io(&checkpoint_dir, e))?;
         }
         let mut server = Server::new(
             ServerConfig {
@@ -773,7 +796,9 @@ impl Experiment {
                 on_event(ExperimentEvent::Line(round_line(strategy, report)));
             }
             ServerEvent::Resumed { round } => {
-                on_event(ExperimentEvent::Advanced { units: round as u64 });
+                on_event(ExperimentEvent::Advanced {
+                    units: round as u64,
+                });
                 on_event(ExperimentEvent::Line(format!(
                     "{strategy}: resumed after round {round}"
                 )));
@@ -782,7 +807,7 @@ impl Experiment {
         };
         let done = server.resume(&mut clients, &mut forward)?;
         server.run(&mut clients, done + 1, &mut forward)?;
-        let model = global.clone().load_state(server.global())?;
+        let model = global.config().with_state(device, server.global())?;
         save_model(
             &self.out.join("models").join(strategy).join("global.segviz"),
             &model,
@@ -792,11 +817,7 @@ impl Experiment {
         Ok((clients, history, start.elapsed().as_secs_f64()))
     }
 
-    fn fine_tune(
-        &self,
-        clients: &[SiteClient],
-        on_event: &Emit<'_>,
-    ) -> Result<Vec<SegVizModel>> {
+    fn fine_tune(&self, clients: &[SiteClient], on_event: &Emit<'_>) -> Result<Vec<SegVizModel>> {
         let mut models = Vec::new();
         for client in clients {
             let mut tuned = SiteClient::new(
@@ -934,8 +955,9 @@ fn parallel_map<T: Sync, R: Send>(
             handles
                 .into_iter()
                 .map(|h| {
-                    h.join()
-                        .unwrap_or_else(|_| Err(FedError::Config("a training thread panicked".into())))
+                    h.join().unwrap_or_else(|_| {
+                        Err(FedError::Config("a training thread panicked".into()))
+                    })
                 })
                 .collect()
         });
@@ -996,9 +1018,13 @@ fn make_table(
         scores(r)
             .iter()
             .filter_map(|s| {
-                s.dice
-                    .get(organ)
-                    .map(|d| (format!("{}/{}", s.site, s.case), *d, s.hd95.get(organ).copied().flatten()))
+                s.dice.get(organ).map(|d| {
+                    (
+                        format!("{}/{}", s.site, s.case),
+                        *d,
+                        s.hd95.get(organ).copied().flatten(),
+                    )
+                })
             })
             .collect()
     };

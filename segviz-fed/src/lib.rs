@@ -23,7 +23,7 @@ pub mod strategy;
 pub use client::FederatedClient;
 pub use error::{FedError, Result};
 pub use messages::{ClientUpdate, EvaluateResult, FitInstructions};
+pub use server::{RoundReport, Server, ServerConfig, ServerEvent};
 pub use site::SiteData;
 pub use site_client::SiteClient;
-pub use server::{RoundReport, Server, ServerConfig, ServerEvent};
 pub use strategy::{AggregationStrategy, ClientInfo, FedAvg, FedBn, FedProx, Weighting};

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use burn::module::{ModuleMapper, Param};
+use burn::optim::ModuleOptimizer;
 use burn::tensor::{Device, Int, Tensor};
 use segviz_core::loss::{DiceLoss, MarginalLoss};
 use segviz_core::train::{optimizer_step, CosineAnnealing, OptimizerConfig};
@@ -66,7 +67,8 @@ pub struct LocalTrainingConfig {
 }
 
 impl LocalTrainingConfig {
-    fn optimizer(&self) -> OptimizerConfig {
+    /// The optimiser settings.
+    pub fn optimizer(&self) -> OptimizerConfig {
         OptimizerConfig::new()
             .with_learning_rate(self.learning_rate)
             .with_min_learning_rate(self.min_learning_rate)
@@ -146,13 +148,47 @@ impl ModuleMapper for ProximalPull<'_> {
     }
 }
 
-/// Trains `model` for `epochs` epochs on the training split of `sites`.
+/// Trains `model` for `epochs` epochs on the training split of `sites` with a fresh Adam
+/// optimiser; see [`train_epochs_with`].
+#[allow(clippy::too_many_arguments)]
+pub fn train_epochs(
+    model: SegVizModel,
+    sites: &[Arc<SiteData>],
+    objective: Objective,
+    config: &LocalTrainingConfig,
+    epochs: usize,
+    schedule: Schedule,
+    seed: u64,
+    proximal: Option<&ProximalAnchor>,
+    deadline: Option<Instant>,
+    on_step: impl FnMut(f64),
+) -> Result<(SegVizModel, TrainStats)> {
+    let mut optimizer = config.optimizer().adam();
+    train_epochs_with(
+        model,
+        &mut optimizer,
+        sites,
+        objective,
+        config,
+        epochs,
+        schedule,
+        seed,
+        proximal,
+        deadline,
+        on_step,
+    )
+}
+
+/// Trains `model` for `epochs` epochs on the training split of `sites`, continuing with
+/// `optimizer` (whose Adam moments carry over from earlier calls, as when a site trains
+/// continuously and is averaged every few epochs).
 ///
 /// `seed` fixes case order, patches and augmentation; `deadline` stops with an error once
 /// passed; `on_step` is called after every step with the step's loss.
 #[allow(clippy::too_many_arguments)]
-pub fn train_epochs(
+pub fn train_epochs_with(
     mut model: SegVizModel,
+    optimizer: &mut ModuleOptimizer,
     sites: &[Arc<SiteData>],
     objective: Objective,
     config: &LocalTrainingConfig,
@@ -164,7 +200,6 @@ pub fn train_epochs(
     mut on_step: impl FnMut(f64),
 ) -> Result<(SegVizModel, TrainStats)> {
     let device = model_device(&model);
-    let mut optimizer = config.optimizer().adam();
     let cosine = CosineAnnealing::new(&config.optimizer(), schedule.total_epochs);
     let mut stats = TrainStats {
         examples: 0,
@@ -179,7 +214,9 @@ pub fn train_epochs(
             sampler: config.sampler.clone(),
             augment: config.augment.clone(),
             batch_size: config.batch_size,
-            seed: seed.wrapping_add(global_epoch as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15),
+            seed: seed
+                .wrapping_add(global_epoch as u64)
+                .wrapping_mul(0x9e37_79b9_7f4a_7c15),
         };
         for batch in BatchStream::start(sites.to_vec(), plan) {
             let batch = batch?;
@@ -190,7 +227,7 @@ pub fn train_epochs(
                     "training diverged (loss {value}) at epoch {global_epoch}; lower the learning rate"
                 )));
             }
-            model = optimizer_step(model, &mut optimizer, loss, lr);
+            model = optimizer_step(model, optimizer, loss, lr);
             if let Some(anchor) = proximal {
                 let mut pull = ProximalPull {
                     anchor,
@@ -273,8 +310,11 @@ fn objective_loss(
             let target = batch.target_tensor(device, i64::from);
             Ok(match objective {
                 Objective::PooledMarginal { exclusion_weight } => {
-                    let annotated: Vec<Vec<bool>> =
-                        batch.annotated.iter().map(|a| a.to_flags().to_vec()).collect();
+                    let annotated: Vec<Vec<bool>> = batch
+                        .annotated
+                        .iter()
+                        .map(|a| a.to_flags().to_vec())
+                        .collect();
                     // The marginal loss is always Dice + cross-entropy on the merged classes.
                     MarginalLoss::new()
                         .with_exclusion_weight(exclusion_weight)

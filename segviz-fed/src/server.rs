@@ -152,7 +152,10 @@ impl Server {
         let history_path = dir.join(HISTORY_FILE);
         let history: Vec<RoundReport> = match std::fs::read(&history_path) {
             Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| {
-                FedError::Config(format!("{}: malformed history: {e}", history_path.display()))
+                FedError::Config(format!(
+                    "{}: malformed history: {e}",
+                    history_path.display()
+                ))
             })?,
             Err(e) => return Err(FedError::io(history_path, e)),
         };
@@ -173,9 +176,22 @@ impl Server {
         &mut self,
         clients: &mut [C],
         first: usize,
+        on_event: impl FnMut(ServerEvent<'_>),
+    ) -> Result<()> {
+        let last = self.config.rounds;
+        self.run_rounds(clients, first, last, on_event)
+    }
+
+    /// Runs rounds `first..=last` of the configured schedule (e.g. part of a run that is
+    /// continued later with [`Server::resume`]), checkpointing after each.
+    pub fn run_rounds<C: FederatedClient>(
+        &mut self,
+        clients: &mut [C],
+        first: usize,
+        last: usize,
         mut on_event: impl FnMut(ServerEvent<'_>),
     ) -> Result<()> {
-        for round in first.max(1)..=self.config.rounds {
+        for round in first.max(1)..=last.min(self.config.rounds) {
             on_event(ServerEvent::RoundStarted {
                 round,
                 total: self.config.rounds,
@@ -253,7 +269,11 @@ impl Server {
             }
         }
         self.global = self.strategy.aggregate_fit(round, &self.global, &updates)?;
-        let train_loss = mean(updates.iter().filter_map(|u| u.metrics.get("loss").copied()));
+        let train_loss = mean(
+            updates
+                .iter()
+                .filter_map(|u| u.metrics.get("loss").copied()),
+        );
 
         // Every client evaluates its view of the new global model on its validation split.
         let mut evaluations: Vec<EvaluateResult> = Vec::new();

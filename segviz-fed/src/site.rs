@@ -36,12 +36,8 @@ impl SiteData {
     ) -> Result<SiteData> {
         let dataset = SiteDataset::detect(dir)?;
         let split_path = split_dir.join(format!("split_{}.json", dataset.name));
-        let split = Split::load_or_create(
-            &split_path,
-            &dataset.case_ids(),
-            validation_fraction,
-            seed,
-        )?;
+        let split =
+            Split::load_or_create(&split_path, &dataset.case_ids(), validation_fraction, seed)?;
         Ok(SiteData {
             dataset,
             split,
@@ -51,7 +47,11 @@ impl SiteData {
     }
 
     /// A site whose cases are all for testing (e.g. the external BTCV site): no split file.
-    pub fn open_test(dir: &Path, preprocess: PreprocessConfig, cache_dir: &Path) -> Result<SiteData> {
+    pub fn open_test(
+        dir: &Path,
+        preprocess: PreprocessConfig,
+        cache_dir: &Path,
+    ) -> Result<SiteData> {
         let dataset = SiteDataset::detect(dir)?;
         let ids = dataset.case_ids();
         Ok(SiteData {
@@ -86,10 +86,7 @@ impl SiteData {
     /// case `id`, from the cache when it is there.
     pub fn volume(&self, id: &str) -> Result<(Volume<f32>, Volume<u8>)> {
         let index = self.dataset.position(id).ok_or_else(|| {
-            segviz_data::DataError::Config(format!(
-                "site {} has no case {id:?}",
-                self.dataset.name
-            ))
+            segviz_data::DataError::Config(format!("site {} has no case {id:?}", self.dataset.name))
         })?;
         let case = &self.dataset.cases[index];
         let cache = PreprocessCache::new(&self.cache)?;

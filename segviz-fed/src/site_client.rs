@@ -104,11 +104,20 @@ impl FederatedClient for SiteClient {
         }
     }
 
-    fn fit(&mut self, instructions: &FitInstructions, deadline: Option<Instant>) -> Result<ClientUpdate> {
+    fn fit(
+        &mut self,
+        instructions: &FitInstructions,
+        deadline: Option<Instant>,
+    ) -> Result<ClientUpdate> {
         let name = self.site.name().to_string();
         let model = self.model.clone().load_state(&instructions.state)?;
-        let mu = instructions.config.get("proximal_mu").copied().unwrap_or(0.0);
-        let anchor = (mu > 0.0).then(|| ProximalAnchor::new(&instructions.state, mu, &self.device()));
+        let mu = instructions
+            .config
+            .get("proximal_mu")
+            .copied()
+            .unwrap_or(0.0);
+        let anchor =
+            (mu > 0.0).then(|| ProximalAnchor::new(&instructions.state, mu, &self.device()));
         let epochs = instructions.local_epochs;
         let seed = self.seed
             ^ segviz_core_hash(&name).wrapping_add(instructions.round as u64 * 0x1000_0001);

@@ -25,7 +25,10 @@ pub fn input(shape: [usize; 3], device: &Device) -> Tensor<5> {
     let data: Vec<f32> = (0..n)
         .map(|i| ((i as f32 * 0.618_034).fract() - 0.5) * 2.0)
         .collect();
-    Tensor::from_data(TensorData::new(data, [1, 1, shape[0], shape[1], shape[2]]), device)
+    Tensor::from_data(
+        TensorData::new(data, [1, 1, shape[0], shape[1], shape[2]]),
+        device,
+    )
 }
 
 /// A ball of radius `r` voxels centred in a `size³` cube: (image, label).
@@ -48,7 +51,10 @@ pub fn ball(size: usize, r: f32, device: &Device) -> (Tensor<5>, Tensor<4, Int>,
     }
     let image = Tensor::from_data(TensorData::new(img, [1, 1, size, size, size]), device);
     let label = Tensor::<4, Int>::from_data(
-        TensorData::new(lab.iter().map(|&v| v as i64).collect::<Vec<_>>(), [1, size, size, size]),
+        TensorData::new(
+            lab.iter().map(|&v| v as i64).collect::<Vec<_>>(),
+            [1, size, size, size],
+        ),
         device,
     );
     (image, label, lab)
@@ -56,11 +62,17 @@ pub fn ball(size: usize, r: f32, device: &Device) -> (Tensor<5>, Tensor<4, Int>,
 
 /// Host values of a tensor.
 pub fn values<const D: usize>(t: Tensor<D>) -> Vec<f32> {
-    t.into_data().convert::<f32>().try_to_vec::<f32>().expect("f32 tensor")
+    t.into_data()
+        .convert::<f32>()
+        .try_to_vec::<f32>()
+        .expect("f32 tensor")
 }
 
 /// Largest absolute difference.
 pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len());
-    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
 }

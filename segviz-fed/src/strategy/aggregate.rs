@@ -30,10 +30,13 @@ pub fn average(
             if !select(path, t) {
                 continue;
             }
-            let acc = out.tensors.entry(path.clone()).or_insert_with(|| StateTensor {
-                data: vec![0.0; t.data.len()],
-                ..t.clone()
-            });
+            let acc = out
+                .tensors
+                .entry(path.clone())
+                .or_insert_with(|| StateTensor {
+                    data: vec![0.0; t.data.len()],
+                    ..t.clone()
+                });
             if acc.shape != t.shape || acc.data.len() != t.data.len() {
                 return Err(FedError::Round {
                     round,
@@ -58,7 +61,11 @@ pub fn average(
 }
 
 /// The SegViz task rule: each head's tensors, averaged over the clients that own the task.
-pub fn route_heads(round: usize, updates: &[ClientUpdate], weighting: Weighting) -> Result<ModelState> {
+pub fn route_heads(
+    round: usize,
+    updates: &[ClientUpdate],
+    weighting: Weighting,
+) -> Result<ModelState> {
     average(round, updates, weighting, |_, t| {
         matches!(t.role, TensorRole::Head(_))
     })

@@ -73,7 +73,11 @@ pub trait AggregationStrategy: Send + Sync {
 
     /// Summary metrics from the clients' evaluation replies: each metric's mean weighted by
     /// the number of evaluated examples.
-    fn aggregate_evaluate(&self, _round: usize, results: &[EvaluateResult]) -> BTreeMap<String, f64> {
+    fn aggregate_evaluate(
+        &self,
+        _round: usize,
+        results: &[EvaluateResult],
+    ) -> BTreeMap<String, f64> {
         let mut sums: BTreeMap<String, (f64, f64)> = BTreeMap::new();
         for r in results {
             let w = r.num_examples.max(1) as f64;

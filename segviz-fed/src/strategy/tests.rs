@@ -61,7 +61,9 @@ fn fedavg_weights_by_examples_or_uniformly() {
         update("a", 1, state(1.0, 10.0, &[("liver", 5.0)])),
         update("b", 3, state(5.0, 20.0, &[("spleen", 7.0)])),
     ];
-    let by_examples = FedAvg::default().aggregate_fit(1, &global, &updates).unwrap();
+    let by_examples = FedAvg::default()
+        .aggregate_fit(1, &global, &updates)
+        .unwrap();
     // (1·1 + 3·5) / 4 = 4, and the second value doubles.
     assert_eq!(value(&by_examples, CONV), vec![4.0, 8.0]);
     assert_eq!(value(&by_examples, BN), vec![17.5]);
@@ -75,18 +77,30 @@ fn fedavg_weights_by_examples_or_uniformly() {
 
 #[test]
 fn heads_come_from_their_owners_only() {
-    let global = state(0.0, 0.0, &[("liver", 0.5), ("spleen", 0.5), ("kidney", 9.0)]);
+    let global = state(
+        0.0,
+        0.0,
+        &[("liver", 0.5), ("spleen", 0.5), ("kidney", 9.0)],
+    );
     let updates = [
         update("liver_site", 1, state(1.0, 1.0, &[("liver", 2.0)])),
         update("spleen_site", 1, state(1.0, 1.0, &[("spleen", 3.0)])),
         update("liver_too", 3, state(1.0, 1.0, &[("liver", 6.0)])),
     ];
-    let next = FedAvg::default().aggregate_fit(1, &global, &updates).unwrap();
+    let next = FedAvg::default()
+        .aggregate_fit(1, &global, &updates)
+        .unwrap();
     // Liver: averaged over its two owners by examples: (2 + 18) / 4 = 5.
     assert_eq!(value(&next, "heads.liver.block.upsample.weight"), vec![5.0]);
-    assert_eq!(value(&next, "heads.spleen.block.upsample.weight"), vec![3.0]);
+    assert_eq!(
+        value(&next, "heads.spleen.block.upsample.weight"),
+        vec![3.0]
+    );
     // Nobody trained the kidney head this round: it keeps its global value.
-    assert_eq!(value(&next, "heads.kidney.block.upsample.weight"), vec![9.0]);
+    assert_eq!(
+        value(&next, "heads.kidney.block.upsample.weight"),
+        vec![9.0]
+    );
     // Each client is sent only its own heads.
     let view = FedAvg::default().configure_fit(
         2,
@@ -109,7 +123,10 @@ fn fedbn_keeps_every_batchnorm_tensor_local() {
     };
     let fedbn = FedBn::default();
     // Round 1 hands out the common initial model, BatchNorm included…
-    assert!(fedbn.configure_fit(1, &global, &info).tensors.contains_key(BN));
+    assert!(fedbn
+        .configure_fit(1, &global, &info)
+        .tensors
+        .contains_key(BN));
     // …later rounds never send a BatchNorm tensor.
     let view = fedbn.configure_fit(2, &global, &info);
     assert!(!view.tensors.values().any(|t| t.batch_norm));
@@ -147,7 +164,12 @@ fn after_a_round_every_client_shares_the_global_non_batchnorm_tensors() {
             let view = strategy.configure_fit(2, &next, &info);
             for (path, t) in &view.tensors {
                 if !t.batch_norm {
-                    assert_eq!(t.data, next.tensors[path].data, "{} {path}", strategy.name());
+                    assert_eq!(
+                        t.data,
+                        next.tensors[path].data,
+                        "{} {path}",
+                        strategy.name()
+                    );
                 }
             }
             assert_eq!(view.tasks(), u.tasks);
@@ -178,7 +200,10 @@ fn mismatched_shapes_are_refused() {
     bad2.tensors.get_mut(CONV).unwrap().data = vec![1.0, 2.0, 3.0];
     bad2.tensors.get_mut(CONV).unwrap().shape = vec![3];
     let updates = [update("a", 1, bad), update("b", 1, bad2)];
-    let err = FedAvg::default().aggregate_fit(4, &global, &updates).unwrap_err().to_string();
+    let err = FedAvg::default()
+        .aggregate_fit(4, &global, &updates)
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("round 4") && err.contains("client b"), "{err}");
 }
 
@@ -193,7 +218,10 @@ fn evaluation_metrics_are_weighted_by_examples() {
         crate::messages::EvaluateResult {
             client: "b".into(),
             num_examples: 3,
-            metrics: BTreeMap::from([("dice/liver".to_string(), 0.9), ("dice/spleen".to_string(), 0.7)]),
+            metrics: BTreeMap::from([
+                ("dice/liver".to_string(), 0.9),
+                ("dice/spleen".to_string(), 0.7),
+            ]),
         },
     ];
     let m = FedAvg::default().aggregate_evaluate(1, &results);
