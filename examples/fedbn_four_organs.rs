@@ -23,7 +23,7 @@ use segviz::fed::experiment::{
     Method, TrainedMethod,
 };
 use segviz::fed::Weighting;
-use segviz::figures::{comparison_figure, dice_per_round_figure, save_png};
+use segviz::figures::{comparison_figure, dice_per_round_figure, save_png, DiceSeries};
 
 /// Federated multi-organ segmentation from partially annotated sites (SegViz).
 #[derive(Parser, Debug)]
@@ -101,7 +101,7 @@ fn run(args: &Args) -> AnyResult<()> {
                 out: dir.clone(),
                 cases_per_site: args.phantom_cases,
                 btcv_cases: args.phantom_test_cases,
-                size: args.phantom_size.clone(),
+                size: args.phantom_size,
                 seed: args.seed,
             })?;
             println!(
@@ -295,7 +295,7 @@ fn write_outputs(
         let fig = comparison_figure(&image, &truth, &columns, &organs, 3);
         save_png(&fig, &out.join("figures").join("fig3_comparison.png"))?;
     }
-    let series: Vec<(String, Vec<(Organ, Vec<f64>)>)> = results
+    let series: Vec<DiceSeries> = results
         .methods
         .iter()
         .filter(|r| {

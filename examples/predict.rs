@@ -96,7 +96,7 @@ fn run(args: &Args) -> AnyResult<()> {
             <[usize; 3]>::try_from(r.as_slice()).map_err(|_| "--roi takes three values")?;
     }
     let segmenter = if models.len() == 1 {
-        Segmenter::Single(models.remove(0))
+        Segmenter::Single(Box::new(models.remove(0)))
     } else {
         let mut list = Vec::new();
         for m in models {

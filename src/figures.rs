@@ -212,9 +212,12 @@ pub fn comparison_figure(
     img
 }
 
-/// A line plot of validation Dice per round: one line per (series, organ), y from 0 to 1.
-/// `series` holds a name and, per organ, the Dice of each round.
-pub fn dice_per_round_figure(series: &[(String, Vec<(Organ, Vec<f64>)>)]) -> RgbImage {
+/// One panel of [`dice_per_round_figure`]: a title and, per organ, the Dice of each round.
+pub type DiceSeries = (String, Vec<(Organ, Vec<f64>)>);
+
+/// A line plot of validation Dice per round: one panel per series, one line per organ, y
+/// from 0 to 1.
+pub fn dice_per_round_figure(series: &[DiceSeries]) -> RgbImage {
     let panels = series.len().max(1) as u32;
     let (pw, ph, margin) = (360u32, 240u32, 40u32);
     let width = panels * (pw + margin) + margin;

@@ -122,7 +122,7 @@ fn server(global: &SegVizModel, rounds: usize, dir: Option<PathBuf>, fedbn: bool
 fn liver_dice(model: &SegVizModel, test: &SiteData) -> f64 {
     let device = burn::tensor::Device::flex();
     let scores = evaluate_site(
-        &Segmenter::Single(model.valid()),
+        &Segmenter::Single(Box::new(model.valid())),
         test,
         &test.split.validation,
         &[Organ::Liver],

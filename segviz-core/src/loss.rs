@@ -61,7 +61,7 @@ impl DiceLoss {
         let probs = flat(softmax(logits, 1));
         let truth = flat(one_hot(target, classes));
         let ones = self.class_weights(classes, &probs);
-        self.from_probabilities(probs, truth, ones)
+        self.loss_from_probabilities(probs, truth, ones)
     }
 
     /// Dice + cross-entropy, MONAI `DiceCELoss` with unit weights.
@@ -91,7 +91,7 @@ impl DiceLoss {
     /// The Dice loss from probabilities `[b, c, n]`, one-hot truth `[b, c, n]` and per
     /// sample-class weights `[b, c]` (1 = counts, 0 = ignored); the mean runs over the
     /// counted entries.
-    fn from_probabilities(
+    fn loss_from_probabilities(
         &self,
         probs: Tensor<3>,
         truth: Tensor<3>,
@@ -206,7 +206,7 @@ impl MarginalLoss {
         }
         let dice = self
             .dice
-            .from_probabilities(merged.clone(), truth.clone(), dice_weights);
+            .loss_from_probabilities(merged.clone(), truth.clone(), dice_weights);
         let ce = (merged.clamp_min(1e-7).log() * truth.clone())
             .sum()
             .neg()

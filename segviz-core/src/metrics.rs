@@ -244,7 +244,7 @@ mod tests {
         let spacing = [0.7, 1.3, 2.1];
         let d = distance_to(&targets, shape, spacing);
         let coord = |i: usize| [i / 42, (i / 7) % 6, i % 7];
-        for q in 0..n {
+        for (q, dq) in d.iter().enumerate() {
             let cq = coord(q);
             let best = (0..n)
                 .filter(|&p| targets[p])
@@ -256,7 +256,7 @@ mod tests {
                         .sqrt()
                 })
                 .fold(f64::INFINITY, f64::min);
-            assert!((d[q] - best).abs() < 1e-9, "voxel {q}: {} vs {best}", d[q]);
+            assert!((dq - best).abs() < 1e-9, "voxel {q}: {dq} vs {best}");
         }
     }
 

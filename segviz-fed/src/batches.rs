@@ -144,10 +144,8 @@ fn produce(
                 None => patch,
             };
             pending.push((patch, site.annotated()));
-            if pending.len() == plan.batch_size {
-                if !emit(collate(std::mem::take(&mut pending))) {
-                    return Ok(());
-                }
+            if pending.len() == plan.batch_size && !emit(collate(std::mem::take(&mut pending))) {
+                return Ok(());
             }
         }
     }

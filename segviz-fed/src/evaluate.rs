@@ -19,7 +19,7 @@ use crate::site::SiteData;
 #[derive(Debug, Clone)]
 pub enum Segmenter {
     /// One model; its two-class heads are fused, or its multi-class head is arg-maxed.
-    Single(SegVizModel),
+    Single(Box<SegVizModel>),
     /// One model per organ (e.g. the baselines, or each site's own model under FedBN):
     /// each gives the probability of its organ, then the probabilities are fused.
     PerOrgan(Vec<(Organ, SegVizModel)>),
@@ -87,6 +87,7 @@ impl Segmenter {
         let shape = image.geometry.shape;
         match self {
             Segmenter::Single(model) => {
+                let model = model.as_ref();
                 let (probabilities, channels) =
                     sliding_window_inference(&image.data, shape, window, device, |x| {
                         model.probabilities(x)

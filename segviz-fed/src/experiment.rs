@@ -707,7 +707,7 @@ impl Experiment {
             &model,
             self.model_metadata(method.name()),
         )?;
-        Ok(Segmenter::Single(model))
+        Ok(Segmenter::Single(Box::new(model)))
     }
 
     fn train_local(
@@ -875,7 +875,7 @@ impl Experiment {
         segmenter: &Segmenter,
         device: &Device,
         on_event: &Emit<'_>,
-    ) -> Result<(Vec<VolumeScore>, Vec<VolumeScore>, Vec<(String, Vec<u8>)>)> {
+    ) -> Result<Evaluation> {
         let organs = segmenter.organs()?;
         let mut validation = Vec::new();
         for site in &self.sites {
@@ -939,6 +939,9 @@ impl Experiment {
     }
 }
 
+/// Validation scores, test scores and the test predictions (case, labels) of a method.
+type Evaluation = (Vec<VolumeScore>, Vec<VolumeScore>, Vec<(String, Vec<u8>)>);
+
 /// The progress callback as the training code shares it between threads.
 type Emit<'a> = dyn Fn(ExperimentEvent) + Sync + 'a;
 
@@ -971,7 +974,7 @@ fn parallel_map<T: Sync, R: Send>(
 /// Moves the models of a segmenter off the autodiff device for evaluation.
 fn valid_segmenter(segmenter: Segmenter) -> Segmenter {
     match segmenter {
-        Segmenter::Single(m) => Segmenter::Single(m.valid()),
+        Segmenter::Single(m) => Segmenter::Single(Box::new(m.valid())),
         Segmenter::PerOrgan(list) => {
             Segmenter::PerOrgan(list.into_iter().map(|(o, m)| (o, m.valid())).collect())
         }

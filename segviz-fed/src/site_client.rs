@@ -161,7 +161,7 @@ impl FederatedClient for SiteClient {
             .collect();
         let device = crate::local::model_device(&eval_model);
         let scores = evaluate_site(
-            &Segmenter::Single(eval_model),
+            &Segmenter::Single(Box::new(eval_model)),
             &self.site,
             &self.site.split.validation,
             &organs,
