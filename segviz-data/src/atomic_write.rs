@@ -2,17 +2,22 @@
 //! same folder, then rename it over the target (a rename within one file system is atomic).
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::error::{DataError, Result};
 
 /// The temporary path used while `path` is being written: same folder, a hidden name that
-/// keeps the original name as its suffix (so `x.nii.gz` stays recognisably gzipped NIfTI).
+/// keeps the original name as its suffix (so `x.nii.gz` stays recognisably gzipped NIfTI),
+/// unique per process and per write so that two threads writing the same file never share
+/// a temporary.
 pub(crate) fn temporary_path(path: &Path) -> PathBuf {
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
     let name = path
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
-    path.with_file_name(format!(".tmp-{}-{name}", std::process::id()))
+    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+    path.with_file_name(format!(".tmp-{}-{n}-{name}", std::process::id()))
 }
 
 /// Writes `path` by calling `write` on a temporary path beside it, then renaming.
@@ -40,7 +45,12 @@ where
 /// Writes `bytes` to `path` atomically.
 pub(crate) fn write_bytes(path: &Path, bytes: &[u8]) -> Result<()> {
     write_with(path, |tmp| {
-        std::fs::write(tmp, bytes).map_err(|e| DataError::io(tmp, e))
+        let write = || -> std::io::Result<()> {
+            let mut file = std::fs::File::create(tmp)?;
+            std::io::Write::write_all(&mut file, bytes)?;
+            file.sync_all()
+        };
+        write().map_err(|e| DataError::io(tmp, e))
     })
 }
 
