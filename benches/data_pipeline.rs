@@ -8,7 +8,7 @@ use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use segviz::data::nifti_io::{write_labels, write_volume, VoxelType};
 use segviz::data::{
     preprocess_files, AugmentConfig, Augmenter, Geometry, PatchSampler, PatchSamplerConfig,
-    PreprocessConfig, Volume,
+    PreprocessCache, PreprocessConfig, Volume,
 };
 
 /// A CT-like 512×512×100 volume at 0.8×0.8×2.5 mm: a body ellipse of soft tissue with a
@@ -51,6 +51,31 @@ fn preprocessing(c: &mut Criterion) {
     group.sample_size(10);
     group.bench_function("512x512x100_int16_nii_gz", |b| {
         b.iter(|| preprocess_files(&image_path, &label_path, &config).expect("preprocess"))
+    });
+    group.finish();
+
+    // What a training epoch does per case: read the preprocessed volume back from the
+    // cache, draw 4 patches and augment them.
+    let cache = PreprocessCache::new(dir.join("cache")).expect("cache");
+    cache
+        .load_or_preprocess(&image_path, &label_path, &config)
+        .expect("fill cache");
+    let mut sampler = PatchSampler::new(PatchSamplerConfig::default()).expect("sampler");
+    let mut augmenter = Augmenter::new(AugmentConfig::default(), 0).expect("augmenter");
+    let mut group = c.benchmark_group("cached_volume");
+    group.sample_size(10);
+    group.throughput(Throughput::Elements(4));
+    group.bench_function("read_and_4x128x128x32_augmented", |b| {
+        b.iter(|| {
+            let (image, label, _) = cache
+                .load_or_preprocess(&image_path, &label_path, &config)
+                .expect("cache hit");
+            let patches = sampler.sample(&image, &label).expect("patches");
+            patches
+                .iter()
+                .map(|p| augmenter.augment(p).expect("augment"))
+                .count()
+        })
     });
     group.finish();
     let _ = std::fs::remove_dir_all(&dir);
