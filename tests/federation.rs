@@ -315,3 +315,107 @@ fn a_failing_client_is_left_out_and_rejoins_and_only_model_state_leaves_a_client
         assert_eq!(u.state.tasks(), u.tasks);
     }
 }
+
+#[test]
+fn fine_tuning_changes_the_heads_only() {
+    let dir = tempdir("finetune");
+    let (sites, _) = sites(&dir);
+    let device = burn::tensor::Device::flex().autodiff();
+    let global = model_config(&Organ::ALL).init(&device, 2).unwrap();
+    let mut client = SiteClient::new(sites[0].clone(), &global, training(), window(), 5).unwrap();
+    let before = client.local_state();
+    client.fine_tune(2, 9).unwrap();
+    let after = client.local_state();
+    // Weights and BatchNorm statistics of the representation are untouched…
+    assert_same(
+        &after.representation(),
+        &before.representation(),
+        "representation",
+    );
+    // …while the head learned.
+    let task = &client.info().tasks[0];
+    assert_ne!(after.head(task), before.head(task));
+}
+
+/// A client with no data at all: it answers with a fixed state, after `delay`.
+struct StaticClient {
+    name: String,
+    state: ModelState,
+    delay: std::time::Duration,
+}
+
+impl FederatedClient for StaticClient {
+    fn info(&self) -> ClientInfo {
+        ClientInfo {
+            name: self.name.clone(),
+            tasks: vec!["liver".into()],
+        }
+    }
+    fn fit(
+        &mut self,
+        _: &FitInstructions,
+        _: Option<Instant>,
+    ) -> segviz::fed::Result<ClientUpdate> {
+        std::thread::sleep(self.delay);
+        Ok(ClientUpdate {
+            client: self.name.clone(),
+            tasks: vec!["liver".into()],
+            num_examples: 1,
+            state: self.state.clone(),
+            metrics: Default::default(),
+        })
+    }
+    fn evaluate(&mut self, _: usize, _: &ModelState) -> segviz::fed::Result<EvaluateResult> {
+        Ok(EvaluateResult {
+            client: self.name.clone(),
+            num_examples: 1,
+            metrics: Default::default(),
+        })
+    }
+    fn local_state(&self) -> ModelState {
+        self.state.clone()
+    }
+    fn restore_local_state(&mut self, state: &ModelState) -> segviz::fed::Result<()> {
+        self.state = state.clone();
+        Ok(())
+    }
+}
+
+#[test]
+fn a_client_past_the_round_deadline_is_left_out() {
+    let device = burn::tensor::Device::flex();
+    let global = model_config(&[Organ::Liver]).init(&device, 0).unwrap();
+    let state = global.state();
+    let mut clients: Vec<StaticClient> = (0..3)
+        .map(|i| StaticClient {
+            name: format!("fast{i}"),
+            state: state.clone(),
+            delay: std::time::Duration::ZERO,
+        })
+        .collect();
+    clients.push(StaticClient {
+        name: "slow".into(),
+        state: state.clone(),
+        delay: std::time::Duration::from_millis(600),
+    });
+    let mut s = Server::new(
+        ServerConfig {
+            rounds: 1,
+            local_epochs: 1,
+            round_deadline: Some(std::time::Duration::from_millis(200)),
+            parallel_clients: 4,
+            checkpoint_dir: None,
+        },
+        global.config().clone(),
+        Box::new(FedAvg::default()),
+        state,
+    )
+    .unwrap();
+    s.run(&mut clients, 1, |_| {}).unwrap();
+    let r = &s.history()[0];
+    assert_eq!(r.aggregated, vec!["fast0", "fast1", "fast2"]);
+    assert_eq!(
+        r.failed,
+        vec![("slow".to_string(), "missed the round deadline".to_string())]
+    );
+}

@@ -223,31 +223,38 @@ impl Server {
             })
             .collect();
 
-        let mut results: Vec<(String, Result<ClientUpdate>)> = Vec::new();
+        // Each outcome with the moment the client finished, so a slow client in the same
+        // group cannot make the others look late.
+        let mut results: Vec<(String, Result<ClientUpdate>, Instant)> = Vec::new();
         let chunk = self.config.parallel_clients;
         let mut pairs: Vec<(&mut C, &FitInstructions)> =
             clients.iter_mut().zip(&instructions).collect();
         for group in pairs.chunks_mut(chunk) {
-            let outcomes: Vec<(String, Result<ClientUpdate>)> = std::thread::scope(|scope| {
-                let handles: Vec<_> = group
-                    .iter_mut()
-                    .map(|(client, instr)| {
-                        let name = client.info().name;
-                        let handle = scope.spawn(move || client.fit(instr, deadline));
-                        (name, handle)
-                    })
-                    .collect();
-                handles
-                    .into_iter()
-                    .map(|(name, h)| {
-                        let outcome = h.join().unwrap_or_else(|_| {
-                            Err(FedError::client(&name, "local training panicked"))
-                        });
-                        (name, outcome)
-                    })
-                    .collect()
-            });
-            for (name, outcome) in &outcomes {
+            let outcomes: Vec<(String, Result<ClientUpdate>, Instant)> =
+                std::thread::scope(|scope| {
+                    let handles: Vec<_> = group
+                        .iter_mut()
+                        .map(|(client, instr)| {
+                            let name = client.info().name;
+                            let handle = scope.spawn(move || {
+                                let outcome = client.fit(instr, deadline);
+                                (outcome, Instant::now())
+                            });
+                            (name, handle)
+                        })
+                        .collect();
+                    handles
+                        .into_iter()
+                        .map(|(name, h)| match h.join() {
+                            Ok((outcome, at)) => (name, outcome, at),
+                            Err(_) => {
+                                let e = FedError::client(&name, "local training panicked");
+                                (name, Err(e), Instant::now())
+                            }
+                        })
+                        .collect()
+                });
+            for (name, outcome, _) in &outcomes {
                 on_event(ServerEvent::ClientDone {
                     client: name,
                     ok: outcome.is_ok(),
@@ -258,10 +265,9 @@ impl Server {
 
         let mut updates = Vec::new();
         let mut failed = Vec::new();
-        for (name, outcome) in results {
+        for (name, outcome, finished) in results {
             match outcome {
-                Ok(update) if deadline.is_some_and(|d| Instant::now() > d) => {
-                    drop(update);
+                Ok(_) if deadline.is_some_and(|d| finished > d) => {
                     failed.push((name, "missed the round deadline".to_string()));
                 }
                 Ok(update) => updates.push(update),
