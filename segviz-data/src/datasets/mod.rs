@@ -192,48 +192,15 @@ impl SiteDataset {
     }
 }
 
-/// Largest difference allowed between the image and label affines, per entry, in mm (or
-/// mm per voxel for the linear part): NIfTI headers store the affine in single precision,
-/// and label files written by other tools often differ in the last digits.
-const AFFINE_TOLERANCE: f64 = 1e-3;
-
-/// Checks that an image and its label share one voxel grid (shape and affine).
+/// Checks that an image and its label share one voxel grid (shape and affine); the same
+/// check as [`crate::preprocess::check_pair`], arguments in grid-first order.
 pub fn check_same_grid(
     image: &Geometry,
     label: &Geometry,
     image_path: &Path,
     label_path: &Path,
 ) -> Result<()> {
-    let mut problems = Vec::new();
-    if image.shape != label.shape {
-        problems.push(format!("shape {:?} vs {:?}", image.shape, label.shape));
-    }
-    let worst = image
-        .affine
-        .iter()
-        .flatten()
-        .zip(label.affine.iter().flatten())
-        .map(|(a, b)| {
-            let scale = 1.0 + a.abs().max(b.abs()) * 1e-3;
-            (a - b).abs() / scale
-        })
-        .fold(0.0f64, f64::max);
-    if worst.is_nan() || worst > AFFINE_TOLERANCE {
-        problems.push(format!(
-            "affines differ by up to {worst:.4} (image {:?}, label {:?})",
-            &image.affine[..3],
-            &label.affine[..3]
-        ));
-    }
-    if problems.is_empty() {
-        Ok(())
-    } else {
-        Err(DataError::PairMismatch {
-            image: image_path.to_path_buf(),
-            label: label_path.to_path_buf(),
-            problems: problems.join("; "),
-        })
-    }
+    crate::preprocess::check_pair(image_path, image, label_path, label)
 }
 
 /// The file name of `path` without `.nii.gz` / `.nii`; `None` if it has neither suffix.
