@@ -12,6 +12,7 @@
 
 pub mod affine;
 pub mod augment;
+pub mod batches;
 pub mod cache;
 pub mod error;
 pub mod inspect;
@@ -25,6 +26,7 @@ pub(crate) mod atomic_write;
 pub mod datasets;
 pub mod labels;
 pub mod phantom;
+pub mod site;
 pub mod split;
 
 pub use error::{DataError, Result};
@@ -38,7 +40,9 @@ pub use orientation::{from_ras, orientation_code};
 pub use patches::{Patch, PatchSampler, PatchSamplerConfig};
 pub use preprocess::{preprocess_files, preprocess_pair, PreprocessConfig};
 
+pub use batches::{BatchStream, EpochPlan, HostBatch};
 pub use datasets::{CaseRef, Layout, Sample, SiteDataset};
 pub use labels::{LabelMap, Organ, OrganSet};
 pub use phantom::{write_sites, PhantomConfig, PhantomManifest, PhantomSize};
+pub use site::SiteData;
 pub use split::Split;

@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{FedError, Result};
 use crate::local::organ_of;
-use crate::site::SiteData;
+use segviz_data::SiteData;
 
 /// The model(s) a method segments with.
 #[derive(Debug, Clone)]

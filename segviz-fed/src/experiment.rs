@@ -20,10 +20,10 @@ use crate::error::{FedError, Result};
 use crate::evaluate::{evaluate_site, Segmenter, VolumeScore};
 use crate::local::{train_epochs, LocalTrainingConfig, LossKind, Objective, Schedule, POOLED_HEAD};
 use crate::server::{RoundReport, Server, ServerConfig, ServerEvent};
-use crate::site::SiteData;
 use crate::site_client::SiteClient;
 use crate::stats::{paired_t_test, PairedTTest};
 use crate::strategy::{strategy_by_name, Weighting};
+use segviz_data::SiteData;
 
 /// A method of the comparison.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
@@ -441,6 +441,7 @@ impl Experiment {
                     &cache_dir,
                 )
                 .map(Arc::new)
+                .map_err(FedError::from)
             })
             .collect::<Result<Vec<_>>>()?;
         for s in &sites {

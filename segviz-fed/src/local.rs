@@ -15,9 +15,10 @@ use segviz_core::{ModelState, SegVizModel, TensorRole};
 use segviz_data::{AugmentConfig, Organ, PatchSamplerConfig};
 use serde::{Deserialize, Serialize};
 
-use crate::batches::{BatchStream, EpochPlan, HostBatch};
+use crate::batches::BatchTensors;
 use crate::error::{FedError, Result};
-use crate::site::SiteData;
+use segviz_data::SiteData;
+use segviz_data::{BatchStream, EpochPlan, HostBatch};
 
 /// The name of the single multi-class head of a pooled (central) model.
 pub const POOLED_HEAD: &str = "organs";

@@ -16,8 +16,8 @@ use crate::error::{FedError, Result};
 use crate::evaluate::{evaluate_site, mean_dice, Segmenter};
 use crate::local::{train_epochs, LocalTrainingConfig, Objective, ProximalAnchor, Schedule};
 use crate::messages::{ClientUpdate, EvaluateResult, FitInstructions};
-use crate::site::SiteData;
 use crate::strategy::ClientInfo;
+use segviz_data::SiteData;
 
 /// A site client. See the module documentation.
 pub struct SiteClient {

@@ -1,14 +1,16 @@
-//! One site's data as a federation client holds it: its dataset, its saved train/validation
+//! One site's data as a training site holds it: its dataset, its saved train/validation
 //! split, and its preprocessed volumes (cached on disk, read back when needed, never all
 //! held in memory).
 
 use std::path::{Path, PathBuf};
 
-use segviz_data::{
-    LabelMap, OrganSet, PreprocessCache, PreprocessConfig, SiteDataset, Split, Volume,
-};
-
-use crate::error::Result;
+use crate::cache::PreprocessCache;
+use crate::datasets::SiteDataset;
+use crate::error::{DataError, Result};
+use crate::labels::{LabelMap, OrganSet};
+use crate::preprocess::{preprocess_pair, PreprocessConfig};
+use crate::split::Split;
+use crate::volume::Volume;
 
 /// A site's dataset with split and preprocessing.
 #[derive(Debug, Clone)]
@@ -86,14 +88,14 @@ impl SiteData {
     /// case `id`, from the cache when it is there.
     pub fn volume(&self, id: &str) -> Result<(Volume<f32>, Volume<u8>)> {
         let index = self.dataset.position(id).ok_or_else(|| {
-            segviz_data::DataError::Config(format!("site {} has no case {id:?}", self.dataset.name))
+            DataError::Config(format!("site {} has no case {id:?}", self.dataset.name))
         })?;
         let case = &self.dataset.cases[index];
         let cache = PreprocessCache::new(&self.cache)?;
         let (image, label, _) =
             cache.get_or_insert_with(&[&case.image, &case.label], &self.preprocess, || {
                 let sample = self.dataset.load_case(index)?;
-                segviz_data::preprocess_pair(&sample.image, &sample.label, &self.preprocess)
+                preprocess_pair(&sample.image, &sample.label, &self.preprocess)
             })?;
         Ok((image, label))
     }
