@@ -7,7 +7,6 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use burn::module::{ModuleMapper, Param};
-use burn::optim::ModuleOptimizer;
 use burn::tensor::{Device, Int, Tensor};
 use segviz_core::loss::{DiceLoss, MarginalLoss};
 use segviz_core::train::{optimizer_step, CosineAnnealing, OptimizerConfig};
@@ -150,46 +149,13 @@ impl ModuleMapper for ProximalPull<'_> {
 }
 
 /// Trains `model` for `epochs` epochs on the training split of `sites` with a fresh Adam
-/// optimiser; see [`train_epochs_with`].
-#[allow(clippy::too_many_arguments)]
-pub fn train_epochs(
-    model: SegVizModel,
-    sites: &[Arc<SiteData>],
-    objective: Objective,
-    config: &LocalTrainingConfig,
-    epochs: usize,
-    schedule: Schedule,
-    seed: u64,
-    proximal: Option<&ProximalAnchor>,
-    deadline: Option<Instant>,
-    on_step: impl FnMut(f64),
-) -> Result<(SegVizModel, TrainStats)> {
-    let mut optimizer = config.optimizer().adam();
-    train_epochs_with(
-        model,
-        &mut optimizer,
-        sites,
-        objective,
-        config,
-        epochs,
-        schedule,
-        seed,
-        proximal,
-        deadline,
-        on_step,
-    )
-}
-
-/// Trains `model` for `epochs` epochs on the training split of `sites`, continuing with
-/// `optimizer` (whose Adam moments carry over from earlier calls, as when a site trains
-/// continuously and is averaged every few epochs).
+/// optimiser (each call starts from zero moments, so a resumed federation repeats exactly).
 ///
 /// `seed` fixes case order, patches and augmentation; `deadline` stops with an error once
 /// passed; `on_step` is called after every step with the step's loss.
 #[allow(clippy::too_many_arguments)]
-pub fn train_epochs_with(
+pub fn train_epochs(
     mut model: SegVizModel,
-    optimizer: &mut ModuleOptimizer,
     sites: &[Arc<SiteData>],
     objective: Objective,
     config: &LocalTrainingConfig,
@@ -201,6 +167,8 @@ pub fn train_epochs_with(
     mut on_step: impl FnMut(f64),
 ) -> Result<(SegVizModel, TrainStats)> {
     let device = model_device(&model);
+    let mut optimizer = config.optimizer().adam();
+    let optimizer = &mut optimizer;
     let cosine = CosineAnnealing::new(&config.optimizer(), schedule.total_epochs);
     let mut stats = TrainStats {
         examples: 0,
