@@ -1,0 +1,187 @@
+"""SegViz aggregation in numpy, the same rule as the Rust ``segviz_fed::strategy``.
+
+A *state* maps each parameter path to a :class:`~segviz_flower.segviz_format.Tensor`
+(float32 values plus classification). An :class:`Update` is one client's reply to a training
+round: its name, its tasks, its number of training examples and its local state (the
+representation block, BatchNorm included, and the heads of its own tasks).
+
+The rule (``segviz-fed/src/strategy/aggregate.rs``, docs/flower.md):
+
+* weights ``w_u`` are ``num_examples`` (``weighting="examples"``) or 1 (``"uniform"``); an
+  update whose weight is 0 contributes nothing;
+* every tensor that some update carries becomes the weighted mean over the updates carrying
+  it, accumulated in float64 (``sum(w_u * x_u)`` in the order of ``updates``, then divided by
+  ``sum(w_u)``) and rounded once to float32. This covers the representation block under every
+  strategy (under FedBN the BatchNorm means are kept in the global model but never sent back
+  after round 1) and the heads (averaged among the updates that carry them: their owners);
+* a tensor no update carries keeps its global value.
+
+FedAvg, FedBN and FedProx therefore aggregate identically; they differ in what a node receives
+(:func:`client_view`) and, for FedProx, in the node's local loss.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Mapping, Sequence
+
+import numpy as np
+
+from .segviz_format import Tensor
+
+STRATEGIES = ("fedavg", "fedbn", "fedprox")
+"""Strategy names, as in ``segviz_fed::strategy::strategy_by_name``."""
+
+WEIGHTINGS = ("examples", "uniform")
+"""Weightings, as in ``segviz_fed::strategy::Weighting``."""
+
+State = Mapping[str, Tensor]
+
+
+class AggregationError(ValueError):
+    """A round that cannot be aggregated (no update, or updates that disagree)."""
+
+
+@dataclass
+class Update:
+    """One client's training reply."""
+
+    client: str
+    tasks: list[str]
+    num_examples: int
+    tensors: dict[str, Tensor]
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+def check_strategy(strategy: str) -> str:
+    """Returns ``strategy`` if it names a SegViz strategy, else raises ``ValueError``."""
+    if strategy not in STRATEGIES:
+        raise ValueError(f"unknown strategy {strategy!r}: expected one of {', '.join(STRATEGIES)}")
+    return strategy
+
+
+def check_weighting(weighting: str) -> str:
+    """Returns ``weighting`` if it names a SegViz weighting, else raises ``ValueError``."""
+    if weighting not in WEIGHTINGS:
+        raise ValueError(f"unknown weighting {weighting!r}: expected one of {', '.join(WEIGHTINGS)}")
+    return weighting
+
+
+def update_weight(update: Update, weighting: str) -> float:
+    """The weight of ``update`` in every mean: its examples, or 1 under uniform weighting."""
+    check_weighting(weighting)
+    return float(update.num_examples) if weighting == "examples" else 1.0
+
+
+def average(
+    round_: int,
+    updates: Sequence[Update],
+    weighting: str,
+) -> dict[str, Tensor]:
+    """Weighted mean, over the updates that carry it, of every tensor of ``updates``.
+
+    Mirrors ``aggregate::average`` (with a selection accepting every tensor): float64 sums in
+    the order of ``updates``, one rounding to float32. The classification of each result is
+    that of the first update carrying the tensor. Updates that disagree on a tensor's shape
+    raise :class:`AggregationError` naming the client and the path.
+    """
+    sums: dict[str, tuple[np.ndarray, float, Tensor]] = {}
+    for u in updates:
+        w = update_weight(u, weighting)
+        if w <= 0.0:
+            continue
+        for path, t in u.tensors.items():
+            entry = sums.get(path)
+            if entry is None:
+                acc = np.zeros(t.data.shape, dtype=np.float64)
+                entry = (acc, 0.0, t)
+            acc, total, template = entry
+            if template.data.shape != t.data.shape:
+                raise AggregationError(
+                    f"round {round_}: client {u.client} sent {path} with shape "
+                    f"{list(t.data.shape)}, others {list(template.data.shape)}"
+                )
+            # In place, element by element: acc += w * x, exactly as the Rust loop does.
+            acc += w * t.data.astype(np.float64)
+            sums[path] = (acc, total + w, template)
+    return {
+        path: Tensor((acc / total).astype(np.float32), template.cls)
+        for path, (acc, total, template) in sums.items()
+    }
+
+
+def aggregate(
+    round_: int,
+    global_state: State,
+    updates: Sequence[Update],
+    strategy: str,
+    weighting: str,
+) -> dict[str, Tensor]:
+    """The new global state after ``round_`` (1-based) from ``updates``, in their order.
+
+    Mirrors ``AggregationStrategy::aggregate_fit`` of the Rust ``FedAvg``, ``FedBn`` and
+    ``FedProx``: see the module documentation. Beyond the Rust checks, an update whose tensor
+    shape differs from the global tensor's is refused too (the Rust code would silently
+    replace the global shape). No update at all raises :class:`AggregationError`.
+    """
+    check_strategy(strategy)
+    check_weighting(weighting)
+    if not updates:
+        raise AggregationError(f"round {round_}: no client finished the round")
+    # FedAvg/FedProx average every representation tensor; FedBN averages the non-BatchNorm
+    # ones for the nodes and the BatchNorm ones as a stand-alone summary: the same sums.
+    # Heads are averaged among the updates that carry them. Hence one pass over all tensors.
+    averaged = average(round_, updates, weighting)
+    for path, t in averaged.items():
+        g = global_state.get(path)
+        if g is not None and g.data.shape != t.data.shape:
+            client = next(
+                u.client for u in updates if path in u.tensors and u.tensors[path].data.shape == t.data.shape
+            )
+            raise AggregationError(
+                f"round {round_}: client {client} sent {path} with shape "
+                f"{list(t.data.shape)}, the global model has {list(g.data.shape)}"
+            )
+    next_state = dict(global_state)
+    next_state.update(averaged)
+    return next_state
+
+
+def sends_tensor(strategy: str, round_: int, tensor: Tensor) -> bool:
+    """Whether a node starting ``round_`` receives ``tensor`` under ``strategy``.
+
+    Every head is sent (a node loads the heads of its own tasks and ignores the others);
+    under FedBN the representation's BatchNorm tensors are sent in round 1 only, so that every
+    node starts from the same initial model and then keeps its own normalisation.
+    """
+    check_strategy(strategy)
+    if tensor.cls.is_head:
+        return True
+    if strategy == "fedbn":
+        return round_ == 1 or not tensor.cls.batch_norm
+    return True
+
+
+def client_view(global_state: State, strategy: str, round_: int) -> dict[str, Tensor]:
+    """What every node receives at the start of ``round_`` (1-based), and for evaluation
+    after round ``round_ - 1``: see :func:`sends_tensor`.
+
+    The Rust strategies' ``configure_fit`` also drops the heads of other tasks; on Flower all
+    heads travel and the node ignores those it does not own.
+    """
+    return {p: t for p, t in global_state.items() if sends_tensor(strategy, round_, t)}
+
+
+def aggregate_metrics(results: Sequence[tuple[int, Mapping[str, float]]]) -> dict[str, float]:
+    """Each metric's mean over ``results`` (pairs of examples and metrics), weighted by
+    ``max(examples, 1)``, ignoring non-finite values: ``AggregationStrategy::aggregate_evaluate``.
+    """
+    sums: dict[str, tuple[float, float]] = {}
+    for n, metrics in results:
+        w = float(max(n, 1))
+        for k, v in metrics.items():
+            v = float(v)
+            if np.isfinite(v):
+                s, t = sums.get(k, (0.0, 0.0))
+                sums[k] = (s + w * v, t + w)
+    return {k: s / t for k, (s, t) in sorted(sums.items())}
