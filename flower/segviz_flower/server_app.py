@@ -1,0 +1,601 @@
+"""The SegViz ServerApp: SegViz aggregation over Flower 1.42, with native Rust nodes.
+
+The nodes (``cargo run --release --example flower_node``) speak the Fleet API to a stock
+SuperLink; this ServerApp runs inside the SuperLink's deployment and drives the rounds with
+the message contract of docs/flower.md:
+
+1. load ``initial-model`` (a ``.segviz`` file) and wait until ``min-nodes`` nodes are
+   connected (at most ``node-wait-timeout`` seconds);
+2. each round, send a ``train`` message to every connected node: ``arrays`` (the global model
+   as the strategy shows it to nodes) and ``config``; wait at most ``round-timeout`` seconds;
+3. check every reply (the ``segviz`` record's classification against the arrays and the
+   global model, finite float32 values, ``num-examples``); error replies (a node that died or
+   failed) and malformed ones are left out of the round with a logged reason, and the round
+   closes with the others; no valid reply at all fails the run;
+4. aggregate with the SegViz rule (:mod:`segviz_flower.aggregate`), updates sorted by client
+   name;
+5. send ``evaluate`` messages (the view the next round's training will start from) and
+   average the metrics weighted by ``num-examples``;
+6. write ``<out-dir>/history.json`` then ``<out-dir>/global.segviz``, atomically.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import dataclass
+from logging import ERROR, INFO, WARNING
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+import flwr
+import numpy as np
+from flwr.app import (
+    Array,
+    ArrayRecord,
+    ConfigRecord,
+    Context,
+    Message,
+    MessageType,
+    MetricRecord,
+    RecordDict,
+)
+from flwr.common import log
+from flwr.serverapp import Grid, ServerApp
+from flwr.serverapp.strategy import FedAvg
+
+from .aggregate import (
+    AggregationError,
+    Update,
+    aggregate,
+    aggregate_metrics,
+    check_strategy,
+    check_weighting,
+    client_view,
+)
+from .segviz_format import (
+    Checkpoint,
+    SegVizFormatError,
+    Tensor,
+    TensorClass,
+    classification_from_json,
+    read_checkpoint,
+    write_atomically,
+    write_checkpoint,
+)
+
+STATE_FORMAT = "segviz-state/1"
+"""The ``format`` a node declares in its ``segviz`` record."""
+
+GLOBAL_FILE = "global.segviz"
+HISTORY_FILE = "history.json"
+
+NODE_HINT = "start the SegViz nodes with `cargo run --release --example flower_node`"
+
+
+class ConfigError(ValueError):
+    """A run configuration value that the ServerApp cannot use."""
+
+
+class SegVizRunError(RuntimeError):
+    """The federation cannot go on (no node, no valid reply, a bad initial model...).
+
+    Raised out of the ServerApp, Flower marks the run failed with this message as its
+    details (``flwr ls``) and logs it in the ``flwr run --stream`` output.
+    """
+
+
+class MalformedReply(ValueError):
+    """A node reply that breaks the contract of docs/flower.md; the message says how."""
+
+
+# --------------------------------------------------------------------------------------------
+# Run configuration
+# --------------------------------------------------------------------------------------------
+
+
+def _number(config: Mapping[str, Any], key: str, kind: type, minimum: float, default: Any) -> Any:
+    value = config.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigError(f"run config {key} must be a number, got {value!r}")
+    if kind is int:
+        if float(value) != int(value):
+            raise ConfigError(f"run config {key} must be an integer, got {value!r}")
+        value = int(value)
+    else:
+        value = float(value)
+    if not math.isfinite(value) or value < minimum:
+        raise ConfigError(f"run config {key} must be at least {minimum}, got {value!r}")
+    return value
+
+
+def _absolute_path(config: Mapping[str, Any], key: str) -> Path:
+    value = config.get(key, "")
+    if not isinstance(value, str) or not value.strip():
+        raise ConfigError(
+            f"run config {key} is required: pass it with -c '{key}=\"/absolute/path\"' "
+            "(the path is on the SuperLink's machine)"
+        )
+    path = Path(value).expanduser()
+    if not path.is_absolute():
+        raise ConfigError(
+            f"run config {key} must be an absolute path, got {value!r}: the ServerApp runs in a "
+            "process started by the SuperLink, whose working directory is not yours"
+        )
+    return path
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The run configuration (``[tool.flwr.app.config]`` and ``flwr run -c``), checked."""
+
+    num_server_rounds: int
+    local_epochs: int
+    strategy: str
+    weighting: str
+    proximal_mu: float
+    min_nodes: int
+    initial_model: Path
+    out_dir: Path
+    round_timeout: float
+    node_wait_timeout: float
+
+    @classmethod
+    def from_run_config(cls, config: Mapping[str, Any]) -> "Settings":
+        """Reads and checks every key; a bad value raises :class:`ConfigError`."""
+        strategy = str(config.get("strategy", "fedbn"))
+        weighting = str(config.get("weighting", "examples"))
+        try:
+            check_strategy(strategy)
+            check_weighting(weighting)
+        except ValueError as e:
+            raise ConfigError(f"run config: {e}") from None
+        return cls(
+            num_server_rounds=_number(config, "num-server-rounds", int, 1, 2),
+            local_epochs=_number(config, "local-epochs", int, 1, 1),
+            strategy=strategy,
+            weighting=weighting,
+            proximal_mu=_number(config, "proximal-mu", float, 0.0, 0.01),
+            min_nodes=_number(config, "min-nodes", int, 1, 4),
+            initial_model=_absolute_path(config, "initial-model"),
+            out_dir=_absolute_path(config, "out-dir"),
+            round_timeout=_number(config, "round-timeout", float, 1.0, 600.0),
+            node_wait_timeout=_number(config, "node-wait-timeout", float, 0.0, 300.0),
+        )
+
+
+def load_initial_model(path: Path) -> Checkpoint:
+    """Reads the initial model; a missing, corrupt or unusable file raises an error naming it."""
+    if not path.is_file():
+        raise SegVizFormatError(f"{path}: initial-model does not exist or is not a file")
+    checkpoint = read_checkpoint(path)
+    if not checkpoint.tensors:
+        raise SegVizFormatError(f"{path}: the model has no tensor")
+    tasks = checkpoint.config.get("tasks")
+    for p, t in checkpoint.tensors.items():
+        if not np.all(np.isfinite(t.data)):
+            raise SegVizFormatError(f"{path}: tensor {p} has non-finite values")
+        if t.cls.is_head and isinstance(tasks, list) and t.cls.task not in tasks:
+            raise SegVizFormatError(
+                f"{path}: tensor {p} belongs to task {t.cls.task}, which the configuration's "
+                f"tasks {tasks} do not list"
+            )
+    return checkpoint
+
+
+def wait_for_nodes(grid: Grid, min_nodes: int, timeout: float) -> list[int]:
+    """Waits until at least ``min_nodes`` nodes are connected; returns their ids.
+
+    Raises :class:`SegVizRunError` after ``timeout`` seconds with fewer.
+    """
+    start = time.monotonic()
+    last_log = -math.inf
+    while True:
+        nodes = sorted(grid.get_node_ids())
+        if len(nodes) >= min_nodes:
+            log(INFO, "%d node(s) connected (min-nodes %d): %s", len(nodes), min_nodes, nodes)
+            return nodes
+        waited = time.monotonic() - start
+        if waited >= timeout:
+            raise SegVizRunError(
+                f"only {len(nodes)} of the {min_nodes} nodes needed (min-nodes) connected within "
+                f"node-wait-timeout = {timeout:g} s; {NODE_HINT}, or lower min-nodes"
+            )
+        if waited - last_log >= 10.0:
+            log(INFO, "Waiting for nodes: %d connected, %d needed (%.0f s)", len(nodes), min_nodes, waited)
+            last_log = waited
+        time.sleep(1.0)
+
+
+# --------------------------------------------------------------------------------------------
+# Records <-> SegViz tensors
+# --------------------------------------------------------------------------------------------
+
+
+def to_array_record(tensors: Mapping[str, Tensor]) -> ArrayRecord:
+    """An ``ArrayRecord`` of float32 C-order arrays named by their SegViz path."""
+    return ArrayRecord({p: Array(np.asarray(t.data, dtype=np.float32, order="C")) for p, t in sorted(tensors.items())})
+
+
+def _metric_number(metrics: Mapping[str, Any], key: str, integer: bool) -> float | int:
+    if key not in metrics:
+        raise MalformedReply(f"metrics has no {key}")
+    v = metrics[key]
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+        raise MalformedReply(f"metrics {key} must be a finite number, got {v!r}")
+    if integer:
+        if float(v) != int(v) or v < 0:
+            raise MalformedReply(f"metrics {key} must be a non-negative integer, got {v!r}")
+        return int(v)
+    return float(v)
+
+
+def _scalar_metrics(metrics: Mapping[str, Any]) -> dict[str, float]:
+    return {
+        k: float(v)
+        for k, v in metrics.items()
+        if isinstance(v, (int, float)) and not isinstance(v, bool)
+    }
+
+
+def parse_train_reply(content: RecordDict, global_state: Mapping[str, Tensor]) -> Update:
+    """Checks a ``train`` reply against docs/flower.md and the global model.
+
+    Raises :class:`MalformedReply` saying what is wrong: a missing record or key, a
+    classification that does not match the arrays or the global model, a tensor of the wrong
+    shape or dtype, or a non-finite value.
+    """
+    for name, kind in (("arrays", "array_records"), ("metrics", "metric_records"), ("segviz", "config_records")):
+        if name not in getattr(content, kind):
+            raise MalformedReply(f"no {name} record ({kind.replace('_', ' ')[:-1]})")
+    arrays = content.array_records["arrays"]
+    metrics = content.metric_records["metrics"]
+    segviz = content.config_records["segviz"]
+
+    fmt = segviz.get("format")
+    if fmt != STATE_FORMAT:
+        raise MalformedReply(f"segviz format is {fmt!r}, expected {STATE_FORMAT!r}")
+    client = segviz.get("client")
+    if not isinstance(client, str) or not client:
+        raise MalformedReply("segviz client must be a non-empty string")
+    tasks = segviz.get("tasks")
+    if not isinstance(tasks, list) or not all(isinstance(t, str) for t in tasks):
+        raise MalformedReply(f"client {client}: segviz tasks must be a list of strings")
+    try:
+        classification = classification_from_json(segviz.get("classification"), f"client {client}")
+    except SegVizFormatError as e:
+        raise MalformedReply(str(e)) from None
+
+    keys, classified = set(arrays.keys()), set(classification)
+    if keys != classified:
+        missing = sorted(classified - keys)[:3]
+        extra = sorted(keys - classified)[:3]
+        raise MalformedReply(
+            f"client {client}: arrays and classification name different tensors "
+            f"(classified but not sent: {missing}; sent but not classified: {extra})"
+        )
+    if not keys:
+        raise MalformedReply(f"client {client}: arrays is empty")
+
+    tensors: dict[str, Tensor] = {}
+    for path in sorted(keys):
+        cls: TensorClass = classification[path]
+        g = global_state.get(path)
+        if g is None:
+            raise MalformedReply(f"client {client}: {path} is not a tensor of the global model")
+        if cls != g.cls:
+            raise MalformedReply(
+                f"client {client}: {path} is classified {cls.to_json()}, the global model says {g.cls.to_json()}"
+            )
+        if cls.is_head and cls.task not in tasks:
+            raise MalformedReply(f"client {client}: sent the head tensor {path} of task {cls.task}, not one of its tasks {tasks}")
+        try:
+            data = arrays[path].numpy()
+        except Exception as e:  # noqa: BLE001 - any undecodable array is a malformed reply
+            raise MalformedReply(f"client {client}: {path} cannot be decoded: {e}") from None
+        if data.dtype != np.float32:
+            raise MalformedReply(f"client {client}: {path} has dtype {data.dtype}, expected float32")
+        if data.shape != g.data.shape:
+            raise MalformedReply(
+                f"client {client}: {path} has shape {list(data.shape)}, the global model {list(g.data.shape)}"
+            )
+        if not np.all(np.isfinite(data)):
+            raise MalformedReply(f"client {client}: {path} has non-finite values (NaN or infinity)")
+        tensors[path] = Tensor(data, cls)
+
+    num_examples = int(_metric_number(metrics, "num-examples", integer=True))
+    return Update(
+        client=client,
+        tasks=list(tasks),
+        num_examples=num_examples,
+        tensors=tensors,
+        metrics=_scalar_metrics(metrics),
+    )
+
+
+def parse_evaluate_reply(content: RecordDict) -> tuple[int, dict[str, float]]:
+    """Checks an ``evaluate`` reply: a ``metrics`` record with ``num-examples``."""
+    if "metrics" not in content.metric_records:
+        raise MalformedReply("no metrics record")
+    metrics = content.metric_records["metrics"]
+    n = int(_metric_number(metrics, "num-examples", integer=True))
+    values = {k: v for k, v in _scalar_metrics(metrics).items() if k != "num-examples"}
+    return n, values
+
+
+def _error_text(msg: Message) -> str:
+    return f"error {msg.error.code}: {msg.error.reason}"
+
+
+# --------------------------------------------------------------------------------------------
+# Strategy
+# --------------------------------------------------------------------------------------------
+
+
+class SegVizStrategy(FedAvg):
+    """Flower's FedAvg message flow with the SegViz aggregation rule.
+
+    The strategy keeps the full global model (every tensor with its classification); the
+    ``arrays`` that Flower's ``Strategy.start`` passes around are only what this strategy
+    returns and are not read back. Each round's record goes to ``history.json``.
+    """
+
+    def __init__(self, settings: Settings, initial: Checkpoint) -> None:
+        super().__init__(
+            fraction_train=1.0,
+            fraction_evaluate=1.0,
+            min_train_nodes=1,
+            min_evaluate_nodes=1,
+            min_available_nodes=settings.min_nodes,
+            weighted_by_key="num-examples",
+            arrayrecord_key="arrays",
+            configrecord_key="config",
+        )
+        self.settings = settings
+        self.model_config = initial.config
+        self.global_state: dict[str, Tensor] = dict(initial.tensors)
+        self.history: list[dict[str, Any]] = []
+        self._round: dict[str, Any] = {}
+        self._sent: list[Message] = []
+        self._node_clients: dict[int, str] = {}
+        self._round_start = time.monotonic()
+
+    # -- Flower hooks -------------------------------------------------------------------------
+
+    def summary(self) -> None:
+        s = self.settings
+        log(INFO, "\t├──> SegViz: strategy %s, weighting %s%s", s.strategy, s.weighting,
+            f", proximal-mu {s.proximal_mu:g}" if s.strategy == "fedprox" else "")
+        log(INFO, "\t├──> initial model %s (%d tensors)", s.initial_model, len(self.global_state))
+        log(INFO, "\t├──> min-nodes %d, round-timeout %g s", s.min_nodes, s.round_timeout)
+        log(INFO, "\t└──> results in %s", s.out_dir)
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """One ``train`` message per connected node, all with the same content."""
+        self._round_start = time.monotonic()
+        self._round = {"round": server_round, "aggregated": [], "failed": [], "train_loss": None, "metrics": {}}
+        nodes = sorted(grid.get_node_ids())
+        if not nodes:
+            raise SegVizRunError(f"round {server_round}: no node is connected; {NODE_HINT}")
+        if len(nodes) < self.settings.min_nodes:
+            log(WARNING, "Round %d: only %d node(s) connected (min-nodes %d); training with them",
+                server_round, len(nodes), self.settings.min_nodes)
+        view = client_view(self.global_state, self.settings.strategy, server_round)
+        train_config = ConfigRecord(
+            {
+                "server-round": server_round,
+                "num-server-rounds": self.settings.num_server_rounds,
+                "local-epochs": self.settings.local_epochs,
+                "strategy": self.settings.strategy,
+            }
+        )
+        if self.settings.strategy == "fedprox":
+            train_config["proximal-mu"] = float(self.settings.proximal_mu)
+        content = RecordDict({"arrays": to_array_record(view), "config": train_config})
+        log(INFO, "Round %d: sending %d tensors to %d node(s) %s", server_round, len(view), len(nodes), nodes)
+        self._sent = self._messages(content, nodes, MessageType.TRAIN, server_round)
+        return self._sent
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Checks the replies, leaves out failed and malformed ones, aggregates the rest."""
+        accepted: list[tuple[int, Update]] = []
+        seen_clients: dict[str, int] = {}
+        for node, msg in self._match_replies(replies, "training"):
+            if msg is None:
+                continue
+            try:
+                update = parse_train_reply(msg.content, self.global_state)
+            except MalformedReply as e:
+                self._fail(node, f"malformed training reply: {e}")
+                continue
+            if update.client in seen_clients:
+                self._fail(node, f"duplicate client name {update.client} (already reported by node "
+                                 f"{seen_clients[update.client]}); this reply is left out")
+                continue
+            seen_clients[update.client] = node
+            self._node_clients[node] = update.client
+            accepted.append((node, update))
+
+        if not accepted:
+            self.history.append(self._close_round())
+            self._write_history()
+            raise SegVizRunError(
+                f"round {server_round}: no valid training reply; failures: "
+                + "; ".join(f"node {f['node_id']}: {f['reason']}" for f in self._round["failed"])
+            )
+
+        accepted.sort(key=lambda pair: pair[1].client)
+        updates = [u for _, u in accepted]
+        try:
+            self.global_state = aggregate(
+                server_round, self.global_state, updates, self.settings.strategy, self.settings.weighting
+            )
+        except AggregationError as e:
+            self.history.append(self._close_round())
+            self._write_history()
+            raise SegVizRunError(str(e)) from None
+
+        losses = [u.metrics["loss"] for u in updates if math.isfinite(u.metrics.get("loss", math.nan))]
+        train_loss = sum(losses) / len(losses) if losses else None
+        self._round["aggregated"] = [
+            {"node_id": node, "client": u.client, "num_examples": u.num_examples, "loss": u.metrics.get("loss")}
+            for node, u in accepted
+        ]
+        self._round["train_loss"] = train_loss
+        log(INFO, "Round %d: aggregated %s (%s weighting)", server_round,
+            ", ".join(f"{u.client} ({u.num_examples} examples)" for u in updates), self.settings.weighting)
+        metrics = MetricRecord({"num-aggregated": len(updates)})
+        if train_loss is not None:
+            metrics["loss"] = train_loss
+        return to_array_record(self.global_state), metrics
+
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """One ``evaluate`` message per connected node: the view the next round starts from."""
+        nodes = sorted(grid.get_node_ids())
+        view = client_view(self.global_state, self.settings.strategy, server_round + 1)
+        eval_config = ConfigRecord(
+            {
+                "server-round": server_round,
+                "num-server-rounds": self.settings.num_server_rounds,
+                "strategy": self.settings.strategy,
+            }
+        )
+        content = RecordDict({"arrays": to_array_record(view), "config": eval_config})
+        self._sent = self._messages(content, nodes, MessageType.EVALUATE, server_round)
+        return self._sent
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        """Averages the evaluation metrics, then saves the history and the global model."""
+        results: list[tuple[int, dict[str, float]]] = []
+        for node, msg in self._match_replies(replies, "evaluation"):
+            if msg is None:
+                continue
+            try:
+                results.append(parse_evaluate_reply(msg.content))
+            except MalformedReply as e:
+                self._fail(node, f"malformed evaluation reply: {e}")
+        metrics = aggregate_metrics(results)
+        self._round["metrics"] = metrics
+        self.history.append(self._close_round())
+        self._save(server_round)
+        return MetricRecord(metrics) if metrics else None
+
+    # -- helpers ------------------------------------------------------------------------------
+
+    def _messages(self, content: RecordDict, nodes: list[int], kind: str, server_round: int) -> list[Message]:
+        # The TTL tells the SuperLink and the node how long the instruction stays valid: a
+        # reply after round-timeout would be ignored anyway.
+        return [
+            Message(
+                content=content,
+                dst_node_id=node,
+                message_type=kind,
+                ttl=float(self.settings.round_timeout),
+                group_id=str(server_round),
+            )
+            for node in nodes
+        ]
+
+    def _match_replies(self, replies: Iterable[Message], phase: str) -> list[tuple[int, Message | None]]:
+        """Pairs each sent instruction's node with its reply (``None`` when it failed; the
+        reason is recorded), in the order the replies arrived."""
+        by_id = {m.metadata.message_id: m.metadata.dst_node_id for m in self._sent}
+        answered: set[int] = set()
+        out: list[tuple[int, Message | None]] = []
+        for msg in replies:
+            node = by_id.get(msg.metadata.reply_to_message_id, msg.metadata.src_node_id)
+            answered.add(node)
+            if msg.has_error():
+                self._fail(node, f"{phase} failed: {_error_text(msg)}")
+                out.append((node, None))
+            elif not msg.has_content():
+                self._fail(node, f"{phase} reply without content")
+                out.append((node, None))
+            else:
+                out.append((node, msg))
+        for node in by_id.values():
+            if node not in answered:
+                self._fail(node, f"no {phase} reply within round-timeout ({self.settings.round_timeout:g} s)")
+        return out
+
+    def _fail(self, node: int, reason: str) -> None:
+        client = self._node_clients.get(node)
+        who = f"node {node}" + (f" ({client})" if client else "")
+        log(WARNING, "Round %s: %s left out: %s", self._round.get("round"), who, reason)
+        self._round["failed"].append({"node_id": node, "reason": reason})
+
+    def _close_round(self) -> dict[str, Any]:
+        entry = dict(self._round)
+        entry["seconds"] = time.monotonic() - self._round_start
+        return entry
+
+    def _write_history(self) -> None:
+        data = json.dumps(self.history, indent=2, allow_nan=False, default=_json_default).encode() + b"\n"
+        write_atomically(self.settings.out_dir / HISTORY_FILE, data)
+
+    def _save(self, server_round: int) -> None:
+        """History first, the global model last: its round number marks a complete save."""
+        self._write_history()
+        path = self.settings.out_dir / GLOBAL_FILE
+        write_checkpoint(
+            path,
+            Checkpoint(
+                config=self.model_config,
+                metadata={
+                    "round": server_round,
+                    "strategy": self.settings.strategy,
+                    "engine": f"flower {flwr.__version__}",
+                },
+                tensors=self.global_state,
+            ),
+        )
+        log(INFO, "Round %d: saved %s and %s", server_round, path, self.settings.out_dir / HISTORY_FILE)
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, (np.integer,)):
+        return int(value)
+    if isinstance(value, (np.floating,)):
+        return float(value)
+    raise TypeError(f"cannot write {type(value).__name__} to history.json")
+
+
+# --------------------------------------------------------------------------------------------
+# The ServerApp
+# --------------------------------------------------------------------------------------------
+
+app = ServerApp()
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    """Runs the SegViz federation; see the module documentation."""
+    try:
+        settings = Settings.from_run_config(context.run_config)
+        initial = load_initial_model(settings.initial_model)
+        settings.out_dir.mkdir(parents=True, exist_ok=True)
+    except (ConfigError, SegVizFormatError, OSError) as e:
+        log(ERROR, "SegViz ServerApp cannot start: %s", e)
+        raise SegVizRunError(f"SegViz ServerApp cannot start: {e}") from None
+
+    log(INFO, "SegViz on Flower %s: %d rounds of %s (%s weighting), model %s",
+        flwr.__version__, settings.num_server_rounds, settings.strategy, settings.weighting,
+        settings.initial_model)
+    wait_for_nodes(grid, settings.min_nodes, settings.node_wait_timeout)
+
+    strategy = SegVizStrategy(settings, initial)
+    strategy.start(
+        grid=grid,
+        initial_arrays=to_array_record(initial.tensors),
+        num_rounds=settings.num_server_rounds,
+        timeout=settings.round_timeout,
+    )
+    log(INFO, "SegViz federation finished: %s", settings.out_dir / GLOBAL_FILE)

@@ -1,0 +1,341 @@
+"""The ServerApp's strategy without a SuperLink: a fake Grid answers like nodes would.
+
+Covers the message contract of docs/flower.md (what is sent, what a reply must hold), the
+handling of failed, malformed, missing and duplicate replies, and what is saved each round.
+"""
+
+import json
+import logging
+import tempfile
+import unittest
+from pathlib import Path
+
+import numpy as np
+
+import _path  # noqa: F401
+from flwr.app import (
+    Array,
+    ArrayRecord,
+    ConfigRecord,
+    Context,
+    Error,
+    Message,
+    MetricRecord,
+    RecordDict,
+)
+from flwr.supercore.task_identity import TaskIdentity
+
+from segviz_flower.segviz_format import (
+    Checkpoint,
+    SegVizFormatError,
+    Tensor,
+    TensorClass,
+    classification_to_json,
+    read_checkpoint,
+    write_checkpoint,
+)
+from segviz_flower import server_app
+from segviz_flower.server_app import (
+    ConfigError,
+    MalformedReply,
+    SegVizRunError,
+    SegVizStrategy,
+    Settings,
+    load_initial_model,
+    parse_train_reply,
+    wait_for_nodes,
+)
+
+# Quiet Flower's logger: the tests provoke warnings and errors on purpose.
+logging.getLogger("flwr").setLevel(logging.CRITICAL)
+
+# Messages can only be built inside a Flower task; give this process an identity.
+TaskIdentity.run_id = 1
+TaskIdentity.task_id = 1
+TaskIdentity.node_id = 1
+
+REPR = TensorClass(None, False, True)
+REPR_BN = TensorClass(None, True, False)
+TASKS = ["liver", "spleen", "kidney"]
+
+
+def initial_model() -> Checkpoint:
+    rng = np.random.default_rng(0)
+    tensors = {
+        "representation.conv.weight": Tensor(rng.standard_normal((2, 3)).astype(np.float32), REPR),
+        "representation.norm.running_mean": Tensor(np.zeros(2, np.float32), REPR_BN),
+    }
+    for t in TASKS:
+        tensors[f"heads.{t}.conv.weight"] = Tensor(rng.standard_normal(3).astype(np.float32), TensorClass(t, False, True))
+        tensors[f"heads.{t}.norm.gamma"] = Tensor(np.ones(2, np.float32), TensorClass(t, True, True))
+    config = {"representation": {"in_channels": 1, "channels": [2, 4], "strides": [2], "num_res_units": 1},
+              "tasks": TASKS, "head_out_channels": 2}
+    return Checkpoint(config, {"seed": 0}, tensors)
+
+
+class FakeNode:
+    """A site: keeps its own state (representation and its heads), trains by adding a shift."""
+
+    def __init__(self, node_id, client, tasks, examples, shift, behaviour="ok"):
+        self.node_id, self.client, self.tasks = node_id, client, tasks
+        self.examples, self.shift, self.behaviour = examples, shift, behaviour
+        init = initial_model().tensors
+        self.state = {p: Tensor(t.data.copy(), t.cls) for p, t in init.items() if t.cls.task in (None, *tasks)}
+        self.received = []
+
+    def reply(self, ins: Message) -> Message | None:
+        self.received.append(ins)
+        if self.behaviour == "silent":
+            return None
+        if self.behaviour == "dead":
+            return Message(Error(5, "Error: Node Unavailable"), reply_to=ins)
+        arrays = ins.content.array_records["arrays"]
+        for p in arrays:
+            if p in self.state:
+                self.state[p] = Tensor(arrays[p].numpy(), self.state[p].cls)
+        if ins.metadata.message_type == "evaluate":
+            metrics = {"num-examples": 2} | {f"dice/{t}": 0.5 + self.shift / 10 for t in self.tasks}
+            return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=ins)
+        for p, t in self.state.items():
+            self.state[p] = Tensor(t.data + np.float32(self.shift), t.cls)
+        sent = dict(self.state)
+        if self.behaviour == "nan":
+            p = next(iter(sent))
+            sent[p] = Tensor(np.full(sent[p].data.shape, np.nan, np.float32), sent[p].cls)
+        content = RecordDict({
+            "arrays": ArrayRecord({p: Array(t.data) for p, t in sent.items()}),
+            "metrics": MetricRecord({"num-examples": self.examples, "loss": 1.0 + self.shift, "steps": 3}),
+            "segviz": ConfigRecord({"client": self.client, "tasks": self.tasks,
+                                    "classification": classification_to_json(sent), "format": "segviz-state/1"}),
+        })
+        return Message(content, reply_to=ins)
+
+
+class FakeGrid:
+    """What Strategy.start needs from a Grid: node ids and send_and_receive."""
+
+    def __init__(self, nodes):
+        self.nodes = {n.node_id: n for n in nodes}
+
+    def get_node_ids(self):
+        return list(self.nodes)
+
+    def send_and_receive(self, messages, *, timeout=None):
+        replies = []
+        for m in messages:
+            m.metadata.__dict__["_message_id"] = m.object_id  # as HttpGrid.push_messages does
+            r = self.nodes[m.metadata.dst_node_id].reply(m)
+            if r is not None:
+                replies.append(r)
+        return replies
+
+
+class Base(unittest.TestCase):
+    def setUp(self):
+        self.dir = tempfile.TemporaryDirectory()
+        self.root = Path(self.dir.name)
+        self.model_path = self.root / "init.segviz"
+        write_checkpoint(self.model_path, initial_model())
+
+    def tearDown(self):
+        self.dir.cleanup()
+
+    def run_config(self, **kw):
+        cfg = {"num-server-rounds": 2, "local-epochs": 1, "strategy": "fedbn", "weighting": "examples",
+               "proximal-mu": 0.01, "min-nodes": 2, "initial-model": str(self.model_path),
+               "out-dir": str(self.root / "out"), "round-timeout": 5, "node-wait-timeout": 0}
+        cfg.update(kw)
+        return cfg
+
+    def run_app(self, nodes, **kw):
+        context = Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config=self.run_config(**kw))
+        server_app.main(FakeGrid(nodes), context)
+        out = self.root / "out"
+        return json.loads((out / "history.json").read_text()), read_checkpoint(out / "global.segviz")
+
+
+class WholeRun(Base):
+    def test_two_rounds_with_failures(self):
+        nodes = [
+            FakeNode(11, "liver_site", ["liver"], 4, 1.0),
+            FakeNode(12, "spleen_site", ["spleen"], 2, 2.0),
+            FakeNode(13, "dead_site", ["kidney"], 1, 0.0, "dead"),
+            FakeNode(14, "nan_site", ["kidney"], 1, 0.0, "nan"),
+            FakeNode(15, "silent_site", ["kidney"], 1, 0.0, "silent"),
+            FakeNode(16, "liver_site", ["liver"], 8, 5.0),  # same client name as node 11
+        ]
+        history, final = self.run_app(nodes)
+        self.assertEqual([h["round"] for h in history], [1, 2])
+        r1 = history[0]
+        self.assertEqual([(a["client"], a["node_id"]) for a in r1["aggregated"]], [("liver_site", 11), ("spleen_site", 12)])
+        reasons = {}
+        for f in r1["failed"]:
+            reasons.setdefault(f["node_id"], []).append(f["reason"])
+        self.assertEqual(sorted(reasons), [13, 14, 15, 16])
+        self.assertIn("training failed: error 5: Error: Node Unavailable", reasons[13][0])
+        self.assertIn("evaluation failed: error 5", reasons[13][1])
+        self.assertIn("non-finite", reasons[14][0])
+        self.assertEqual(reasons[15], ["no training reply within round-timeout (5 s)",
+                                       "no evaluation reply within round-timeout (5 s)"])
+        self.assertIn("duplicate client name liver_site (already reported by node 11)", reasons[16][0])
+        self.assertAlmostEqual(r1["train_loss"], 2.5)  # mean of 2.0 and 3.0, as the Rust server
+        # Every connected node evaluates, weighted by num-examples: liver (0.6 and 1.0) -> 0.8.
+        self.assertAlmostEqual(r1["metrics"]["dice/liver"], 0.8)
+        self.assertAlmostEqual(r1["metrics"]["dice/spleen"], 0.7)
+        self.assertGreaterEqual(r1["seconds"], 0.0)
+        self.assertEqual(final.metadata, {"round": 2, "strategy": "fedbn", "engine": "flower 1.42.0"})
+        self.assertEqual(final.config, initial_model().config)
+
+        # Round 1 sent everything; round 2 (and the evaluations) no representation BatchNorm.
+        first, = [m for m in nodes[0].received if m.metadata.group_id == "1" and m.metadata.message_type == "train"]
+        self.assertIn("representation.norm.running_mean", first.content.array_records["arrays"])
+        later = [m for m in nodes[0].received if not (m.metadata.group_id == "1" and m.metadata.message_type == "train")]
+        self.assertEqual(len(later), 3)
+        for m in later:
+            keys = set(m.content.array_records["arrays"])
+            self.assertNotIn("representation.norm.running_mean", keys)
+            self.assertIn("heads.kidney.norm.gamma", keys)  # every head travels, its BN included
+        cfg = first.content.config_records["config"]
+        self.assertEqual(dict(cfg), {"server-round": 1, "num-server-rounds": 2, "local-epochs": 1, "strategy": "fedbn"})
+        self.assertEqual(first.metadata.ttl, 5.0)
+
+        # The saved global equals the rule applied to the accepted updates (by hand here).
+        g = initial_model().tensors
+        # liver_site (node 11) is the only liver owner: its head moved by 1 in each round.
+        liver = final.tensors["heads.liver.conv.weight"].data
+        np.testing.assert_allclose(liver, g["heads.liver.conv.weight"].data + 2.0, rtol=0, atol=1e-6)
+        conv = final.tensors["representation.conv.weight"].data
+        # Round 1: (4*(x+1) + 2*(x+2)) / 6 = x + 4/3; round 2 again: x + 8/3.
+        np.testing.assert_allclose(conv, g["representation.conv.weight"].data + 8 / 3, rtol=0, atol=1e-5)
+        # Kidney: no valid update carried it; it keeps its initial value.
+        np.testing.assert_array_equal(final.tensors["heads.kidney.conv.weight"].data, g["heads.kidney.conv.weight"].data)
+        # FedBN: the global BN is the mean of the nodes' local BN: liver moved 1+1, spleen 2+2.
+        np.testing.assert_allclose(final.tensors["representation.norm.running_mean"].data, (4 * 2 + 2 * 4) / 6)
+
+    def test_fedprox_sends_mu(self):
+        nodes = [FakeNode(11, "a", ["liver"], 1, 0.5), FakeNode(12, "b", ["spleen"], 1, 0.5)]
+        self.run_app(nodes, strategy="fedprox", **{"num-server-rounds": 1, "proximal-mu": 0.25})
+        cfg = nodes[0].received[0].content.config_records["config"]
+        self.assertEqual(cfg["proximal-mu"], 0.25)
+        self.assertEqual(cfg["strategy"], "fedprox")
+        self.assertIn("representation.norm.running_mean", nodes[0].received[-1].content.array_records["arrays"])
+
+    def test_no_valid_reply_fails_the_run_and_keeps_the_reasons(self):
+        nodes = [FakeNode(11, "a", ["liver"], 1, 0.0, "dead"), FakeNode(12, "b", ["spleen"], 1, 0.0, "nan")]
+        with self.assertRaisesRegex(SegVizRunError, "round 1: no valid training reply.*node 11.*Node Unavailable"):
+            self.run_app(nodes)
+        history = json.loads((self.root / "out" / "history.json").read_text())
+        self.assertEqual(len(history[0]["failed"]), 2)
+        self.assertFalse((self.root / "out" / "global.segviz").exists())
+
+    def test_too_few_nodes(self):
+        with self.assertRaisesRegex(SegVizRunError, "only 1 of the 2 nodes needed"):
+            self.run_app([FakeNode(11, "a", ["liver"], 1, 0.0)])
+
+    def test_bad_settings_are_reported(self):
+        with self.assertRaisesRegex(SegVizRunError, "initial-model is required"):
+            self.run_app([], **{"initial-model": ""})
+        with self.assertRaisesRegex(SegVizRunError, "must be an absolute path"):
+            self.run_app([], **{"out-dir": "relative/out"})
+        with self.assertRaisesRegex(SegVizRunError, "unknown strategy"):
+            self.run_app([], strategy="fedsgd")
+        (self.root / "bad.segviz").write_bytes(b"SEGVIZ\0\x01" + b"\0" * 30)
+        with self.assertRaisesRegex(SegVizRunError, "bad.segviz: checksum mismatch"):
+            self.run_app([], **{"initial-model": str(self.root / "bad.segviz")})
+        with self.assertRaisesRegex(SegVizRunError, "absent.segviz: initial-model does not exist"):
+            self.run_app([], **{"initial-model": str(self.root / "absent.segviz")})
+
+
+class Replies(Base):
+    def good_content(self, **override):
+        node = FakeNode(11, "a", ["liver"], 3, 1.0)
+        ins = Message(RecordDict({"arrays": ArrayRecord(), "config": ConfigRecord()}), dst_node_id=11, message_type="train")
+        ins.metadata.__dict__["_message_id"] = ins.object_id
+        content = node.reply(ins).content
+        return content, node
+
+    def test_good_reply(self):
+        content, node = self.good_content()
+        u = parse_train_reply(content, initial_model().tensors)
+        self.assertEqual((u.client, u.tasks, u.num_examples), ("a", ["liver"], 3))
+        self.assertEqual(set(u.tensors), set(node.state))
+        self.assertEqual(u.metrics["loss"], 2.0)
+
+    def assert_malformed(self, content, words):
+        with self.assertRaises(MalformedReply) as ctx:
+            parse_train_reply(content, initial_model().tensors)
+        self.assertIn(words, str(ctx.exception))
+
+    def test_missing_records(self):
+        for name in ("arrays", "metrics", "segviz"):
+            content, _ = self.good_content()
+            del content[name]
+            self.assert_malformed(content, f"no {name} record")
+
+    def test_classification_must_match_arrays_and_global(self):
+        content, node = self.good_content()
+        seg = content.config_records["segviz"]
+        cls = json.loads(seg["classification"])
+        del cls["representation.conv.weight"]
+        seg["classification"] = json.dumps(cls)
+        self.assert_malformed(content, "sent but not classified: ['representation.conv.weight']")
+
+        content, node = self.good_content()
+        seg = content.config_records["segviz"]
+        cls = json.loads(seg["classification"])
+        cls["representation.conv.weight"]["batch_norm"] = True
+        seg["classification"] = json.dumps(cls)
+        self.assert_malformed(content, "the global model says")
+
+        content, node = self.good_content()
+        content.config_records["segviz"]["tasks"] = ["spleen"]
+        self.assert_malformed(content, "not one of its tasks")
+
+        content, node = self.good_content()
+        content.config_records["segviz"]["format"] = "segviz-state/2"
+        self.assert_malformed(content, "segviz format")
+
+    def test_arrays_must_be_float32_of_the_global_shape(self):
+        content, node = self.good_content()
+        content.array_records["arrays"]["representation.conv.weight"] = Array(np.zeros((3, 2), np.float32))
+        self.assert_malformed(content, "has shape [3, 2], the global model [2, 3]")
+        content, node = self.good_content()
+        content.array_records["arrays"]["representation.conv.weight"] = Array(np.zeros((2, 3), np.float64))
+        self.assert_malformed(content, "dtype float64")
+
+    def test_num_examples_required(self):
+        content, node = self.good_content()
+        del content.metric_records["metrics"]["num-examples"]
+        self.assert_malformed(content, "metrics has no num-examples")
+        content, node = self.good_content()
+        content.metric_records["metrics"]["num-examples"] = 2.5
+        self.assert_malformed(content, "non-negative integer")
+
+
+class Helpers(Base):
+    def test_settings_defaults_and_checks(self):
+        s = Settings.from_run_config(self.run_config())
+        self.assertEqual((s.strategy, s.weighting, s.min_nodes, s.round_timeout), ("fedbn", "examples", 2, 5.0))
+        with self.assertRaisesRegex(ConfigError, "min-nodes must be at least 1"):
+            Settings.from_run_config(self.run_config(**{"min-nodes": 0}))
+        with self.assertRaisesRegex(ConfigError, "num-server-rounds must be an integer"):
+            Settings.from_run_config(self.run_config(**{"num-server-rounds": 1.5}))
+        with self.assertRaisesRegex(ConfigError, "unknown weighting"):
+            Settings.from_run_config(self.run_config(weighting="by-size"))
+
+    def test_load_initial_model_checks_values(self):
+        c = initial_model()
+        c.tensors["representation.conv.weight"].data[0, 0] = np.nan
+        write_checkpoint(self.model_path, c)
+        with self.assertRaisesRegex(SegVizFormatError, "non-finite"):
+            load_initial_model(self.model_path)
+
+    def test_wait_for_nodes(self):
+        grid = FakeGrid([FakeNode(11, "a", ["liver"], 1, 0.0)])
+        self.assertEqual(wait_for_nodes(grid, 1, 0), [11])
+        with self.assertRaisesRegex(SegVizRunError, "node-wait-timeout = 0 s"):
+            wait_for_nodes(grid, 2, 0)
+
+
+if __name__ == "__main__":
+    unittest.main()
