@@ -34,8 +34,8 @@ struct Args {
     /// generated in OUT/phantoms (once; reused afterwards).
     #[arg(long)]
     data: Option<PathBuf>,
-    /// Settings preset: quick (minutes on a CPU) or paper (the paper's full settings, for a
-    /// GPU).
+    /// Settings preset: quick (minutes on a CPU), paper (the paper's full settings, for a
+    /// GPU) or tiny (seconds; smoke tests).
     #[arg(long, default_value = "quick")]
     preset: String,
     /// Methods, comma separated: baseline, central, central_marginal, fedavg, fedavg_ft,

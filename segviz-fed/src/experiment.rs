@@ -231,13 +231,51 @@ impl ExperimentConfig {
         }
     }
 
-    /// A preset by name: `quick` or `paper`.
+    /// The tiny preset: a U-Net with 4–16 channels on 11.5×11.5×15 mm volumes, 16×16×8
+    /// patches, 2 rounds of 1 local epoch. Seconds per round: for smoke tests and the Flower
+    /// loopback test, not for results.
+    pub fn tiny() -> Self {
+        ExperimentConfig {
+            preset: "tiny".into(),
+            representation: RepresentationConfig::new()
+                .with_channels(vec![4, 8, 16])
+                .with_strides(vec![2, 2]),
+            preprocess: PreprocessConfig {
+                pixdim: [11.5, 11.5, 15.0],
+                a_min: -200.0,
+                a_max: 250.0,
+                pad_multiple: 8,
+                ..PreprocessConfig::default()
+            },
+            training: LocalTrainingConfig {
+                sampler: PatchSamplerConfig {
+                    patch_size: [16, 16, 8],
+                    samples_per_volume: 4,
+                    ..PatchSamplerConfig::default()
+                },
+                augment: Some(AugmentConfig::default()),
+                batch_size: 2,
+                loss: LossKind::DiceCe,
+                learning_rate: 3e-3,
+                min_learning_rate: 1e-4,
+            },
+            window: SlidingWindowConfig::new([32, 32, 16]).with_sw_batch_size(1),
+            rounds: 2,
+            local_epochs: 1,
+            fine_tune_epochs: 1,
+            validation_fraction: 0.34,
+            ..ExperimentConfig::quick()
+        }
+    }
+
+    /// A preset by name: `tiny`, `quick` or `paper`.
     pub fn preset(name: &str) -> Result<Self> {
         match name {
+            "tiny" => Ok(Self::tiny()),
             "quick" => Ok(Self::quick()),
             "paper" => Ok(Self::paper()),
             other => Err(FedError::Config(format!(
-                "unknown preset {other:?} (use quick or paper)"
+                "unknown preset {other:?} (use tiny, quick or paper)"
             ))),
         }
     }

@@ -1,6 +1,8 @@
 //! The arithmetic shared by the strategies: weighted means of tensors and the SegViz
 //! task-head rule.
 
+use std::collections::BTreeMap;
+
 use segviz_core::{ModelState, StateTensor, TensorRole};
 
 use super::Weighting;
@@ -16,8 +18,10 @@ pub fn average(
     weighting: Weighting,
     select: impl Fn(&str, &StateTensor) -> bool,
 ) -> Result<ModelState> {
+    // Sums in f64 (rounded once to f32 at the end), so the result does not depend on how
+    // many clients there are; the Flower server app (flower/) does the same.
+    let mut sums: BTreeMap<String, (Vec<f64>, f64)> = BTreeMap::new();
     let mut out = ModelState::default();
-    let mut weights: std::collections::BTreeMap<String, f64> = Default::default();
     for u in updates {
         let w = match weighting {
             Weighting::Examples => u.num_examples as f64,
@@ -30,32 +34,32 @@ pub fn average(
             if !select(path, t) {
                 continue;
             }
-            let acc = out
-                .tensors
+            let template = out.tensors.entry(path.clone()).or_insert_with(|| StateTensor {
+                data: Vec::new(),
+                ..t.clone()
+            });
+            let (acc, total) = sums
                 .entry(path.clone())
-                .or_insert_with(|| StateTensor {
-                    data: vec![0.0; t.data.len()],
-                    ..t.clone()
-                });
-            if acc.shape != t.shape || acc.data.len() != t.data.len() {
+                .or_insert_with(|| (vec![0.0; t.data.len()], 0.0));
+            if template.shape != t.shape || acc.len() != t.data.len() {
                 return Err(FedError::Round {
                     round,
                     reason: format!(
                         "client {} sent {path} with shape {:?}, others {:?}",
-                        u.client, t.shape, acc.shape
+                        u.client, t.shape, template.shape
                     ),
                 });
             }
-            // Accumulate in f64 for exactness, stored back as f32 below.
-            for (a, v) in acc.data.iter_mut().zip(&t.data) {
-                *a = (*a as f64 + w * *v as f64) as f32;
+            for (a, v) in acc.iter_mut().zip(&t.data) {
+                *a += w * f64::from(*v);
             }
-            *weights.entry(path.clone()).or_insert(0.0) += w;
+            *total += w;
         }
     }
     for (path, t) in out.tensors.iter_mut() {
-        let w = weights.get(path).copied().unwrap_or(1.0);
-        t.data.iter_mut().for_each(|v| *v = (*v as f64 / w) as f32);
+        if let Some((acc, total)) = sums.remove(path) {
+            t.data = acc.into_iter().map(|v| (v / total) as f32).collect();
+        }
     }
     Ok(out)
 }

@@ -1,0 +1,351 @@
+//! The SegViz side of a node: a site's [`SiteClient`] answering Flower `train` and
+//! `evaluate` instructions, with the record layout documented in `docs/flower.md`.
+//!
+//! The node loads what the server sends into its local model (representation + its own
+//! heads; other tasks' heads are ignored), trains with the same code as the in-process
+//! federation, and replies with its model state, the classification of every tensor
+//! (decided by `segviz_core::state` from the module structure), and metrics. Its local state
+//! is saved after every round, so a restarted node keeps its own BatchNorm under FedBN.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use burn::tensor::Device;
+use segviz_core::checkpoint::{read_checkpoint, write_checkpoint, Checkpoint};
+use segviz_core::{ModelState, SegVizConfig, StateTensor, TensorRole};
+use segviz_fed::experiment::ExperimentConfig;
+use segviz_fed::{FederatedClient, FitInstructions, SiteClient, SiteData};
+use serde::Serialize;
+
+use crate::error::{FlowerError, Result};
+use crate::node::InstructionHandler;
+use crate::protocol::records::{
+    ArrayRecord, ConfigRecord, ConfigValue, MetricRecord, MetricValue, Record, RecordDict, Tensor,
+};
+
+/// Name of the state format announced in the `segviz` record.
+pub const STATE_FORMAT: &str = "segviz-state/1";
+
+/// A site answering Flower instructions. See the module documentation.
+pub struct SegVizApp {
+    client: SiteClient,
+    config: SegVizConfig,
+    work_dir: PathBuf,
+    restored_run: Option<u64>,
+}
+
+/// How a site's data is prepared and its model trained (must match the server's model).
+#[derive(Debug, Clone)]
+pub struct SiteSettings {
+    /// The experiment settings (model, preprocessing, training, seed).
+    pub experiment: ExperimentConfig,
+    /// Where splits, the preprocessing cache, the node key and local states are kept.
+    pub work_dir: PathBuf,
+}
+
+impl SegVizApp {
+    /// Opens the site at `site_dir` (any layout `segviz_data` reads) and builds its local
+    /// model on `device` (an autodiff device).
+    pub fn open(site_dir: &Path, settings: &SiteSettings, device: &Device) -> Result<Self> {
+        let e = &settings.experiment;
+        e.validate()?;
+        let work = &settings.work_dir;
+        let site = SiteData::open(
+            site_dir,
+            e.preprocess.clone(),
+            e.validation_fraction,
+            e.seed,
+            &work.join("splits"),
+            &work.join("cache"),
+        )
+        .map_err(segviz_fed::FedError::from)?;
+        if site.split.train.is_empty() {
+            return Err(FlowerError::Config(format!(
+                "{}: no training case after the split",
+                site_dir.display()
+            )));
+        }
+        let tasks: Vec<String> = site
+            .annotated()
+            .iter()
+            .map(|o| o.name().to_string())
+            .collect();
+        let config = SegVizConfig::new(e.representation.clone(), tasks);
+        let model = config.init(device, e.seed)?;
+        let client = SiteClient::new(
+            Arc::new(site),
+            &model,
+            e.training.clone(),
+            e.window.clone(),
+            e.seed,
+        )?;
+        Ok(SegVizApp {
+            client,
+            config,
+            work_dir: work.clone(),
+            restored_run: None,
+        })
+    }
+
+    /// The site's name.
+    pub fn site_name(&self) -> String {
+        self.client.info().name
+    }
+
+    /// The tasks (organs) this site owns heads for.
+    pub fn tasks(&self) -> Vec<String> {
+        self.client.info().tasks
+    }
+
+    /// The node's current local model state.
+    pub fn local_state(&self) -> ModelState {
+        self.client.local_state()
+    }
+
+    fn state_path(&self, run_id: u64) -> PathBuf {
+        self.work_dir
+            .join("runs")
+            .join(format!("run-{run_id}"))
+            .join("local.segviz")
+    }
+
+    /// On the first instruction of a run, restores the local state saved by an earlier
+    /// process of this node (if any).
+    fn restore(&mut self, run_id: u64) -> Result<()> {
+        if self.restored_run == Some(run_id) {
+            return Ok(());
+        }
+        let path = self.state_path(run_id);
+        if path.exists() {
+            let saved = read_checkpoint(&path)?;
+            self.client.restore_local_state(&saved.state)?;
+        }
+        self.restored_run = Some(run_id);
+        Ok(())
+    }
+
+    fn save(&self, run_id: u64, round: usize) -> Result<()> {
+        write_checkpoint(
+            &self.state_path(run_id),
+            &Checkpoint {
+                config: self.config.clone(),
+                state: self.client.local_state(),
+                metadata: serde_json::json!({
+                    "run_id": run_id,
+                    "round": round,
+                    "client": self.site_name(),
+                }),
+            },
+        )?;
+        Ok(())
+    }
+
+    /// Answers a `train` instruction.
+    pub fn train(&mut self, run_id: u64, content: &RecordDict) -> Result<RecordDict> {
+        self.restore(run_id)?;
+        let config = required_config(content)?;
+        let round = positive(config, "server-round")?;
+        let total_rounds = positive(config, "num-server-rounds")?.max(round);
+        let local_epochs = positive(config, "local-epochs")?;
+        let strategy = lookup(config, "strategy").and_then(ConfigValue::as_str).unwrap_or("fedavg");
+        let mut fit_config = BTreeMap::new();
+        if strategy == "fedprox" {
+            let mu = lookup(config, "proximal-mu")
+                .and_then(ConfigValue::as_float)
+                .unwrap_or(0.0);
+            fit_config.insert("proximal_mu".to_string(), mu);
+        }
+        let state = self.received_state(content)?;
+        let update = self.client.fit(
+            &FitInstructions {
+                round,
+                total_rounds,
+                state,
+                local_epochs,
+                config: fit_config,
+            },
+            None,
+        )?;
+        self.save(run_id, round)?;
+        let evaluation = self.client.evaluate(round, &ModelState::default())?;
+
+        let mut metrics: MetricRecord = vec![
+            ("num-examples".into(), MetricValue::Int(update.num_examples as i64)),
+            (
+                "loss".into(),
+                MetricValue::Float(update.metrics.get("loss").copied().unwrap_or(f64::NAN)),
+            ),
+            (
+                "steps".into(),
+                MetricValue::Int(update.metrics.get("steps").copied().unwrap_or(0.0) as i64),
+            ),
+        ];
+        metrics.extend(
+            evaluation
+                .metrics
+                .iter()
+                .map(|(k, v)| (k.clone(), MetricValue::Float(*v))),
+        );
+        Ok(RecordDict {
+            records: vec![
+                ("arrays".into(), Record::Arrays(to_arrays(&update.state))),
+                ("metrics".into(), Record::Metrics(metrics)),
+                (
+                    "segviz".into(),
+                    Record::Config(self.description(&update.state)?),
+                ),
+            ],
+        })
+    }
+
+    /// Answers an `evaluate` instruction: loads the sent tensors, returns metrics only.
+    pub fn evaluate(&mut self, run_id: u64, content: &RecordDict) -> Result<RecordDict> {
+        self.restore(run_id)?;
+        let round = content
+            .config("config")
+            .and_then(|c| lookup(c, "server-round"))
+            .and_then(ConfigValue::as_int)
+            .unwrap_or(0)
+            .max(0) as usize;
+        let state = self.received_state(content)?;
+        let evaluation = self.client.evaluate(round, &state)?;
+        let mut metrics: MetricRecord = vec![(
+            "num-examples".into(),
+            MetricValue::Int(evaluation.num_examples as i64),
+        )];
+        metrics.extend(
+            evaluation
+                .metrics
+                .iter()
+                .map(|(k, v)| (k.clone(), MetricValue::Float(*v))),
+        );
+        Ok(RecordDict {
+            records: vec![("metrics".into(), Record::Metrics(metrics))],
+        })
+    }
+
+    /// The tensors of the `arrays` record that this node's model has, with the model's own
+    /// classification. Heads of other tasks are skipped; any other unknown tensor, or a
+    /// shape mismatch, means the server's model is not this node's: an error.
+    fn received_state(&self, content: &RecordDict) -> Result<ModelState> {
+        let arrays = content.arrays("arrays").ok_or_else(|| {
+            FlowerError::protocol("the instruction has no `arrays` record".to_string())
+        })?;
+        let layout = self.client.local_state();
+        let mut state = ModelState::default();
+        for (path, tensor) in arrays {
+            let Some(own) = layout.tensors.get(path) else {
+                if path.starts_with("heads.") {
+                    continue;
+                }
+                return Err(FlowerError::Config(format!(
+                    "the server sent {path}, which this node's model does not have: the \
+                     server's model configuration differs from the node's (--preset)"
+                )));
+            };
+            if own.shape != tensor.shape {
+                return Err(FlowerError::Config(format!(
+                    "{path}: the server sent shape {:?}, this node's model has {:?} (check \
+                     --preset on both sides)",
+                    tensor.shape, own.shape
+                )));
+            }
+            state.tensors.insert(
+                path.clone(),
+                StateTensor {
+                    data: tensor.values.clone(),
+                    ..own.clone()
+                },
+            );
+        }
+        Ok(state)
+    }
+
+    /// The `segviz` record: who this is and what every tensor is.
+    fn description(&self, state: &ModelState) -> Result<ConfigRecord> {
+        #[derive(Serialize)]
+        struct Class<'a> {
+            role: &'a TensorRole,
+            batch_norm: bool,
+            trainable: bool,
+        }
+        let classes: BTreeMap<&String, Class<'_>> = state
+            .tensors
+            .iter()
+            .map(|(p, t)| {
+                (
+                    p,
+                    Class {
+                        role: &t.role,
+                        batch_norm: t.batch_norm,
+                        trainable: t.trainable,
+                    },
+                )
+            })
+            .collect();
+        let classification = serde_json::to_string(&classes)
+            .map_err(|e| FlowerError::protocol(format!("cannot encode the classification: {e}")))?;
+        Ok(vec![
+            ("client".into(), ConfigValue::Str(self.site_name())),
+            ("tasks".into(), ConfigValue::StrList(self.tasks())),
+            ("classification".into(), ConfigValue::Str(classification)),
+            ("format".into(), ConfigValue::Str(STATE_FORMAT.into())),
+        ])
+    }
+}
+
+impl InstructionHandler for SegVizApp {
+    fn handle(
+        &mut self,
+        run_id: u64,
+        message_type: &str,
+        content: &RecordDict,
+    ) -> std::result::Result<RecordDict, String> {
+        let outcome = match message_type {
+            "train" => self.train(run_id, content),
+            "evaluate" => self.evaluate(run_id, content),
+            other => Err(FlowerError::protocol(format!(
+                "message type {other:?} is not supported by SegViz nodes (train, evaluate)"
+            ))),
+        };
+        outcome.map_err(|e| format!("{}: {e}", self.site_name()))
+    }
+}
+
+/// A model state as an `ArrayRecord` (names are the parameter paths).
+pub fn to_arrays(state: &ModelState) -> ArrayRecord {
+    state
+        .tensors
+        .iter()
+        .map(|(path, t)| {
+            (
+                path.clone(),
+                Tensor {
+                    shape: t.shape.clone(),
+                    values: t.data.clone(),
+                },
+            )
+        })
+        .collect()
+}
+
+fn required_config(content: &RecordDict) -> Result<&ConfigRecord> {
+    content
+        .config("config")
+        .ok_or_else(|| FlowerError::protocol("the instruction has no `config` record".to_string()))
+}
+
+fn lookup<'a>(config: &'a ConfigRecord, key: &str) -> Option<&'a ConfigValue> {
+    config.iter().find(|(k, _)| k == key).map(|(_, v)| v)
+}
+
+fn positive(config: &ConfigRecord, key: &str) -> Result<usize> {
+    match lookup(config, key).and_then(ConfigValue::as_int) {
+        Some(v) if v >= 1 => Ok(v as usize),
+        Some(v) => Err(FlowerError::protocol(format!("config {key} = {v}, expected ≥ 1"))),
+        None => Err(FlowerError::protocol(format!(
+            "the instruction's config has no integer {key}"
+        ))),
+    }
+}
