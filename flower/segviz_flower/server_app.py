@@ -441,10 +441,13 @@ class SegVizStrategy(FedAvg):
             self._write_history()
             raise SegVizRunError(str(e)) from None
 
-        losses = [u.metrics["loss"] for u in updates if math.isfinite(u.metrics.get("loss", math.nan))]
-        train_loss = sum(losses) / len(losses) if losses else None
+        # A node may report a NaN loss (e.g. no training step): null in the history, and
+        # left out of the round's mean loss.
+        losses = {u.client: _finite_or_none(u.metrics.get("loss")) for u in updates}
+        finite = [v for v in losses.values() if v is not None]
+        train_loss = sum(finite) / len(finite) if finite else None
         self._round["aggregated"] = [
-            {"node_id": node, "client": u.client, "num_examples": u.num_examples, "loss": u.metrics.get("loss")}
+            {"node_id": node, "client": u.client, "num_examples": u.num_examples, "loss": losses[u.client]}
             for node, u in accepted
         ]
         self._round["train_loss"] = train_loss
@@ -558,6 +561,10 @@ class SegVizStrategy(FedAvg):
             ),
         )
         log(INFO, "Round %d: saved %s and %s", server_round, path, self.settings.out_dir / HISTORY_FILE)
+
+
+def _finite_or_none(value: Any) -> float | None:
+    return float(value) if isinstance(value, (int, float)) and math.isfinite(value) else None
 
 
 def _json_default(value: Any) -> Any:

@@ -6,6 +6,7 @@ handling of failed, malformed, missing and duplicate replies, and what is saved 
 
 import json
 import logging
+import math
 import tempfile
 import unittest
 from pathlib import Path
@@ -104,7 +105,8 @@ class FakeNode:
             sent[p] = Tensor(np.full(sent[p].data.shape, np.nan, np.float32), sent[p].cls)
         content = RecordDict({
             "arrays": ArrayRecord({p: Array(t.data) for p, t in sent.items()}),
-            "metrics": MetricRecord({"num-examples": self.examples, "loss": 1.0 + self.shift, "steps": 3}),
+            "metrics": MetricRecord({"num-examples": self.examples, "steps": 3,
+                                     "loss": math.nan if self.behaviour == "nan-loss" else 1.0 + self.shift}),
             "segviz": ConfigRecord({"client": self.client, "tasks": self.tasks,
                                     "classification": classification_to_json(sent), "format": "segviz-state/1"}),
         })
@@ -211,6 +213,12 @@ class WholeRun(Base):
         np.testing.assert_array_equal(final.tensors["heads.kidney.conv.weight"].data, g["heads.kidney.conv.weight"].data)
         # FedBN: the global BN is the mean of the nodes' local BN: liver moved 1+1, spleen 2+2.
         np.testing.assert_allclose(final.tensors["representation.norm.running_mean"].data, (4 * 2 + 2 * 4) / 6)
+
+    def test_nan_loss_is_null_in_the_history(self):
+        nodes = [FakeNode(11, "a", ["liver"], 1, 0.5, "nan-loss"), FakeNode(12, "b", ["spleen"], 1, 0.25)]
+        history, _ = self.run_app(nodes, **{"num-server-rounds": 1})
+        self.assertEqual([(a["client"], a["loss"]) for a in history[0]["aggregated"]], [("a", None), ("b", 1.25)])
+        self.assertEqual(history[0]["train_loss"], 1.25)
 
     def test_fedprox_sends_mu(self):
         nodes = [FakeNode(11, "a", ["liver"], 1, 0.5), FakeNode(12, "b", ["spleen"], 1, 0.5)]
