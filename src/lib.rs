@@ -4,7 +4,8 @@
 //!
 //! This root crate re-exports the three workspace crates — [`core`] (model, losses,
 //! metrics, inference), [`data`] (NIfTI, preprocessing, datasets, phantoms) and [`fed`]
-//! (strategies, clients, server, experiments) — and chooses the compute backend through
+//! (strategies, clients, server, experiments), plus [`flower`] (a site as a native Flower
+//! node) — and chooses the compute backend through
 //! cargo features:
 //!
 //! | feature | device | builds offline |
@@ -22,6 +23,7 @@ pub mod figures;
 pub use segviz_core as core;
 pub use segviz_data as data;
 pub use segviz_fed as fed;
+pub use segviz_flower as flower;
 
 use burn::tensor::Device;
 
