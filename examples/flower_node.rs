@@ -82,7 +82,10 @@ fn run(args: &Args) -> Result<(), Box<dyn std::error::Error>> {
         .work_dir
         .clone()
         .unwrap_or_else(|| PathBuf::from("runs/flower_node").join(&site_folder));
-    let key_path = args.key.clone().unwrap_or_else(|| work_dir.join("node-key.pem"));
+    let key_path = args
+        .key
+        .clone()
+        .unwrap_or_else(|| work_dir.join("node-key.pem"));
     let transport = if args.insecure {
         Transport::Insecure
     } else {

@@ -28,7 +28,11 @@ struct Args {
     #[arg(long, default_value_t = 0)]
     seed: u64,
     /// Task heads, comma separated (organs: liver, spleen, pancreas, kidney).
-    #[arg(long, value_delimiter = ',', default_value = "liver,spleen,pancreas,kidney")]
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "liver,spleen,pancreas,kidney"
+    )]
     organs: Vec<String>,
     /// Output model file.
     #[arg(long)]

@@ -71,7 +71,8 @@ log "SuperLink on 127.0.0.1:$PORT"
 flower-superlink --insecure --host 127.0.0.1 --port "$PORT" \
   --disable-runtime-dependency-installation > "$WORK/logs/superlink.log" 2>&1 &
 PIDS+=($!)
-wait_for 60 "the SuperLink" curl -sf "http://127.0.0.1:$PORT/health" -o /dev/null
+healthy() { python3 -c "import urllib.request,sys; urllib.request.urlopen('http://127.0.0.1:$PORT/health', timeout=2)" 2>/dev/null; }
+wait_for 60 "the SuperLink" healthy
 
 NODE_PIDS=()
 start_node() { # start_node INDEX
@@ -103,13 +104,15 @@ SEGVIZ_SUPERLINK="127.0.0.1:$PORT" cargo test -q -p segviz-flower --test superli
 PROBE=$!
 PIDS+=($PROBE)
 wait_for 120 "the probe to connect" grep -q "probe: connected" "$WORK/logs/probe.log"
-flwr run flower/ loopback --stream -c "initial-model=\"$WORK/initial.segviz\" out-dir=\"$WORK/runB\" num-server-rounds=3 local-epochs=1 strategy=\"fedbn\" min-nodes=5 round-timeout=120" \
+flwr run flower/ loopback --stream -c "initial-model=\"$WORK/initial.segviz\" out-dir=\"$WORK/runB\" num-server-rounds=3 local-epochs=40 strategy=\"fedbn\" min-nodes=5 round-timeout=180" \
   > "$WORK/logs/runB.log" 2>&1 &
 RUN_B=$!
 PIDS+=($RUN_B)
-runs_b() { grep -c "train instruction received" "$WORK/logs/node3.log" || true; }
-wait_for 120 "node 3 to start training in run B" test "$(runs_b)" -ge 3
+node3_training_in_run_b() { [ "$(grep -c "train instruction received" "$WORK/logs/node3.log")" -ge 3 ]; }
+wait_for 120 "node 3 to start training in run B" node3_training_in_run_b
 kill -9 "${NODE_PIDS[3]}"
+[ "$(grep -c "train reply sent" "$WORK/logs/node3.log")" -eq 2 ] \
+  || fail "node 3 finished its round-1 training before it could be killed"
 log "killed node 3 (pid ${NODE_PIDS[3]}) during its round-1 training"
 wait_for 120 "run B round 1 to close" test -f "$WORK/runB/history.json"
 start_node 3

@@ -148,7 +148,9 @@ impl SegVizApp {
         let round = positive(config, "server-round")?;
         let total_rounds = positive(config, "num-server-rounds")?.max(round);
         let local_epochs = positive(config, "local-epochs")?;
-        let strategy = lookup(config, "strategy").and_then(ConfigValue::as_str).unwrap_or("fedavg");
+        let strategy = lookup(config, "strategy")
+            .and_then(ConfigValue::as_str)
+            .unwrap_or("fedavg");
         let mut fit_config = BTreeMap::new();
         if strategy == "fedprox" {
             let mu = lookup(config, "proximal-mu")
@@ -171,7 +173,10 @@ impl SegVizApp {
         let evaluation = self.client.evaluate(round, &ModelState::default())?;
 
         let mut metrics: MetricRecord = vec![
-            ("num-examples".into(), MetricValue::Int(update.num_examples as i64)),
+            (
+                "num-examples".into(),
+                MetricValue::Int(update.num_examples as i64),
+            ),
             (
                 "loss".into(),
                 MetricValue::Float(update.metrics.get("loss").copied().unwrap_or(f64::NAN)),
@@ -343,7 +348,9 @@ fn lookup<'a>(config: &'a ConfigRecord, key: &str) -> Option<&'a ConfigValue> {
 fn positive(config: &ConfigRecord, key: &str) -> Result<usize> {
     match lookup(config, key).and_then(ConfigValue::as_int) {
         Some(v) if v >= 1 => Ok(v as usize),
-        Some(v) => Err(FlowerError::protocol(format!("config {key} = {v}, expected ≥ 1"))),
+        Some(v) => Err(FlowerError::protocol(format!(
+            "config {key} = {v}, expected ≥ 1"
+        ))),
         None => Err(FlowerError::protocol(format!(
             "the instruction's config has no integer {key}"
         ))),

@@ -80,13 +80,25 @@ impl FlowerError {
         FlowerError::Protocol(reason.into())
     }
 
-    /// Whether reconnecting (re-registering) may help: the SuperLink was unreachable or no
-    /// longer knows this node (for example after it restarted).
+    /// Whether reconnecting (re-registering) may help: the SuperLink was unreachable, is
+    /// restarting behind a proxy, or no longer knows this node (for example after it
+    /// restarted with a fresh state).
     pub fn is_connection_lost(&self) -> bool {
         match self {
             FlowerError::Unreachable { .. } | FlowerError::Unauthorized { .. } => true,
-            FlowerError::Rejected { status, .. } => *status >= 500 || *status == 404,
+            FlowerError::Rejected { status, .. } => matches!(status, 404 | 502 | 503 | 504),
             _ => false,
         }
+    }
+
+    /// Whether a failed connection attempt is worth retrying: anything the SuperLink said
+    /// or failed to say, but not a local configuration, file or protocol problem.
+    pub fn is_retryable(&self) -> bool {
+        matches!(
+            self,
+            FlowerError::Unreachable { .. }
+                | FlowerError::Unauthorized { .. }
+                | FlowerError::Rejected { .. }
+        )
     }
 }

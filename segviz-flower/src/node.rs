@@ -103,6 +103,7 @@ pub struct FlowerNode<H> {
     client: FleetClient,
     handler: H,
     options: NodeOptions,
+    last_push: Option<Instant>,
 }
 
 impl<H: InstructionHandler> FlowerNode<H> {
@@ -112,6 +113,7 @@ impl<H: InstructionHandler> FlowerNode<H> {
             client,
             handler,
             options,
+            last_push: None,
         }
     }
 
@@ -124,10 +126,17 @@ impl<H: InstructionHandler> FlowerNode<H> {
     /// reconnecting cannot fix. Connection losses are retried forever with backoff.
     pub fn run(&mut self, stop: &AtomicBool, mut on_event: impl FnMut(NodeEvent)) -> Result<()> {
         let mut backoff = Duration::from_secs(1);
+        let mut previous: Option<u64> = None;
         while !stop.load(Ordering::SeqCst) {
+            if let Some(old) = previous.take() {
+                // Best effort: a SuperLink that still knows the old session frees it.
+                let _ = self.client.deactivate(old);
+            }
             let node_id = match self.connect() {
                 Ok(id) => id,
-                Err(e) if e.is_connection_lost() => {
+                // E.g. a restarted node whose previous process the SuperLink still counts
+                // as online: activation works once its heartbeat deadline has passed.
+                Err(e) if e.is_retryable() => {
                     on_event(NodeEvent::Reconnecting {
                         reason: e.to_string(),
                         wait: backoff,
@@ -150,6 +159,7 @@ impl<H: InstructionHandler> FlowerNode<H> {
             match outcome {
                 Ok(()) => break,
                 Err(e) if e.is_connection_lost() => {
+                    previous = Some(node_id);
                     on_event(NodeEvent::Reconnecting {
                         reason: e.to_string(),
                         wait: backoff,
@@ -192,6 +202,14 @@ impl<H: InstructionHandler> FlowerNode<H> {
     ) -> Result<()> {
         loop {
             if stop.load(Ordering::SeqCst) {
+                // The SuperLink replaces the reply of a node that went offline before the
+                // server app collected it; give the app time to collect the last one.
+                if let Some(at) = self.last_push {
+                    let settle = Duration::from_secs(5);
+                    if at.elapsed() < settle {
+                        std::thread::sleep(settle - at.elapsed());
+                    }
+                }
                 self.leave(node_id);
                 on_event(NodeEvent::Left);
                 return Ok(());
@@ -203,7 +221,17 @@ impl<H: InstructionHandler> FlowerNode<H> {
                     message: "the SuperLink no longer knows this node".into(),
                 });
             }
-            let pulled = self.client.pull_messages(node_id)?;
+            let pulled = match self.client.pull_messages(node_id) {
+                Ok(pulled) => pulled,
+                Err(e) if e.is_connection_lost() => return Err(e),
+                Err(e) => {
+                    on_event(NodeEvent::Skipped {
+                        reason: format!("pulling instructions failed: {e}"),
+                    });
+                    sleep_unless(stop, self.options.poll_interval * 4);
+                    continue;
+                }
+            };
             match (
                 pulled.messages_list.into_iter().next(),
                 pulled.message_object_trees.into_iter().next(),
@@ -247,11 +275,24 @@ impl<H: InstructionHandler> FlowerNode<H> {
                     reason: reason.clone(),
                 });
                 let reply = build_reply(&metadata, node_id, Err(&reason))?;
-                return self.push(node_id, run_id, reply);
+                return match self.push(node_id, run_id, reply) {
+                    Err(e) if e.is_connection_lost() => Err(e),
+                    _ => Ok(()),
+                };
             }
         };
-        self.client
-            .confirm_received(node_id, run_id, &metadata.message_id)?;
+        if let Err(e) = self
+            .client
+            .confirm_received(node_id, run_id, &metadata.message_id)
+        {
+            if e.is_connection_lost() {
+                return Err(e);
+            }
+            on_event(NodeEvent::Skipped {
+                reason: format!("cannot confirm {}: {e}", metadata.message_id),
+            });
+            return Ok(());
+        }
         on_event(NodeEvent::Received {
             run_id,
             message_type: metadata.message_type.clone(),
@@ -279,7 +320,16 @@ impl<H: InstructionHandler> FlowerNode<H> {
             return Ok(());
         }
         let reply = build_reply(&metadata, node_id, outcome.as_ref().map_err(String::as_str))?;
-        self.push(node_id, run_id, reply)?;
+        match self.push(node_id, run_id, reply) {
+            Ok(()) => {}
+            Err(e) if e.is_connection_lost() => return Err(e),
+            Err(e) => {
+                on_event(NodeEvent::Skipped {
+                    reason: format!("the reply to {} was refused: {e}", metadata.message_id),
+                });
+                return Ok(());
+            }
+        }
         on_event(NodeEvent::Replied {
             run_id,
             message_type: metadata.message_type,
@@ -316,7 +366,7 @@ impl<H: InstructionHandler> FlowerNode<H> {
         Ok(objects)
     }
 
-    fn push(&self, node_id: u64, run_id: u64, reply: Reply) -> Result<()> {
+    fn push(&mut self, node_id: u64, run_id: u64, reply: Reply) -> Result<()> {
         let (wanted, session) =
             self.client
                 .push_message(node_id, reply.message, reply.tree.clone(), 0.0)?;
@@ -332,6 +382,7 @@ impl<H: InstructionHandler> FlowerNode<H> {
             self.client
                 .push_object(node_id, run_id, &session, &id, content.to_vec())?;
         }
+        self.last_push = Some(Instant::now());
         Ok(())
     }
 }

@@ -95,7 +95,10 @@ impl NodeIdentity {
         [
             (PUBLIC_KEY_HEADER, BASE64.encode(self.public_pem.as_bytes())),
             (TIMESTAMP_HEADER, timestamp.to_string()),
-            (SIGNATURE_HEADER, BASE64.encode(signature.to_der().as_bytes())),
+            (
+                SIGNATURE_HEADER,
+                BASE64.encode(signature.to_der().as_bytes()),
+            ),
         ]
     }
 }
@@ -134,8 +137,12 @@ mod tests {
     #[test]
     fn headers_carry_a_verifiable_signature_of_the_timestamp() {
         let identity = NodeIdentity::generate().unwrap();
-        let [(k, key), (t, stamp), (s, sig)] = identity.headers_at("2026-11-29T12:00:00.000000+00:00");
-        assert_eq!((k, t, s), (PUBLIC_KEY_HEADER, TIMESTAMP_HEADER, SIGNATURE_HEADER));
+        let [(k, key), (t, stamp), (s, sig)] =
+            identity.headers_at("2026-11-29T12:00:00.000000+00:00");
+        assert_eq!(
+            (k, t, s),
+            (PUBLIC_KEY_HEADER, TIMESTAMP_HEADER, SIGNATURE_HEADER)
+        );
         let pem = String::from_utf8(BASE64.decode(key).unwrap()).unwrap();
         assert!(pem.starts_with("-----BEGIN PUBLIC KEY-----"));
         let verifying = VerifyingKey::from_public_key_pem(&pem).unwrap();

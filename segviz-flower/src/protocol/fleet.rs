@@ -48,7 +48,10 @@ impl FleetClient {
         let mut config = ureq::Agent::config_builder()
             .http_status_as_error(false)
             .timeout_global(Some(Duration::from_secs(300)))
-            .user_agent(format!("segviz-flower/{} (flwr {FLWR_VERSION})", env!("CARGO_PKG_VERSION")));
+            .user_agent(format!(
+                "segviz-flower/{} (flwr {FLWR_VERSION})",
+                env!("CARGO_PKG_VERSION")
+            ));
         let scheme = match transport {
             Transport::Insecure => "http",
             Transport::Tls { root_ca } => {
@@ -77,7 +80,11 @@ impl FleetClient {
     }
 
     /// One call: `rpc` is the kebab-case Fleet method (`pull-messages`, …).
-    pub fn call<Req: Message, Resp: Message + Default>(&self, rpc: &str, request: &Req) -> Result<Resp> {
+    pub fn call<Req: Message, Resp: Message + Default>(
+        &self,
+        rpc: &str,
+        request: &Req,
+    ) -> Result<Resp> {
         self.call_with_headers(rpc, request, &self.identity.headers())
     }
 
@@ -98,13 +105,14 @@ impl FleetClient {
         for (name, value) in auth {
             builder = builder.header(*name, value);
         }
-        let mut response = builder
-            .send(request.encode_to_vec())
-            .map_err(|e| FlowerError::Unreachable {
-                address: self.address.to_string(),
-                rpc: rpc.to_string(),
-                reason: e.to_string(),
-            })?;
+        let mut response =
+            builder
+                .send(request.encode_to_vec())
+                .map_err(|e| FlowerError::Unreachable {
+                    address: self.address.to_string(),
+                    rpc: rpc.to_string(),
+                    reason: e.to_string(),
+                })?;
         let status = response.status().as_u16();
         let body = response
             .body_mut()
@@ -178,7 +186,12 @@ impl FleetClient {
     }
 
     /// One object's bytes: `Ok(None)` while it is not available yet.
-    pub fn pull_object(&self, node_id: u64, run_id: u64, object_id: &str) -> Result<Option<Vec<u8>>> {
+    pub fn pull_object(
+        &self,
+        node_id: u64,
+        run_id: u64,
+        object_id: &str,
+    ) -> Result<Option<Vec<u8>>> {
         let r: proto::PullObjectResponse = self.call(
             "pull-object",
             &proto::PullObjectRequest {
@@ -265,8 +278,10 @@ impl FleetClient {
 
     /// Removes the node from the SuperLink.
     pub fn unregister(&self, node_id: u64) -> Result<()> {
-        let _: proto::UnregisterNodeFleetResponse =
-            self.call("unregister-node", &proto::UnregisterNodeFleetRequest { node_id })?;
+        let _: proto::UnregisterNodeFleetResponse = self.call(
+            "unregister-node",
+            &proto::UnregisterNodeFleetRequest { node_id },
+        )?;
         Ok(())
     }
 }
@@ -297,7 +312,10 @@ fn error_text(body: &[u8]) -> String {
     match serde_json::from_slice::<serde_json::Value>(body) {
         Ok(v) => ["message", "detail", "error"]
             .iter()
-            .find_map(|k| v.get(*k).map(|m| m.as_str().map(str::to_string).unwrap_or(m.to_string())))
+            .find_map(|k| {
+                v.get(*k)
+                    .map(|m| m.as_str().map(str::to_string).unwrap_or(m.to_string()))
+            })
             .unwrap_or_else(|| text.to_string()),
         Err(_) => text.chars().take(500).collect(),
     }

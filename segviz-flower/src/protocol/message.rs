@@ -110,10 +110,13 @@ pub fn build_reply(
     .encode_to_vec();
     let tree = objects.add("Message", children, &body);
     metadata.message_id = tree.object_id.clone();
+    // In push-messages the content travels as objects; the message itself carries an empty
+    // RecordDict (or nothing, for an error reply), as the SuperLink expects.
+    let content = error.is_none().then(proto::RecordDict::default);
     Ok(Reply {
         message: proto::Message {
             metadata: Some(metadata),
-            content: None,
+            content,
             error,
         },
         tree,
@@ -162,7 +165,10 @@ mod tests {
             .iter()
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect();
-        assert_eq!(instruction_content(&m.message_id, &objects).unwrap(), content);
+        assert_eq!(
+            instruction_content(&m.message_id, &objects).unwrap(),
+            content
+        );
     }
 
     #[test]

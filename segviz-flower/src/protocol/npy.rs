@@ -121,8 +121,7 @@ mod tests {
     fn reads_what_numpy_writes() {
         // np.save(b, np.arange(3, dtype=np.float64).reshape(1, 3)) with NumPy 2.4.
         let mut bytes = b"\x93NUMPY\x01\x00v\x00".to_vec();
-        let mut header =
-            "{'descr': '<f8', 'fortran_order': False, 'shape': (1, 3), }".to_string();
+        let mut header = "{'descr': '<f8', 'fortran_order': False, 'shape': (1, 3), }".to_string();
         header.push_str(&" ".repeat(118 - header.len() - 1));
         header.push('\n');
         bytes.extend_from_slice(header.as_bytes());

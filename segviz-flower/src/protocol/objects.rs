@@ -65,9 +65,13 @@ pub fn parse(content: &[u8]) -> Result<ParsedObject<'_>> {
     let (Some(type_name), Some(children), Some(length), None) =
         (parts.next(), parts.next(), parts.next(), parts.next())
     else {
-        return Err(bad(&format!("header {header:?} is not '<type> <children> <length>'")));
+        return Err(bad(&format!(
+            "header {header:?} is not '<type> <children> <length>'"
+        )));
     };
-    let length: usize = length.parse().map_err(|_| bad("body length not a number"))?;
+    let length: usize = length
+        .parse()
+        .map_err(|_| bad("body length not a number"))?;
     let body = &content[split + 1..];
     if body.len() != length {
         return Err(bad(&format!(
@@ -200,6 +204,9 @@ mod tests {
         let parent = store.add("Array", vec![a.clone(), b], b"{}");
         assert_eq!(parent.children.len(), 1);
         assert_eq!(store.len(), 2);
-        assert_eq!(post_order(&parent), vec![a.object_id, parent.object_id.clone()]);
+        assert_eq!(
+            post_order(&parent),
+            vec![a.object_id, parent.object_id.clone()]
+        );
     }
 }

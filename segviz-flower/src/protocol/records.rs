@@ -522,7 +522,10 @@ mod tests {
         assert_eq!(array.children.len(), 3);
         let objects: HashMap<String, Vec<u8>> =
             store.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
-        assert_eq!(RecordDict::load(&tree.object_id, &objects).unwrap(), content);
+        assert_eq!(
+            RecordDict::load(&tree.object_id, &objects).unwrap(),
+            content
+        );
     }
 
     #[test]
