@@ -1,0 +1,177 @@
+//! The Flower server app's aggregation (Python, `flower/`) gives the same global model as
+//! the Rust `AggregationStrategy` on the same saved updates.
+//!
+//! Needs a Python with numpy: set `SEGVIZ_FLOWER_PYTHON` (`.ci/run` points it at the flwr
+//! virtual environment); without it the test prints why and skips.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use segviz_core::checkpoint::{read_checkpoint, write_checkpoint, Checkpoint};
+use segviz_core::{ModelState, RepresentationConfig, SegVizConfig};
+use segviz_fed::{AggregationStrategy, ClientUpdate, FedAvg, FedBn, Weighting};
+
+fn tempdir(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("segviz-parity-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+fn config() -> SegVizConfig {
+    SegVizConfig::new(
+        RepresentationConfig::new()
+            .with_channels(vec![2, 4])
+            .with_strides(vec![2]),
+        vec!["liver".into(), "spleen".into(), "kidney".into()],
+    )
+}
+
+/// A client's state: the global restricted to its tasks, moved by a client-specific amount.
+fn update(
+    global: &ModelState,
+    client: &str,
+    tasks: &[&str],
+    examples: usize,
+    k: f32,
+) -> ClientUpdate {
+    let mut state = global.filter(|_, t| match &t.role {
+        segviz_core::TensorRole::Representation => true,
+        segviz_core::TensorRole::Head(h) => tasks.contains(&h.as_str()),
+    });
+    for (j, t) in state.tensors.values_mut().enumerate() {
+        for (i, v) in t.data.iter_mut().enumerate() {
+            *v += 0.01 * ((i as f32 * 0.37 + j as f32) * k).sin();
+        }
+    }
+    ClientUpdate {
+        client: client.into(),
+        tasks: tasks.iter().map(|s| s.to_string()).collect(),
+        num_examples: examples,
+        state,
+        metrics: Default::default(),
+    }
+}
+
+fn save(path: &Path, config: &SegVizConfig, state: &ModelState, metadata: serde_json::Value) {
+    write_checkpoint(
+        path,
+        &Checkpoint {
+            config: config.clone(),
+            state: state.clone(),
+            metadata,
+        },
+    )
+    .unwrap();
+}
+
+#[test]
+fn python_and_rust_aggregate_saved_updates_identically() {
+    let Ok(python) = std::env::var("SEGVIZ_FLOWER_PYTHON") else {
+        println!("skipped: set SEGVIZ_FLOWER_PYTHON to a Python with flower/requirements.txt");
+        return;
+    };
+    let tool = Path::new(env!("CARGO_MANIFEST_DIR")).join("../flower/tools/aggregate_updates.py");
+    let dir = tempdir("aggregate");
+    let config = config();
+    let global = config
+        .init(&burn::tensor::Device::flex(), 3)
+        .unwrap()
+        .state();
+    let updates = vec![
+        update(&global, "Task03_Liver", &["liver"], 24, 1.0),
+        update(&global, "Task09_Spleen", &["spleen"], 8, 2.0),
+        update(&global, "kits19", &["kidney", "liver"], 40, 3.0),
+        update(&global, "idle", &["spleen"], 0, 4.0),
+    ];
+    save(
+        &dir.join("global.segviz"),
+        &config,
+        &global,
+        serde_json::json!({}),
+    );
+    let mut files = Vec::new();
+    for u in &updates {
+        let path = dir.join(format!("{}.segviz", u.client));
+        save(
+            &path,
+            &config,
+            &u.state,
+            serde_json::json!({"client": u.client, "tasks": u.tasks, "num_examples": u.num_examples}),
+        );
+        files.push(path);
+    }
+
+    let strategies: Vec<(&str, Weighting, Box<dyn AggregationStrategy>)> = vec![
+        (
+            "fedbn",
+            Weighting::Examples,
+            Box::new(FedBn {
+                weighting: Weighting::Examples,
+            }),
+        ),
+        (
+            "fedavg",
+            Weighting::Examples,
+            Box::new(FedAvg {
+                weighting: Weighting::Examples,
+            }),
+        ),
+        (
+            "fedavg",
+            Weighting::Uniform,
+            Box::new(FedAvg {
+                weighting: Weighting::Uniform,
+            }),
+        ),
+    ];
+    for (name, weighting, strategy) in strategies {
+        let rust = strategy.aggregate_fit(2, &global, &updates).unwrap();
+        let out = dir.join(format!("python-{name}-{weighting:?}.segviz"));
+        let weighting_name = match weighting {
+            Weighting::Examples => "examples",
+            Weighting::Uniform => "uniform",
+        };
+        let status = Command::new(&python)
+            .arg(&tool)
+            .arg("--global")
+            .arg(dir.join("global.segviz"))
+            .arg("--updates")
+            .args(&files)
+            .args([
+                "--strategy",
+                name,
+                "--weighting",
+                weighting_name,
+                "--round",
+                "2",
+                "--out",
+            ])
+            .arg(&out)
+            .status()
+            .expect("cannot run the Python aggregation tool");
+        assert!(status.success(), "{name}: the Python tool failed");
+        let python_state = read_checkpoint(&out).unwrap().state;
+        assert_eq!(
+            python_state.tensors.keys().collect::<Vec<_>>(),
+            rust.tensors.keys().collect::<Vec<_>>()
+        );
+        let mut moved = 0;
+        for (path, r) in &rust.tensors {
+            let p = &python_state.tensors[path];
+            assert_eq!(
+                (&p.shape, &p.role, p.batch_norm),
+                (&r.shape, &r.role, r.batch_norm)
+            );
+            // Both sum in float64 in the same order and round once: the same bits.
+            assert_eq!(p.data, r.data, "{name} {weighting_name}: {path} differs");
+            moved += usize::from(r.data != global.tensors[path].data);
+        }
+        assert!(moved > 0, "{name}: the aggregation changed nothing");
+        println!(
+            "{name}/{weighting_name}: {} tensors identical, {moved} moved",
+            rust.tensors.len()
+        );
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
