@@ -128,4 +128,25 @@ assert len(history) == 3, "three rounds expected"
 assert len(clients[0]) == 3 and killed not in clients[0], "round 1 should close without the killed node"
 assert killed in clients[-1], "the restarted node should rejoin by the last round"
 PY
-log "OK: Flower global == in-process global; refusals, kill and rejoin behave"
+log "TLS: a SuperLink with a certificate from a test CA; a node trusting that CA connects"
+mkdir -p "$WORK/certs" && (
+  cd "$WORK/certs"
+  openssl req -x509 -newkey rsa:2048 -nodes -days 1 -subj "/CN=segviz-test-ca" -keyout ca.key -out ca.crt
+  openssl req -newkey rsa:2048 -nodes -subj "/CN=127.0.0.1" -keyout server.key -out server.csr
+  printf "subjectAltName=IP:127.0.0.1,DNS:localhost\n" > san.ext
+  openssl x509 -req -in server.csr -CA ca.crt -CAkey ca.key -CAcreateserial -days 1 -extfile san.ext -out server.crt
+) > "$WORK/logs/certs.log" 2>&1 || fail "openssl could not make test certificates"
+TLS_PORT=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+flower-superlink --ssl-certfile "$WORK/certs/server.crt" --ssl-keyfile "$WORK/certs/server.key" \
+  --ssl-ca-certfile "$WORK/certs/ca.crt" --host 127.0.0.1 --port "$TLS_PORT" \
+  --disable-runtime-dependency-installation > "$WORK/logs/superlink-tls.log" 2>&1 &
+PIDS+=($!)
+"$BIN/flower_node" --superlink "127.0.0.1:$TLS_PORT" --root-ca "$WORK/certs/ca.crt" \
+  --data "${SITES[0]}" --preset tiny --work-dir "$WORK/nodes/tls" > "$WORK/logs/node-tls.log" 2>&1 &
+TLS_NODE=$!
+PIDS+=($TLS_NODE)
+wait_for 60 "the node to connect over TLS" grep -q "connected as node" "$WORK/logs/node-tls.log"
+kill -INT "$TLS_NODE"
+wait_for 30 "the TLS node to leave cleanly" grep -q "deactivated and unregistered" "$WORK/logs/node-tls.log"
+
+log "OK: Flower global == in-process global; refusals, kill and rejoin, TLS behave"

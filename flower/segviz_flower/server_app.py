@@ -355,6 +355,9 @@ class SegVizStrategy(FedAvg):
         )
         self.settings = settings
         self.model_config = initial.config
+        # Kept in every saved global model: the preprocessing and window that `predict`
+        # needs are in the initial model's metadata (examples/init_model.rs writes them).
+        self.initial_metadata = dict(initial.metadata) if isinstance(initial.metadata, dict) else {}
         self.global_state: dict[str, Tensor] = dict(initial.tensors)
         self.history: list[dict[str, Any]] = []
         self._round: dict[str, Any] = {}
@@ -553,6 +556,8 @@ class SegVizStrategy(FedAvg):
             Checkpoint(
                 config=self.model_config,
                 metadata={
+                    **self.initial_metadata,
+                    "method": self.settings.strategy,
                     "round": server_round,
                     "strategy": self.settings.strategy,
                     "engine": f"flower {flwr.__version__}",

@@ -185,7 +185,11 @@ class WholeRun(Base):
         self.assertAlmostEqual(r1["metrics"]["dice/liver"], 0.8)
         self.assertAlmostEqual(r1["metrics"]["dice/spleen"], 0.7)
         self.assertGreaterEqual(r1["seconds"], 0.0)
-        self.assertEqual(final.metadata, {"round": 2, "strategy": "fedbn", "engine": "flower 1.42.0"})
+        # The initial model's metadata (e.g. preprocessing for `predict`) is kept.
+        self.assertEqual(
+            final.metadata,
+            {"seed": 0, "method": "fedbn", "round": 2, "strategy": "fedbn", "engine": "flower 1.42.0"},
+        )
         self.assertEqual(final.config, initial_model().config)
 
         # Round 1 sent everything; round 2 (and the evaluations) no representation BatchNorm.

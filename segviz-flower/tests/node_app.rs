@@ -193,10 +193,9 @@ fn a_node_refuses_another_model_and_restores_its_state_after_a_restart() {
             values: vec![0.0],
         },
     ));
-    let err = app
-        .handle(5, "train", &instruction(foreign, 1))
-        .err()
-        .expect("a foreign tensor must be refused");
+    let Err(err) = app.handle(5, "train", &instruction(foreign, 1)) else {
+        panic!("a foreign tensor must be refused");
+    };
     assert!(err.contains("representation.extra.weight"), "{err}");
     // So is a shape mismatch.
     let mut reshaped = to_arrays(&global);
@@ -205,10 +204,9 @@ fn a_node_refuses_another_model_and_restores_its_state_after_a_restart() {
         .position(|(n, _)| n.starts_with("representation.") && n.ends_with("conv.weight"))
         .unwrap();
     reshaped[conv].1.shape = vec![reshaped[conv].1.values.len()];
-    let err = app
-        .handle(5, "train", &instruction(reshaped, 1))
-        .err()
-        .expect("a reshaped tensor must be refused");
+    let Err(err) = app.handle(5, "train", &instruction(reshaped, 1)) else {
+        panic!("a reshaped tensor must be refused");
+    };
     assert!(err.contains("shape"), "{err}");
     // A message type nodes do not serve.
     assert!(app.handle(5, "query", &RecordDict::default()).is_err());
