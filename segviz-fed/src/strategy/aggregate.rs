@@ -34,10 +34,13 @@ pub fn average(
             if !select(path, t) {
                 continue;
             }
-            let template = out.tensors.entry(path.clone()).or_insert_with(|| StateTensor {
-                data: Vec::new(),
-                ..t.clone()
-            });
+            let template = out
+                .tensors
+                .entry(path.clone())
+                .or_insert_with(|| StateTensor {
+                    data: Vec::new(),
+                    ..t.clone()
+                });
             let (acc, total) = sums
                 .entry(path.clone())
                 .or_insert_with(|| (vec![0.0; t.data.len()], 0.0));
