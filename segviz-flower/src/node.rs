@@ -137,12 +137,7 @@ impl<H: InstructionHandler> FlowerNode<H> {
                 // E.g. a restarted node whose previous process the SuperLink still counts
                 // as online: activation works once its heartbeat deadline has passed.
                 Err(e) if e.is_retryable() => {
-                    on_event(NodeEvent::Reconnecting {
-                        reason: e.to_string(),
-                        wait: backoff,
-                    });
-                    sleep_unless(stop, backoff);
-                    backoff = (backoff * 2).min(self.options.max_backoff);
+                    self.back_off(stop, &mut backoff, &e, &mut on_event);
                     continue;
                 }
                 Err(e) => return Err(e),
@@ -160,12 +155,7 @@ impl<H: InstructionHandler> FlowerNode<H> {
                 Ok(()) => break,
                 Err(e) if e.is_connection_lost() => {
                     previous = Some(node_id);
-                    on_event(NodeEvent::Reconnecting {
-                        reason: e.to_string(),
-                        wait: backoff,
-                    });
-                    sleep_unless(stop, backoff);
-                    backoff = (backoff * 2).min(self.options.max_backoff);
+                    self.back_off(stop, &mut backoff, &e, &mut on_event);
                 }
                 Err(e) => {
                     self.leave(node_id);
@@ -174,6 +164,22 @@ impl<H: InstructionHandler> FlowerNode<H> {
             }
         }
         Ok(())
+    }
+
+    /// Reports `error`, waits `backoff` (or until `stop`), and doubles it up to the maximum.
+    fn back_off(
+        &self,
+        stop: &AtomicBool,
+        backoff: &mut Duration,
+        error: &FlowerError,
+        on_event: &mut impl FnMut(NodeEvent),
+    ) {
+        on_event(NodeEvent::Reconnecting {
+            reason: error.to_string(),
+            wait: *backoff,
+        });
+        sleep_unless(stop, *backoff);
+        *backoff = (*backoff * 2).min(self.options.max_backoff);
     }
 
     /// Register (a key the SuperLink already knows is fine) and activate.

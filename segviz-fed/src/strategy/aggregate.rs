@@ -18,8 +18,8 @@ pub fn average(
     weighting: Weighting,
     select: impl Fn(&str, &StateTensor) -> bool,
 ) -> Result<ModelState> {
-    // Sums in f64 (rounded once to f32 at the end), so the result does not depend on how
-    // many clients there are; the Flower server app (flower/) does the same.
+    // Sums in f64 and rounds once to f32 at the end, so the only rounding error is that
+    // last one; the Flower server app (flower/) does the same and gets the same bits.
     let mut sums: BTreeMap<String, (Vec<f64>, f64)> = BTreeMap::new();
     let mut out = ModelState::default();
     for u in updates {
@@ -38,8 +38,11 @@ pub fn average(
                 .tensors
                 .entry(path.clone())
                 .or_insert_with(|| StateTensor {
+                    shape: t.shape.clone(),
                     data: Vec::new(),
-                    ..t.clone()
+                    role: t.role.clone(),
+                    batch_norm: t.batch_norm,
+                    trainable: t.trainable,
                 });
             let (acc, total) = sums
                 .entry(path.clone())
