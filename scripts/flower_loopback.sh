@@ -42,10 +42,12 @@ fi
 export PATH=$VENV/bin:$PATH FLWR_TELEMETRY_ENABLED=0 FLWR_DISABLE_UPDATE_CHECK=1
 export FLWR_HOME=$WORK/flwr-home
 
-log "building the examples (dev profile, dependencies optimised)"
-cargo build -q --example flower_node --example init_model --example make_phantoms \
+# The test profile, so that after `cargo test` nothing is built twice (the dev profile would
+# build every dependency again, with another hash).
+log "building the examples (test profile, dependencies optimised)"
+cargo build -q --profile test --example flower_node --example init_model --example make_phantoms \
   --example fedbn_four_organs
-cargo test -q -p segviz-flower --test superlink --no-run 2>/dev/null
+cargo test -q -p segviz-flower --test superlink --no-run
 
 rm -rf "$WORK" && mkdir -p "$WORK/logs" "$FLWR_HOME"
 PORT=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
