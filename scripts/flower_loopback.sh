@@ -4,7 +4,11 @@
 #     sites, and the SegViz server app (flower/) running two rounds of FedBN;
 #  2. the global model it saves must equal the in-process federation's (same seed, config);
 #  3. a second run: a probe node checks that a wrong key and a tampered object are refused,
-#     one node is killed mid-round (the round closes without it) and restarted (it rejoins).
+#     one node is killed mid-round (the round closes without it) and restarted (it rejoins);
+#  4. the SuperLink is killed and restarted with an empty state: the nodes reconnect (with
+#     backoff) and a third run aggregates all four;
+#  5. TLS: a node trusting a test CA connects to a SuperLink with its certificate, and Ctrl-C
+#     deactivates and unregisters it.
 # Every process started here is stopped by PID at the end. Usage:
 #   scripts/flower_loopback.sh [VENV]      (VENV: a venv with flower/requirements.txt;
 #                                           created in target/flwr-venv when absent)
@@ -42,12 +46,12 @@ fi
 export PATH=$VENV/bin:$PATH FLWR_TELEMETRY_ENABLED=0 FLWR_DISABLE_UPDATE_CHECK=1
 export FLWR_HOME=$WORK/flwr-home
 
-# The test profile, so that after `cargo test` nothing is built twice (the dev profile would
-# build every dependency again, with another hash).
+# The test profile and the whole workspace, as `cargo test --workspace` builds them, so that
+# nothing is built twice (another profile or `-p` would build every dependency again).
 log "building the examples (test profile, dependencies optimised)"
 cargo build -q --profile test --example flower_node --example init_model --example make_phantoms \
   --example fedbn_four_organs
-cargo test -q -p segviz-flower --test superlink --no-run
+cargo test -q --workspace --test superlink --no-run
 
 rm -rf "$WORK" && mkdir -p "$WORK/logs" "$FLWR_HOME"
 PORT=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
@@ -70,9 +74,13 @@ done
 [ "${#SITES[@]}" -eq 4 ] || fail "expected 4 training sites, found ${#SITES[@]}: ${SITES[*]}"
 
 log "SuperLink on 127.0.0.1:$PORT"
-flower-superlink --insecure --host 127.0.0.1 --port "$PORT" \
-  --disable-runtime-dependency-installation > "$WORK/logs/superlink.log" 2>&1 &
-PIDS+=($!)
+start_superlink() { # start_superlink LOGFILE: in-memory state, as a restarted SuperLink has
+  flower-superlink --insecure --host 127.0.0.1 --port "$PORT" \
+    --disable-runtime-dependency-installation > "$1" 2>&1 &
+  SUPERLINK=$!
+  PIDS+=($SUPERLINK)
+}
+start_superlink "$WORK/logs/superlink.log"
 healthy() { python3 -c "import urllib.request,sys; urllib.request.urlopen('http://127.0.0.1:$PORT/health', timeout=2)" 2>/dev/null; }
 wait_for 60 "the SuperLink" healthy
 
@@ -101,7 +109,7 @@ python3 flower/tools/compare_models.py "$WORK/runA/global.segviz" \
   || fail "the Flower global model differs from the in-process one"
 
 log "run B: a probe checks refusals, a node is killed mid-round and restarted"
-SEGVIZ_SUPERLINK="127.0.0.1:$PORT" cargo test -q -p segviz-flower --test superlink -- \
+SEGVIZ_SUPERLINK="127.0.0.1:$PORT" cargo test -q --workspace --test superlink -- \
   --ignored --nocapture > "$WORK/logs/probe.log" 2>&1 &
 PROBE=$!
 PIDS+=($PROBE)
@@ -130,6 +138,30 @@ assert len(history) == 3, "three rounds expected"
 assert len(clients[0]) == 3 and killed not in clients[0], "round 1 should close without the killed node"
 assert killed in clients[-1], "the restarted node should rejoin by the last round"
 PY
+
+log "run C: the SuperLink crashes and restarts empty; every node reconnects and trains"
+connections() { grep -c "connected as node" "$WORK/logs/node$1.log"; }
+losses() { grep -c "connection lost" "$WORK/logs/node0.log" || true; }
+BEFORE=()
+for i in 0 1 2 3; do BEFORE[$i]=$(connections "$i"); done
+LOST=$(losses)
+kill -9 "$SUPERLINK"
+noticed() { [ "$(losses)" -gt "$LOST" ]; }
+wait_for 60 "node 0 to notice the SuperLink is gone" noticed
+start_superlink "$WORK/logs/superlink-restarted.log"
+wait_for 60 "the restarted SuperLink" healthy
+reconnected() { [ "$(connections "$1")" -gt "${BEFORE[$1]}" ]; }
+for i in 0 1 2 3; do wait_for 120 "node $i to reconnect" reconnected "$i"; done
+flwr run flower/ loopback --stream -c "initial-model=\"$WORK/initial.segviz\" out-dir=\"$WORK/runC\" num-server-rounds=1 local-epochs=1 strategy=\"fedbn\" min-nodes=4 round-timeout=120" \
+  > "$WORK/logs/runC.log" 2>&1 || fail "flwr run (run C, after the restart) failed"
+python3 - "$WORK/runC/history.json" <<'PY' || fail "run C history is not as expected"
+import json, sys
+history = json.load(open(sys.argv[1]))
+clients = [a["client"] for a in history[0]["aggregated"]]
+print("run C aggregated:", clients)
+assert len(clients) == 4, "all four reconnected nodes should be aggregated"
+PY
+
 log "TLS: a SuperLink with a certificate from a test CA; a node trusting that CA connects"
 mkdir -p "$WORK/certs" && (
   cd "$WORK/certs"
@@ -151,4 +183,4 @@ wait_for 60 "the node to connect over TLS" grep -q "connected as node" "$WORK/lo
 kill -INT "$TLS_NODE"
 wait_for 30 "the TLS node to leave cleanly" grep -q "deactivated and unregistered" "$WORK/logs/node-tls.log"
 
-log "OK: Flower global == in-process global; refusals, kill and rejoin, TLS behave"
+log "OK: Flower global == in-process global; refusals, kill and rejoin, SuperLink restart, TLS behave"
