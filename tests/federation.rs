@@ -8,12 +8,12 @@ use std::time::Instant;
 
 use burn::module::Module;
 use segviz::core::sliding_window::SlidingWindowConfig;
-use segviz::core::{ModelState, RepresentationConfig, SegVizConfig, SegVizModel};
+use segviz::core::{ModelState, SegVizConfig, SegVizModel};
 use segviz::data::phantom::{write_sites, PhantomConfig};
-use segviz::data::{AugmentConfig, Organ, PatchSamplerConfig, PreprocessConfig};
+use segviz::data::{Organ, PreprocessConfig};
 use segviz::fed::evaluate::{evaluate_site, mean_dice, Segmenter};
-use segviz::fed::experiment::ExperimentData;
-use segviz::fed::local::{LocalTrainingConfig, LossKind};
+use segviz::fed::experiment::{ExperimentConfig, ExperimentData};
+use segviz::fed::local::LocalTrainingConfig;
 use segviz::fed::{
     ClientInfo, ClientUpdate, EvaluateResult, FedAvg, FedBn, FedError, FederatedClient,
     FitInstructions, Server, ServerConfig, SiteClient, SiteData,
@@ -26,40 +26,22 @@ fn tempdir(name: &str) -> PathBuf {
     dir
 }
 
+// The `tiny` preset: these tests and the Flower loopback train the same small model.
 fn preprocess() -> PreprocessConfig {
-    PreprocessConfig {
-        pixdim: [11.5, 11.5, 15.0],
-        a_min: -200.0,
-        a_max: 250.0,
-        pad_multiple: 8,
-        ..PreprocessConfig::default()
-    }
+    ExperimentConfig::tiny().preprocess
 }
 
 fn training() -> LocalTrainingConfig {
-    LocalTrainingConfig {
-        sampler: PatchSamplerConfig {
-            patch_size: [16, 16, 8],
-            samples_per_volume: 4,
-            ..PatchSamplerConfig::default()
-        },
-        augment: Some(AugmentConfig::default()),
-        batch_size: 2,
-        loss: LossKind::DiceCe,
-        learning_rate: 3e-3,
-        min_learning_rate: 1e-4,
-    }
+    ExperimentConfig::tiny().training
 }
 
 fn window() -> SlidingWindowConfig {
-    SlidingWindowConfig::new([32, 32, 16]).with_sw_batch_size(1)
+    ExperimentConfig::tiny().window
 }
 
 fn model_config(tasks: &[Organ]) -> SegVizConfig {
     SegVizConfig::new(
-        RepresentationConfig::new()
-            .with_channels(vec![4, 8, 16])
-            .with_strides(vec![2, 2]),
+        ExperimentConfig::tiny().representation,
         tasks.iter().map(|o| o.name().to_string()).collect(),
     )
 }
