@@ -186,12 +186,7 @@ impl SegVizApp {
                 MetricValue::Int(update.metrics.get("steps").copied().unwrap_or(0.0) as i64),
             ),
         ];
-        metrics.extend(
-            evaluation
-                .metrics
-                .iter()
-                .map(|(k, v)| (k.clone(), MetricValue::Float(*v))),
-        );
+        metrics.extend(as_metrics(&evaluation.metrics));
         Ok(RecordDict {
             records: vec![
                 ("arrays".into(), Record::Arrays(to_arrays(&update.state))),
@@ -219,12 +214,7 @@ impl SegVizApp {
             "num-examples".into(),
             MetricValue::Int(evaluation.num_examples as i64),
         )];
-        metrics.extend(
-            evaluation
-                .metrics
-                .iter()
-                .map(|(k, v)| (k.clone(), MetricValue::Float(*v))),
-        );
+        metrics.extend(as_metrics(&evaluation.metrics));
         Ok(RecordDict {
             records: vec![("metrics".into(), Record::Metrics(metrics))],
         })
@@ -355,4 +345,11 @@ fn positive(config: &ConfigRecord, key: &str) -> Result<usize> {
             "the instruction's config has no integer {key}"
         ))),
     }
+}
+
+/// Evaluation results (per-organ Dice) as MetricRecord entries.
+fn as_metrics(values: &BTreeMap<String, f64>) -> impl Iterator<Item = (String, MetricValue)> + '_ {
+    values
+        .iter()
+        .map(|(k, v)| (k.clone(), MetricValue::Float(*v)))
 }
