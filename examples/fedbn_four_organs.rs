@@ -20,7 +20,7 @@ use segviz::data::{write_labels, Organ};
 use segviz::fed::evaluate::to_original_grid;
 use segviz::fed::experiment::{
     format_table, Experiment, ExperimentConfig, ExperimentData, ExperimentEvent, ExperimentResults,
-    Method, TrainedMethod,
+    Method, RunMode, TrainedMethod,
 };
 use segviz::fed::Weighting;
 use segviz::figures::{comparison_figure, dice_per_round_figure, save_png, DiceSeries};
@@ -63,9 +63,14 @@ struct Args {
     /// Output folder (results, models, predictions, figures, checkpoints).
     #[arg(long, default_value = "runs/fedbn_four_organs")]
     out: PathBuf,
-    /// Continue interrupted federations from their last finished round.
-    #[arg(long)]
+    /// Continue interrupted federations from their last committed round (the settings must
+    /// be those of the interrupted run).
+    #[arg(long, conflicts_with = "overwrite")]
     resume: bool,
+    /// Delete the checkpoints, splits and results of an earlier run in --out and start
+    /// afresh (without it, an --out folder holding an earlier run is refused).
+    #[arg(long)]
+    overwrite: bool,
     /// Phantom training cases per site (without --data).
     #[arg(long, default_value_t = 6)]
     phantom_cases: usize,
@@ -130,7 +135,31 @@ fn run(args: &Args) -> AnyResult<()> {
             .collect::<Vec<_>>()
             .join(",")
     );
-    let experiment = Experiment::new(config, &data, &args.out, args.resume)?;
+    for folder in &data.ignored {
+        println!(
+            "  not a dataset, not used: {} (no dataset.json, case_*, img/, images/ or labels.json)",
+            folder.display()
+        );
+    }
+    let mode = if args.resume {
+        RunMode::Resume
+    } else if args.overwrite {
+        RunMode::Overwrite
+    } else {
+        RunMode::Fresh
+    };
+    let check = ProgressBar::new(0).with_style(
+        ProgressStyle::with_template("{prefix:>18} [{bar:30}] {pos}/{len} {elapsed_precise}")?
+            .progress_chars("=> "),
+    );
+    check.set_prefix("checking data");
+    let experiment = Experiment::with_progress(config, &data, &args.out, mode, |p| {
+        check.set_length(p.total as u64);
+        check.set_position(p.checked as u64);
+    });
+    check.finish_and_clear();
+    let experiment = experiment?;
+    println!("data checked: every case of every site reads, matches its label map and is finite");
     for site in experiment.sites() {
         println!(
             "  site {:<16} {:>3} train / {:>2} val cases, annotates {}",

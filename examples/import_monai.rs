@@ -48,6 +48,10 @@ struct Args {
 
 fn main() -> ExitCode {
     let args = Args::parse();
+    if let Err(e) = segviz::data::refuse_overwriting_inputs(&args.out, &[&args.input]) {
+        eprintln!("error: {e}");
+        return ExitCode::FAILURE;
+    }
     let config = SegVizConfig::new(
         RepresentationConfig::new()
             .with_in_channels(args.in_channels)

@@ -18,7 +18,7 @@ use burn::module::Module;
 use clap::Parser;
 use segviz::core::checkpoint::load_model;
 use segviz::core::sliding_window::SlidingWindowConfig;
-use segviz::data::{write_labels, Organ, PreprocessConfig};
+use segviz::data::{refuse_overwriting_inputs, write_labels, Organ, PreprocessConfig};
 use segviz::fed::evaluate::{segment_file, Segmenter};
 
 /// Segment a CT scan with saved SegViz model(s).
@@ -61,6 +61,11 @@ fn main() -> ExitCode {
 }
 
 fn run(args: &Args) -> AnyResult<()> {
+    // Before anything is read or written: the label map must not replace the scan or a model.
+    let inputs: Vec<&std::path::Path> = std::iter::once(args.input.as_path())
+        .chain(args.model.iter().map(PathBuf::as_path))
+        .collect();
+    refuse_overwriting_inputs(&args.output, &inputs)?;
     let device = segviz::default_device();
     let mut models = Vec::new();
     let mut metadata = serde_json::Value::Null;

@@ -87,18 +87,24 @@ fn server(global: &SegVizModel, rounds: usize, dir: Option<PathBuf>, fedbn: bool
         Box::new(FedAvg::default())
     };
     Server::new(
-        ServerConfig {
-            rounds,
-            local_epochs: 3,
-            round_deadline: None,
-            parallel_clients: 2,
-            checkpoint_dir: dir,
-        },
+        server_config(rounds, dir),
         global.config().clone(),
         strategy,
         global.state(),
     )
     .unwrap()
+}
+
+/// The round loop's settings of these tests (`seed` stands for the caller's settings).
+fn server_config(rounds: usize, dir: Option<PathBuf>) -> ServerConfig {
+    ServerConfig {
+        rounds,
+        local_epochs: 3,
+        round_deadline: None,
+        parallel_clients: 2,
+        checkpoint_dir: dir,
+        settings: serde_json::json!({ "seed": 3 }),
+    }
 }
 
 fn liver_dice(model: &SegVizModel, test: &SiteData) -> f64 {
@@ -161,6 +167,117 @@ fn tiny_federation_learns_survives_a_failing_client_and_resumes_exactly() {
     assert_same(second.global(), uninterrupted.global(), "global model");
     for (a, b) in fresh.iter().zip(&full) {
         assert_same(&a.local_state(), &b.local_state(), "client state");
+    }
+
+    // 3. Killed in the middle of writing round 4's checkpoint (two clients' states written,
+    //    the global model not): resuming continues from round 3, exactly.
+    let crashed_dir = dir.join("crashed");
+    let mut doomed: Vec<DiesWhileSaving> = clients(&sites, &global)
+        .into_iter()
+        .enumerate()
+        .map(|(i, inner)| DiesWhileSaving {
+            inner,
+            saves: std::cell::Cell::new(0),
+            // Clients are saved in order: the third one dies at the fourth save.
+            dies_at_save: if i == 2 { Some(4) } else { None },
+        })
+        .collect();
+    let mut killed = server(&global, 6, Some(crashed_dir.clone()), true);
+    let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        killed.run(&mut doomed, 1, |_| {})
+    }));
+    assert!(outcome.is_err(), "the simulated kill did not happen");
+    drop(killed);
+    let leftovers: Vec<String> = std::fs::read_dir(&crashed_dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(
+        leftovers.iter().any(|n| n.contains("round-0004.partial")),
+        "{leftovers:?}"
+    );
+    let mut revived = clients(&sites, &global);
+    let mut third = server(&global, 6, Some(crashed_dir.clone()), true);
+    assert_eq!(third.resume(&mut revived, |_| {}).unwrap(), 3);
+    third.run(&mut revived, 4, |_| {}).unwrap();
+    assert_same(third.global(), uninterrupted.global(), "global model");
+    for (a, b) in revived.iter().zip(&full) {
+        assert_same(&a.local_state(), &b.local_state(), "client state");
+    }
+    let mut left: Vec<String> = std::fs::read_dir(&crashed_dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    left.sort();
+    assert_eq!(left, vec!["round-0006"], "one committed round is kept");
+
+    // 4. Resuming with other settings is refused, naming what differs.
+    let mut other_rounds = server(&global, 4, Some(dir.join("full")), true);
+    let e = other_rounds
+        .resume(&mut clients(&sites, &global), |_| {})
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("rounds: checkpoint 6, now 4"), "{e}");
+    let mut other_seed = Server::new(
+        ServerConfig {
+            settings: serde_json::json!({ "seed": 4 }),
+            ..server_config(6, Some(dir.join("full")))
+        },
+        global.config().clone(),
+        Box::new(FedBn::default()),
+        global.state(),
+    )
+    .unwrap();
+    let e = other_seed
+        .resume(&mut clients(&sites, &global), |_| {})
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("seed: checkpoint 3, now 4"), "{e}");
+    let mut fedavg = server(&global, 6, Some(dir.join("full")), false);
+    let e = fedavg
+        .resume(&mut clients(&sites, &global), |_| {})
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("strategy: checkpoint \"fedbn\", now \"fedavg\""),
+        "{e}"
+    );
+}
+
+/// A client whose process "dies" (panics) the `dies_at_save`-th time its state is saved.
+struct DiesWhileSaving {
+    inner: SiteClient,
+    saves: std::cell::Cell<usize>,
+    dies_at_save: Option<usize>,
+}
+
+impl FederatedClient for DiesWhileSaving {
+    fn info(&self) -> ClientInfo {
+        self.inner.info()
+    }
+    fn fit(
+        &mut self,
+        i: &FitInstructions,
+        deadline: Option<Instant>,
+    ) -> segviz::fed::Result<ClientUpdate> {
+        self.inner.fit(i, deadline)
+    }
+    fn evaluate(
+        &mut self,
+        round: usize,
+        state: &ModelState,
+    ) -> segviz::fed::Result<EvaluateResult> {
+        self.inner.evaluate(round, state)
+    }
+    fn local_state(&self) -> ModelState {
+        self.saves.set(self.saves.get() + 1);
+        if Some(self.saves.get()) == self.dies_at_save {
+            panic!("simulated kill -9 while the checkpoint is written");
+        }
+        self.inner.local_state()
+    }
+    fn restore_local_state(&mut self, state: &ModelState) -> segviz::fed::Result<()> {
+        self.inner.restore_local_state(state)
     }
 }
 
@@ -387,6 +504,7 @@ fn a_client_past_the_round_deadline_is_left_out() {
             round_deadline: Some(std::time::Duration::from_millis(200)),
             parallel_clients: 4,
             checkpoint_dir: None,
+            settings: serde_json::Value::Null,
         },
         global.config().clone(),
         Box::new(FedAvg::default()),

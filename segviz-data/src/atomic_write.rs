@@ -34,7 +34,12 @@ where
     let tmp = temporary_path(path);
     if let Err(e) = write(&tmp) {
         let _ = std::fs::remove_file(&tmp);
-        return Err(e);
+        // The temporary name means nothing to the user: report the path they gave.
+        return Err(match e {
+            DataError::Io { path: p, source } if p == tmp => DataError::io(path, source),
+            DataError::Invalid { path: p, reason } if p == tmp => DataError::invalid(path, reason),
+            other => other,
+        });
     }
     std::fs::rename(&tmp, path).map_err(|e| {
         let _ = std::fs::remove_file(&tmp);
@@ -74,5 +79,14 @@ mod tests {
             .collect();
         assert_eq!(names.len(), 1, "{names:?}");
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn an_unwritable_target_is_named_as_the_user_gave_it() {
+        // Nobody, not even root, creates files in /proc.
+        let path = Path::new("/proc/segviz-unwritable.nii.gz");
+        let e = write_bytes(path, b"x").unwrap_err().to_string();
+        assert!(e.starts_with("/proc/segviz-unwritable.nii.gz:"), "{e}");
+        assert!(!e.contains(".tmp-"), "{e}");
     }
 }

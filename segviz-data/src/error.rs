@@ -91,6 +91,16 @@ pub enum DataError {
         /// What was looked for or what is inconsistent, in words.
         reason: String,
     },
+    /// An output path that is one of the inputs: writing it would destroy the input.
+    #[error(
+        "{output}: refusing to write the output over the input {input}; choose another output path"
+    )]
+    OverwritesInput {
+        /// The output path, as given.
+        output: PathBuf,
+        /// The input it is (or links to), as given.
+        input: PathBuf,
+    },
     /// A configuration value that cannot be used.
     #[error("invalid configuration: {0}")]
     Config(String),

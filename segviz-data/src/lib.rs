@@ -18,6 +18,7 @@ pub mod error;
 pub mod inspect;
 pub mod nifti_io;
 pub mod orientation;
+pub mod output;
 pub mod patches;
 pub mod preprocess;
 pub mod volume;
@@ -37,6 +38,7 @@ pub use cache::{CacheOutcome, PreprocessCache};
 pub use inspect::inspect_file;
 pub use nifti_io::{read_labels, read_volume, write_labels, write_volume, VoxelType};
 pub use orientation::{from_ras, orientation_code};
+pub use output::refuse_overwriting_inputs;
 pub use patches::{Patch, PatchSampler, PatchSamplerConfig};
 pub use preprocess::{preprocess_files, preprocess_pair, PreprocessConfig};
 

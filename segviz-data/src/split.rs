@@ -133,7 +133,19 @@ impl Split {
         seed: u64,
     ) -> Result<Split> {
         if path.exists() {
-            return Split::load(path, ids);
+            let split = Split::load(path, ids)?;
+            if split.seed != seed || split.validation_fraction != validation_fraction {
+                return Err(DataError::invalid(
+                    path,
+                    format!(
+                        "saved split was made with seed {} and validation fraction {}, \
+                         this run asks for seed {seed} and fraction {validation_fraction}; \
+                         use another output folder (or delete the split to make a new one)",
+                        split.seed, split.validation_fraction
+                    ),
+                ));
+            }
+            return Ok(split);
         }
         let split = Split::new(ids, validation_fraction, seed)?;
         split.save(path)?;
@@ -147,6 +159,21 @@ mod tests {
 
     fn ids(n: usize) -> Vec<String> {
         (0..n).map(|i| format!("case_{i:03}")).collect()
+    }
+
+    #[test]
+    fn a_saved_split_of_another_seed_or_fraction_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("split.json");
+        let all = ids(10);
+        let saved = Split::load_or_create(&path, &all, 0.2, 1).unwrap();
+        assert_eq!(Split::load_or_create(&path, &all, 0.2, 1).unwrap(), saved);
+        for (fraction, seed) in [(0.2, 2), (0.3, 1)] {
+            let e = Split::load_or_create(&path, &all, fraction, seed)
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("split.json") && e.contains("seed 1"), "{e}");
+        }
     }
 
     #[test]
@@ -190,8 +217,9 @@ mod tests {
         let all = ids(6);
         let s = Split::load_or_create(&path, &all, 0.2, 3).unwrap();
         assert_eq!(Split::load(&path, &all).unwrap(), s);
-        // A second call loads the saved split even with another seed.
-        assert_eq!(Split::load_or_create(&path, &all, 0.2, 99).unwrap(), s);
+        // A second call with the same settings loads the saved split (another seed is
+        // refused: see `a_saved_split_of_another_seed_or_fraction_is_refused`).
+        assert_eq!(Split::load_or_create(&path, &all, 0.2, 3).unwrap(), s);
         let err = Split::load(&path, &all[..3]).unwrap_err().to_string();
         assert!(
             err.contains("split.json") && err.contains("does not have"),

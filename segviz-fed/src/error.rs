@@ -22,6 +22,12 @@ pub enum FedError {
         /// What happened.
         reason: String,
     },
+    /// Data that cannot be used: every bad site folder or case, with what is wrong.
+    #[error("the data cannot be used ({} problem(s)):\n  {}", problems.len(), problems.join("\n  "))]
+    BadData {
+        /// One line per problem, naming the site, the case or file, and what is wrong.
+        problems: Vec<String>,
+    },
     /// A configuration that cannot be used.
     #[error("invalid configuration: {0}")]
     Config(String),

@@ -312,13 +312,21 @@ pub struct ExperimentData {
     pub training_sites: Vec<PathBuf>,
     /// The external test site (e.g. BTCV), all organs annotated.
     pub test_site: Option<PathBuf>,
+    /// Sub-folders of the data folder that hold nothing of a dataset layout and were
+    /// therefore not used (shown to the user, so nothing is left out unseen).
+    pub ignored: Vec<PathBuf>,
 }
 
 impl ExperimentData {
     /// Finds the sites in `dir`: every sub-folder whose layout is recognised (see
     /// [`segviz_data::SiteDataset::detect`]); a BTCV-layout folder is the external test
-    /// site, the others are training sites. Sub-folders that are no dataset are skipped;
-    /// finding no training site is an error that lists what was tried.
+    /// site, the others are training sites.
+    ///
+    /// A sub-folder with nothing of a dataset in it is listed in
+    /// [`ExperimentData::ignored`]. A sub-folder that looks like a dataset but cannot be
+    /// read (a malformed `dataset.json`, missing files, an empty `imagesTr/`…) is an error:
+    /// one error lists every such folder and what is wrong with it. Finding no training
+    /// site is an error too.
     pub fn discover(dir: &Path) -> Result<ExperimentData> {
         let entries = std::fs::read_dir(dir).map_err(|e| FedError::io(dir, e))?;
         let mut folders: Vec<PathBuf> = entries
@@ -329,8 +337,9 @@ impl ExperimentData {
         let mut data = ExperimentData {
             training_sites: Vec::new(),
             test_site: None,
+            ignored: Vec::new(),
         };
-        let mut skipped = Vec::new();
+        let mut broken = Vec::new();
         for folder in folders {
             match segviz_data::SiteDataset::detect(&folder) {
                 Ok(ds) if ds.layout == segviz_data::Layout::Btcv => {
@@ -342,18 +351,48 @@ impl ExperimentData {
                     }
                 }
                 Ok(_) => data.training_sites.push(folder),
-                Err(e) => skipped.push(format!("{e}")),
+                Err(e) if segviz_data::SiteDataset::looks_like_dataset(&folder) => {
+                    broken.push(e.to_string())
+                }
+                Err(_) => data.ignored.push(folder),
             }
+        }
+        if !broken.is_empty() {
+            return Err(FedError::BadData { problems: broken });
         }
         if data.training_sites.is_empty() {
             return Err(FedError::Config(format!(
-                "{}: no training site found among its sub-folders ({})",
+                "{}: no training site found among its sub-folders (looked for MSD \
+                 dataset.json, KiTS19 case_* folders, BTCV img/ + label/, or a generic \
+                 images/ + labels/ with segviz.toml or labels.json)",
                 dir.display(),
-                skipped.join("; ")
             )));
         }
         Ok(data)
     }
+}
+
+/// What [`Experiment::new`] does with the output folder of an earlier run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum RunMode {
+    /// Start afresh. An output folder that holds checkpoints or results of an earlier run
+    /// is refused, so nothing is deleted or mixed without being asked for.
+    #[default]
+    Fresh,
+    /// Continue interrupted federations from their last committed round. Every setting
+    /// that determines the result must be the one the checkpoints were written with.
+    Resume,
+    /// Start afresh after deleting the earlier run's checkpoints, splits and results.
+    Overwrite,
+}
+
+/// What the data check of [`Experiment::new`] reports while it reads every case.
+#[derive(Debug, Clone)]
+pub struct DataCheckProgress {
+    /// Cases checked so far.
+    pub checked: usize,
+    /// Cases in all (training, validation and test).
+    pub total: usize,
 }
 
 /// Progress of a running experiment, for bars and logs.
@@ -449,62 +488,152 @@ pub struct Experiment {
     sites: Vec<Arc<SiteData>>,
     test_site: Option<Arc<SiteData>>,
     out: PathBuf,
-    resume: bool,
 }
 
 impl Experiment {
-    /// Opens the data (splits saved in `out/splits`, cache in `out/cache`).
+    /// Opens the data (splits saved in `out/splits`, cache in `out/cache`) and checks every
+    /// case of every site; see [`Experiment::with_progress`].
     pub fn new(
         config: ExperimentConfig,
         data: &ExperimentData,
         out: &Path,
-        resume: bool,
+        mode: RunMode,
+    ) -> Result<Self> {
+        Self::with_progress(config, data, out, mode, |_| {})
+    }
+
+    /// Opens the data and checks it, reporting each checked case to `on_progress`.
+    ///
+    /// Before any training: every training site and the test site is opened, and every one
+    /// of their cases (training, validation and test) is read and preprocessed — file
+    /// presence and readability, image/label shape and affine, label values against the
+    /// dataset's map, finite voxels. The preprocessed volumes stay in the cache, so training
+    /// reads them from there. Any problem fails the experiment with one error that lists
+    /// every bad site and case.
+    ///
+    /// # Errors
+    /// [`FedError::BadData`] listing every problem; [`FedError::Config`] for a bad
+    /// configuration, an output folder of an earlier run in [`RunMode::Fresh`], or an
+    /// organ that no site annotates in any training case.
+    pub fn with_progress(
+        config: ExperimentConfig,
+        data: &ExperimentData,
+        out: &Path,
+        mode: RunMode,
+        mut on_progress: impl FnMut(DataCheckProgress),
     ) -> Result<Self> {
         config.validate()?;
         if data.training_sites.is_empty() {
             return Err(FedError::Config("no training site given".into()));
         }
+        prepare_output(out, mode)?;
         let split_dir = out.join("splits");
         let cache_dir = out.join("cache");
-        let sites = data
-            .training_sites
-            .iter()
-            .map(|dir| {
-                SiteData::open(
-                    dir,
-                    config.preprocess.clone(),
-                    config.validation_fraction,
-                    config.seed,
-                    &split_dir,
-                    &cache_dir,
-                )
-                .map(Arc::new)
-                .map_err(FedError::from)
-            })
-            .collect::<Result<Vec<_>>>()?;
-        for s in &sites {
-            if s.split.train.is_empty() {
-                return Err(FedError::Config(format!(
-                    "site {} has no training case after the split",
-                    s.name()
-                )));
+        let mut problems = Vec::new();
+        let mut sites = Vec::new();
+        for dir in &data.training_sites {
+            match SiteData::open(
+                dir,
+                config.preprocess.clone(),
+                config.validation_fraction,
+                config.seed,
+                &split_dir,
+                &cache_dir,
+            ) {
+                Ok(site) if site.split.train.is_empty() => problems.push(format!(
+                    "site {} ({}): no training case after the split",
+                    site.name(),
+                    dir.display()
+                )),
+                Ok(site) => sites.push(Arc::new(site)),
+                Err(e) => problems.push(e.to_string()),
             }
         }
         let test_site = match &data.test_site {
-            Some(dir) => Some(Arc::new(SiteData::open_test(
-                dir,
-                config.preprocess.clone(),
-                &cache_dir,
-            )?)),
+            Some(dir) => match SiteData::open_test(dir, config.preprocess.clone(), &cache_dir) {
+                Ok(site) => Some(Arc::new(site)),
+                Err(e) => {
+                    problems.push(e.to_string());
+                    None
+                }
+            },
             None => None,
         };
+        let cases: Vec<(&Arc<SiteData>, &String)> = sites
+            .iter()
+            .flat_map(|s| {
+                s.split
+                    .train
+                    .iter()
+                    .chain(&s.split.validation)
+                    .map(move |c| (s, c))
+            })
+            .chain(
+                test_site
+                    .iter()
+                    .flat_map(|t| t.split.validation.iter().map(move |c| (t, c))),
+            )
+            .collect();
+        let total = cases.len();
+        // A few at a time: each holds a whole CT volume in memory.
+        let threads = std::thread::available_parallelism().map_or(1, |n| n.get().min(4));
+        let mut checked = 0;
+        for group in cases.chunks(threads) {
+            let outcomes = parallel_map(group, threads, |(site, case)| {
+                Ok(site
+                    .volume(case)
+                    .err()
+                    .map(|e| format!("site {} case {case}: {e}", site.name())))
+            })?;
+            problems.extend(outcomes.into_iter().flatten());
+            checked += group.len();
+            on_progress(DataCheckProgress { checked, total });
+        }
+        if !problems.is_empty() {
+            return Err(FedError::BadData { problems });
+        }
         Ok(Experiment {
             config,
             sites,
             test_site,
             out: out.to_path_buf(),
-            resume,
         })
+    }
+
+    /// Everything that determines a federation's result besides its rounds, local epochs
+    /// and strategy: the configuration (except how many clients train at once) and a
+    /// fingerprint of the data. Stored with every checkpoint and compared on resume.
+    fn settings(&self) -> serde_json::Value {
+        let mut settings = serde_json::to_value(&self.config).unwrap_or_default();
+        if let Some(map) = settings.as_object_mut() {
+            map.remove("parallel_clients");
+            map.insert(
+                "data".into(),
+                serde_json::Value::String(self.data_fingerprint()),
+            );
+        }
+        settings
+    }
+
+    /// The sites, their cases and the sizes of their files, hashed (64-bit FNV-1a, in hex).
+    fn data_fingerprint(&self) -> String {
+        let mut text = String::new();
+        for site in self.sites.iter().chain(&self.test_site) {
+            text.push_str(&format!("site {} {}\n", site.name(), site.dataset.layout));
+            for case in &site.dataset.cases {
+                let size = |p: &Path| std::fs::metadata(p).map_or(0, |m| m.len());
+                text.push_str(&format!(
+                    "{} {} {}\n",
+                    case.id,
+                    size(&case.image),
+                    size(&case.label)
+                ));
+            }
+        }
+        let hash = text.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+            (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+        });
+        format!("{hash:016x}")
     }
 
     /// The training sites.
@@ -813,10 +942,6 @@ impl Experiment {
             strategy_by_name(strategy, self.config.weighting, self.config.proximal_mu)
                 .ok_or_else(|| FedError::Config(format!("unknown strategy {strategy}")))?;
         let checkpoint_dir = self.out.join("checkpoints").join(strategy);
-        if !self.resume && checkpoint_dir.exists() {
-            std::fs::remove_dir_all(&checkpoint_dir)
-                .map_err(|e| FedError::io(&checkpoint_dir, e))?;
-        }
         let mut server = Server::new(
             ServerConfig {
                 rounds: self.config.rounds,
@@ -824,6 +949,7 @@ impl Experiment {
                 round_deadline: None,
                 parallel_clients: self.config.parallel_clients,
                 checkpoint_dir: Some(checkpoint_dir),
+                settings: self.settings(),
             },
             global.config().clone(),
             strategy_box,
@@ -983,6 +1109,46 @@ type Evaluation = (Vec<VolumeScore>, Vec<VolumeScore>, Vec<(String, Vec<u8>)>);
 
 /// The progress callback as the training code shares it between threads.
 type Emit<'a> = dyn Fn(ExperimentEvent) + Sync + 'a;
+
+/// What an earlier run leaves in an output folder and [`RunMode::Overwrite`] deletes.
+const EARLIER_RUN: [&str; 4] = ["checkpoints", "splits", "results.json", "results.csv"];
+
+/// Applies `mode` to the output folder: refuses (fresh) or clears (overwrite) the
+/// checkpoints, splits and results of an earlier run; resume keeps them.
+fn prepare_output(out: &Path, mode: RunMode) -> Result<()> {
+    let found: Vec<PathBuf> = EARLIER_RUN
+        .iter()
+        .map(|name| out.join(name))
+        .filter(|p| {
+            p.is_file() || std::fs::read_dir(p).is_ok_and(|mut entries| entries.next().is_some())
+        })
+        .collect();
+    match mode {
+        RunMode::Resume => Ok(()),
+        RunMode::Fresh if found.is_empty() => Ok(()),
+        RunMode::Fresh => Err(FedError::Config(format!(
+            "{} holds an earlier run ({}); continue it with --resume, or start afresh with \
+             --overwrite (which deletes them) or another --out folder",
+            out.display(),
+            found
+                .iter()
+                .map(|p| p.display().to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        ))),
+        RunMode::Overwrite => {
+            for path in found {
+                let removed = if path.is_dir() {
+                    std::fs::remove_dir_all(&path)
+                } else {
+                    std::fs::remove_file(&path)
+                };
+                removed.map_err(|e| FedError::io(&path, e))?;
+            }
+            Ok(())
+        }
+    }
+}
 
 /// `f` over `items`, `threads` at a time, results in item order; the first error wins.
 fn parallel_map<T: Sync, R: Send>(

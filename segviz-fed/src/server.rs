@@ -27,7 +27,15 @@ pub struct ServerConfig {
     pub parallel_clients: usize,
     /// Where the global model, the clients' local states and the history are checkpointed
     /// after every round; `None` keeps nothing on disk.
+    ///
+    /// A round's checkpoint is one folder, `round-NNNN/`, written as `.round-NNNN.partial/`
+    /// and renamed into place when every file is in it: a run killed at any moment leaves
+    /// either the previous round or the new one, never a mix of the two.
     pub checkpoint_dir: Option<PathBuf>,
+    /// Everything else that determines the result (seed, data, training settings…), as the
+    /// caller describes it. It is stored with every checkpoint; [`Server::resume`] refuses a
+    /// checkpoint whose settings (or rounds, local epochs, strategy) differ, naming them.
+    pub settings: serde_json::Value,
 }
 
 /// What happened in one round.
@@ -84,6 +92,9 @@ pub struct Server {
 
 const GLOBAL_FILE: &str = "global.segviz";
 const HISTORY_FILE: &str = "history.json";
+const MANIFEST_FILE: &str = "manifest.json";
+const ROUND_PREFIX: &str = "round-";
+const PARTIAL_SUFFIX: &str = ".partial";
 
 impl Server {
     /// A server starting from `initial` (the full global model's state).
@@ -128,7 +139,12 @@ impl Server {
     }
 
     /// If `checkpoint_dir` holds a finished round, loads the global state, the history and
-    /// every client's local state from it; returns the last finished round (0 if none).
+    /// every client's local state from the newest one; returns that round (0 if none).
+    ///
+    /// # Errors
+    /// [`FedError::Config`] when the checkpoint was written with other settings (model,
+    /// strategy, rounds, local epochs or [`ServerConfig::settings`]: each difference is
+    /// named) or lacks a client's state; any error reading its files.
     pub fn resume<C: FederatedClient>(
         &mut self,
         clients: &mut [C],
@@ -137,38 +153,60 @@ impl Server {
         let Some(dir) = self.config.checkpoint_dir.clone() else {
             return Ok(0);
         };
-        let global_path = dir.join(GLOBAL_FILE);
-        if !global_path.exists() {
+        let Some((round, round_dir)) = latest_round(&dir)? else {
             return Ok(0);
+        };
+        let manifest_path = round_dir.join(MANIFEST_FILE);
+        let manifest: serde_json::Value = read_json(&manifest_path)?;
+        let differences = differences(&self.manifest(round), &manifest);
+        if !differences.is_empty() {
+            return Err(FedError::Config(format!(
+                "{} was written with other settings ({}); resume with the same settings, \
+                 or start afresh in another output folder",
+                round_dir.display(),
+                differences.join("; ")
+            )));
         }
+        let global_path = round_dir.join(GLOBAL_FILE);
         let checkpoint = read_checkpoint(&global_path)?;
-        let round = checkpoint.metadata["round"].as_u64().unwrap_or(0) as usize;
         if checkpoint.config != self.model_config {
             return Err(FedError::Config(format!(
-                "{} was written for another model configuration; use another --out folder",
+                "{} was written for another model configuration; use another output folder",
                 global_path.display()
             )));
         }
-        let history_path = dir.join(HISTORY_FILE);
-        let history: Vec<RoundReport> = match std::fs::read(&history_path) {
-            Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| {
-                FedError::Config(format!(
-                    "{}: malformed history: {e}",
-                    history_path.display()
-                ))
-            })?,
-            Err(e) => return Err(FedError::io(history_path, e)),
-        };
-        for client in clients.iter_mut() {
+        let history: Vec<RoundReport> = read_json(&round_dir.join(HISTORY_FILE))?;
+        let mut states = Vec::new();
+        for client in clients.iter() {
             let name = client.info().name;
-            let path = client_state_path(&dir, &name);
-            let local = read_checkpoint(&path)?;
-            client.restore_local_state(&local.state)?;
+            let path = client_state_path(&round_dir, &name);
+            if !path.is_file() {
+                return Err(FedError::Config(format!(
+                    "{} has no state for client {name}: the checkpoint was written by a \
+                     federation with other sites",
+                    round_dir.display()
+                )));
+            }
+            states.push(read_checkpoint(&path)?.state);
+        }
+        for (client, state) in clients.iter_mut().zip(&states) {
+            client.restore_local_state(state)?;
         }
         self.global = checkpoint.state;
         self.history = history.into_iter().take(round).collect();
         on_event(ServerEvent::Resumed { round });
         Ok(round)
+    }
+
+    /// What a checkpoint of `round` records about the run that wrote it.
+    fn manifest(&self, round: usize) -> serde_json::Value {
+        serde_json::json!({
+            "round": round,
+            "strategy": self.strategy.name(),
+            "rounds": self.config.rounds,
+            "local_epochs": self.config.local_epochs,
+            "settings": self.config.settings,
+        })
     }
 
     /// Runs rounds `first..=rounds`, checkpointing after each.
@@ -303,15 +341,22 @@ impl Server {
         Ok(report)
     }
 
-    /// Writes the global model, each client's local state and the history.
+    /// Writes the global model, each client's local state, the history and the manifest
+    /// into `.round-NNNN.partial/`, renames it to `round-NNNN/` (the commit), then removes
+    /// the older rounds.
     fn checkpoint<C: FederatedClient>(&self, round: usize, clients: &[C]) -> Result<()> {
         let Some(dir) = &self.config.checkpoint_dir else {
             return Ok(());
         };
+        let final_dir = round_dir(dir, round);
+        let partial = dir.join(format!(".{ROUND_PREFIX}{round:04}{PARTIAL_SUFFIX}"));
+        if partial.exists() {
+            std::fs::remove_dir_all(&partial).map_err(|e| FedError::io(&partial, e))?;
+        }
         for client in clients {
             let name = client.info().name;
             write_checkpoint(
-                &client_state_path(dir, &name),
+                &client_state_path(&partial, &name),
                 &Checkpoint {
                     config: self.model_config.clone(),
                     state: client.local_state(),
@@ -319,12 +364,8 @@ impl Server {
                 },
             )?;
         }
-        let history = serde_json::to_vec_pretty(&self.history)
-            .map_err(|e| FedError::Config(format!("cannot encode history: {e}")))?;
-        write_atomically(&dir.join(HISTORY_FILE), &history)?;
-        // The global model last: its round number marks the checkpoint as complete.
         write_checkpoint(
-            &dir.join(GLOBAL_FILE),
+            &partial.join(GLOBAL_FILE),
             &Checkpoint {
                 config: self.model_config.clone(),
                 state: self.global.clone(),
@@ -334,8 +375,118 @@ impl Server {
                 }),
             },
         )?;
+        write_json(&partial.join(HISTORY_FILE), &self.history)?;
+        write_json(&partial.join(MANIFEST_FILE), &self.manifest(round))?;
+        if final_dir.exists() {
+            // Only when rounds are rerun by hand over an existing checkpoint.
+            std::fs::remove_dir_all(&final_dir).map_err(|e| FedError::io(&final_dir, e))?;
+        }
+        std::fs::rename(&partial, &final_dir).map_err(|e| FedError::io(&final_dir, e))?;
+        // The new round is committed: older rounds and leftovers of killed runs can go.
+        for entry in std::fs::read_dir(dir).map_err(|e| FedError::io(dir, e))? {
+            let path = entry.map_err(|e| FedError::io(dir, e))?.path();
+            let stale = match round_number(&path) {
+                Some((r, complete)) => r != round || !complete,
+                None => false,
+            };
+            if stale {
+                std::fs::remove_dir_all(&path).map_err(|e| FedError::io(&path, e))?;
+            }
+        }
         Ok(())
     }
+}
+
+/// The folder of round `round`'s committed checkpoint.
+fn round_dir(dir: &Path, round: usize) -> PathBuf {
+    dir.join(format!("{ROUND_PREFIX}{round:04}"))
+}
+
+/// `Some((round, committed))` for a `round-NNNN` folder (committed) or a
+/// `.round-NNNN.partial` one (a commit that never finished).
+fn round_number(path: &Path) -> Option<(usize, bool)> {
+    if !path.is_dir() {
+        return None;
+    }
+    let name = path.file_name()?.to_str()?;
+    if let Some(rest) = name.strip_prefix(ROUND_PREFIX) {
+        return rest.parse().ok().map(|r| (r, true));
+    }
+    let rest = name.strip_prefix('.')?.strip_prefix(ROUND_PREFIX)?;
+    rest.strip_suffix(PARTIAL_SUFFIX)?
+        .parse()
+        .ok()
+        .map(|r| (r, false))
+}
+
+/// The newest committed round in `dir`, if any.
+fn latest_round(dir: &Path) -> Result<Option<(usize, PathBuf)>> {
+    let entries = match std::fs::read_dir(dir) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(FedError::io(dir, e)),
+    };
+    let mut latest = None;
+    for entry in entries {
+        let path = entry.map_err(|e| FedError::io(dir, e))?.path();
+        if let Some((round, true)) = round_number(&path) {
+            if latest.as_ref().is_none_or(|(r, _)| round > *r) {
+                latest = Some((round, path));
+            }
+        }
+    }
+    Ok(latest)
+}
+
+/// Every top-level field (and every field of `settings`) whose value differs, as
+/// `name: checkpoint X, now Y`; the round number is not compared.
+fn differences(now: &serde_json::Value, stored: &serde_json::Value) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut compare = |skip: &[&str], a: &serde_json::Value, b: &serde_json::Value| {
+        let keys: std::collections::BTreeSet<&String> = a
+            .as_object()
+            .into_iter()
+            .chain(b.as_object())
+            .flat_map(|o| o.keys())
+            .collect();
+        for key in keys {
+            if skip.contains(&key.as_str()) {
+                continue;
+            }
+            let (x, y) = (a.get(key), b.get(key));
+            if x != y {
+                let show = |v: Option<&serde_json::Value>| {
+                    v.map_or_else(|| "absent".to_string(), |v| v.to_string())
+                };
+                out.push(format!("{key}: checkpoint {}, now {}", show(y), show(x)));
+            }
+        }
+    };
+    compare(&["round", "settings"], now, stored);
+    let null = serde_json::Value::Null;
+    let (a, b) = (
+        now.get("settings").unwrap_or(&null),
+        stored.get("settings").unwrap_or(&null),
+    );
+    if a.is_object() && b.is_object() {
+        compare(&[], a, b);
+    } else if a != b {
+        out.push(format!("settings: checkpoint {b}, now {a}"));
+    }
+    out
+}
+
+fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T> {
+    let bytes = std::fs::read(path).map_err(|e| FedError::io(path, e))?;
+    serde_json::from_slice(&bytes)
+        .map_err(|e| FedError::Config(format!("{}: malformed: {e}", path.display())))
+}
+
+fn write_json<T: Serialize + ?Sized>(path: &Path, value: &T) -> Result<()> {
+    let bytes = serde_json::to_vec_pretty(value)
+        .map_err(|e| FedError::Config(format!("cannot encode {}: {e}", path.display())))?;
+    write_atomically(path, &bytes)?;
+    Ok(())
 }
 
 fn client_state_path(dir: &Path, client: &str) -> PathBuf {

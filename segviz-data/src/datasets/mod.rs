@@ -131,6 +131,34 @@ impl SiteDataset {
         })
     }
 
+    /// Whether `dir` holds anything of a dataset layout (`dataset.json`, `imagesTr/`,
+    /// `labelsTr/`, `data/`, `case_*` folders, `img/`, `label/`, `images/`, `labels/`, a
+    /// generic config). A folder with such a marker that [`SiteDataset::detect`] refuses is a
+    /// broken dataset, not an unrelated folder.
+    pub fn looks_like_dataset(dir: &Path) -> bool {
+        const MARKERS: [&str; 11] = [
+            msd::DATASET_JSON,
+            "imagesTr",
+            "labelsTr",
+            "data",
+            btcv::IMAGE_DIR,
+            btcv::LABEL_DIR,
+            generic::IMAGE_DIR,
+            generic::LABEL_DIR,
+            generic::TOML_CONFIG,
+            generic::JSON_CONFIG,
+            "imagesTs",
+        ];
+        if MARKERS.iter().any(|m| dir.join(m).exists()) {
+            return true;
+        }
+        std::fs::read_dir(dir).is_ok_and(|entries| {
+            entries
+                .filter_map(|e| e.ok())
+                .any(|e| e.file_name().to_string_lossy().starts_with("case_") && e.path().is_dir())
+        })
+    }
+
     /// The organs every sample of this dataset is annotated for.
     pub fn annotated(&self) -> OrganSet {
         self.label_map.annotated()
