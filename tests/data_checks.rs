@@ -142,6 +142,24 @@ fn an_earlier_run_is_refused_unless_resumed_or_overwritten() {
     assert!(checkpoint.exists(), "nothing is deleted by a refused run");
     Experiment::new(config(), &data, &out, RunMode::Resume).unwrap();
     assert!(checkpoint.exists());
+    // A federation checkpoint of other settings is refused before anything trains.
+    std::fs::write(
+        checkpoint.join("manifest.json"),
+        br#"{"round": 1, "strategy": "fedbn", "rounds": 9, "local_epochs": 1, "settings": {}}"#,
+    )
+    .unwrap();
+    let fedbn = ExperimentConfig {
+        methods: vec![segviz::fed::experiment::Method::Fedbn],
+        ..config()
+    };
+    let e = Experiment::new(fedbn, &data, &out, RunMode::Resume)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        e.contains("rounds: checkpoint 9, now 2") && e.contains("round-0001"),
+        "{e}"
+    );
     // A resumed run with another seed cannot reuse the saved splits.
     let reseeded = ExperimentConfig {
         seed: 1,

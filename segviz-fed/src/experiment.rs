@@ -19,7 +19,7 @@ use serde::{Deserialize, Serialize};
 use crate::error::{FedError, Result};
 use crate::evaluate::{evaluate_site, Segmenter, VolumeScore};
 use crate::local::{train_epochs, LocalTrainingConfig, LossKind, Objective, Schedule, POOLED_HEAD};
-use crate::server::{RoundReport, Server, ServerConfig, ServerEvent};
+use crate::server::{check_checkpoint, RoundReport, Server, ServerConfig, ServerEvent};
 use crate::site_client::SiteClient;
 use crate::stats::{paired_t_test, PairedTTest};
 use crate::strategy::{strategy_by_name, Weighting};
@@ -592,12 +592,33 @@ impl Experiment {
         if !problems.is_empty() {
             return Err(FedError::BadData { problems });
         }
-        Ok(Experiment {
+        let experiment = Experiment {
             config,
             sites,
             test_site,
             out: out.to_path_buf(),
-        })
+        };
+        if mode == RunMode::Resume {
+            // Refuse checkpoints of other settings now, not after hours of other methods.
+            for method in &experiment.config.methods {
+                if let Some(strategy) = method.strategy() {
+                    check_checkpoint(&experiment.server_config(strategy), strategy)?;
+                }
+            }
+        }
+        Ok(experiment)
+    }
+
+    /// The round loop's settings for a federation with `strategy`.
+    fn server_config(&self, strategy: &str) -> ServerConfig {
+        ServerConfig {
+            rounds: self.config.rounds,
+            local_epochs: self.config.local_epochs,
+            round_deadline: None,
+            parallel_clients: self.config.parallel_clients,
+            checkpoint_dir: Some(self.out.join("checkpoints").join(strategy)),
+            settings: self.settings(),
+        }
     }
 
     /// Everything that determines a federation's result besides its rounds, local epochs
@@ -941,16 +962,8 @@ impl Experiment {
         let strategy_box =
             strategy_by_name(strategy, self.config.weighting, self.config.proximal_mu)
                 .ok_or_else(|| FedError::Config(format!("unknown strategy {strategy}")))?;
-        let checkpoint_dir = self.out.join("checkpoints").join(strategy);
         let mut server = Server::new(
-            ServerConfig {
-                rounds: self.config.rounds,
-                local_epochs: self.config.local_epochs,
-                round_deadline: None,
-                parallel_clients: self.config.parallel_clients,
-                checkpoint_dir: Some(checkpoint_dir),
-                settings: self.settings(),
-            },
+            self.server_config(strategy),
             global.config().clone(),
             strategy_box,
             global.state(),

@@ -150,23 +150,9 @@ impl Server {
         clients: &mut [C],
         mut on_event: impl FnMut(ServerEvent<'_>),
     ) -> Result<usize> {
-        let Some(dir) = self.config.checkpoint_dir.clone() else {
+        let Some((round, round_dir)) = check_checkpoint(&self.config, self.strategy.name())? else {
             return Ok(0);
         };
-        let Some((round, round_dir)) = latest_round(&dir)? else {
-            return Ok(0);
-        };
-        let manifest_path = round_dir.join(MANIFEST_FILE);
-        let manifest: serde_json::Value = read_json(&manifest_path)?;
-        let differences = differences(&self.manifest(round), &manifest);
-        if !differences.is_empty() {
-            return Err(FedError::Config(format!(
-                "{} was written with other settings ({}); resume with the same settings, \
-                 or start afresh in another output folder",
-                round_dir.display(),
-                differences.join("; ")
-            )));
-        }
         let global_path = round_dir.join(GLOBAL_FILE);
         let checkpoint = read_checkpoint(&global_path)?;
         if checkpoint.config != self.model_config {
@@ -200,13 +186,7 @@ impl Server {
 
     /// What a checkpoint of `round` records about the run that wrote it.
     fn manifest(&self, round: usize) -> serde_json::Value {
-        serde_json::json!({
-            "round": round,
-            "strategy": self.strategy.name(),
-            "rounds": self.config.rounds,
-            "local_epochs": self.config.local_epochs,
-            "settings": self.config.settings,
-        })
+        manifest(&self.config, self.strategy.name(), round)
     }
 
     /// Runs rounds `first..=rounds`, checkpointing after each.
@@ -397,6 +377,44 @@ impl Server {
     }
 }
 
+/// The newest committed round in `config.checkpoint_dir` and its folder, if there is one
+/// and it was written by a run of `strategy` with the same rounds, local epochs and
+/// settings; `None` when there is nothing to resume. Lets a caller refuse an incompatible
+/// `--resume` before it trains anything.
+///
+/// # Errors
+/// [`FedError::Config`] naming every setting that differs; errors reading the manifest.
+pub fn check_checkpoint(config: &ServerConfig, strategy: &str) -> Result<Option<(usize, PathBuf)>> {
+    let Some(dir) = &config.checkpoint_dir else {
+        return Ok(None);
+    };
+    let Some((round, round_dir)) = latest_round(dir)? else {
+        return Ok(None);
+    };
+    let stored: serde_json::Value = read_json(&round_dir.join(MANIFEST_FILE))?;
+    let differences = differences(&manifest(config, strategy, round), &stored);
+    if !differences.is_empty() {
+        return Err(FedError::Config(format!(
+            "{} was written with other settings ({}); resume with the same settings, or \
+             start afresh with --overwrite or in another output folder",
+            round_dir.display(),
+            differences.join("; ")
+        )));
+    }
+    Ok(Some((round, round_dir)))
+}
+
+/// What a checkpoint of `round` records about the run that wrote it.
+fn manifest(config: &ServerConfig, strategy: &str, round: usize) -> serde_json::Value {
+    serde_json::json!({
+        "round": round,
+        "strategy": strategy,
+        "rounds": config.rounds,
+        "local_epochs": config.local_epochs,
+        "settings": config.settings,
+    })
+}
+
 /// The folder of round `round`'s committed checkpoint.
 fn round_dir(dir: &Path, round: usize) -> PathBuf {
     dir.join(format!("{ROUND_PREFIX}{round:04}"))
@@ -473,6 +491,9 @@ fn differences(now: &serde_json::Value, stored: &serde_json::Value) -> Vec<Strin
     } else if a != b {
         out.push(format!("settings: checkpoint {b}, now {a}"));
     }
+    // A setting may be both the server's and the caller's (e.g. rounds): say it once.
+    let mut seen = std::collections::BTreeSet::new();
+    out.retain(|line| seen.insert(line.clone()));
     out
 }
 
