@@ -1,5 +1,5 @@
 //! Evaluation of trained models on whole volumes: segmentation by sliding window and head
-//! fusion, then Dice and HD95 per organ per volume.
+//! fusion, then Dice and HD95 per organ per volume, on the fused label map for every method.
 
 use std::collections::BTreeMap;
 
@@ -149,22 +149,83 @@ fn to_vocabulary(fused: &[u8], organs: &[Organ]) -> Vec<u8> {
 }
 
 /// Scores of one volume.
+///
+/// Every method is scored the same way: on the fused label map, the one `predict` writes
+/// and a user sees, so two heads that claim the same voxels cost Dice. Each head's own mask
+/// (probability ≥ 0.5, overlaps allowed) is kept as a secondary score.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct VolumeScore {
     /// Site name.
     pub site: String,
     /// Case id.
     pub case: String,
-    /// Organ name → Dice.
+    /// Organ name → Dice of the fused label map.
     pub dice: BTreeMap<String, f64>,
-    /// Organ name → HD95 in mm (`None` when a mask is empty).
+    /// Organ name → Dice of the organ's own output (head mask or arg-max), before fusion.
+    #[serde(default)]
+    pub head_dice: BTreeMap<String, f64>,
+    /// Organ name → HD95 in mm of the fused label map; when exactly one of prediction and
+    /// truth is empty, the penalty [`hd95_penalty`] (the volume's diagonal); `None` when
+    /// both are empty.
     pub hd95: BTreeMap<String, Option<f64>>,
+    /// Organs whose HD95 is the empty-mask penalty.
+    #[serde(default)]
+    pub hd95_penalised: Vec<String>,
+}
+
+/// The HD95 given when exactly one of prediction and truth is empty: the diagonal of the
+/// volume in mm, the largest distance two of its voxels can have.
+pub fn hd95_penalty(shape: [usize; 3], spacing: [f64; 3]) -> f64 {
+    shape
+        .iter()
+        .zip(spacing)
+        .map(|(&n, s)| (n as f64 * s).powi(2))
+        .sum::<f64>()
+        .sqrt()
+}
+
+/// Scores one organ of one volume: fused-map Dice and HD95 (with the empty-mask penalty),
+/// and the Dice of the organ's own output.
+fn score_organ(
+    score: &mut VolumeScore,
+    organ: Organ,
+    fused: &[u8],
+    head_mask: &[u8],
+    label: &Volume<u8>,
+    spacing: [f64; 3],
+) {
+    let shape = label.geometry.shape;
+    let truth: Vec<u8> = label
+        .data
+        .iter()
+        .map(|&v| u8::from(v == organ.label()))
+        .collect();
+    let mask: Vec<u8> = fused
+        .iter()
+        .map(|&v| u8::from(v == organ.label()))
+        .collect();
+    let name = organ.name().to_string();
+    score.dice.insert(name.clone(), dice(&mask, &truth, 1));
+    score
+        .head_dice
+        .insert(name.clone(), dice(head_mask, &truth, 1));
+    let predicted = mask.contains(&1);
+    let present = truth.contains(&1);
+    let hd = match (predicted, present) {
+        (true, true) => hausdorff95(&mask, &truth, 1, shape, spacing),
+        (false, false) => None,
+        _ => {
+            score.hd95_penalised.push(name.clone());
+            Some(hd95_penalty(shape, spacing))
+        }
+    };
+    score.hd95.insert(name, hd);
 }
 
 /// Segments every case of `cases` at `site` and scores `organs` (those the site annotates
-/// and the segmenter predicts), each from the organ's own output (see
-/// [`Prediction::organ_mask`]). `on_case` is called after each volume with the preprocessed
-/// image, its labels and the prediction.
+/// and the segmenter predicts) on the fused label map, with each organ's own output as a
+/// secondary score (see [`VolumeScore`]). `on_case` is called after each volume with the
+/// preprocessed image, its labels and the prediction.
 pub fn evaluate_site(
     segmenter: &Segmenter,
     site: &SiteData,
@@ -179,29 +240,21 @@ pub fn evaluate_site(
     for id in cases {
         let (image, label) = site.volume(id)?;
         let prediction = segmenter.predict(&image, window, device)?;
-        let spacing = image.geometry.spacing();
+        let fused = prediction.labels();
         let mut score = VolumeScore {
             site: site.name().to_string(),
             case: id.clone(),
             dice: BTreeMap::new(),
+            head_dice: BTreeMap::new(),
             hd95: BTreeMap::new(),
+            hd95_penalised: Vec::new(),
         };
         for organ in organs.iter().filter(|o| annotated.contains(**o)) {
-            let Some(mask) = prediction.organ_mask(*organ) else {
+            let Some(head_mask) = prediction.organ_mask(*organ) else {
                 continue;
             };
-            let truth: Vec<u8> = label
-                .data
-                .iter()
-                .map(|&v| u8::from(v == organ.label()))
-                .collect();
-            score
-                .dice
-                .insert(organ.name().into(), dice(&mask, &truth, 1));
-            score.hd95.insert(
-                organ.name().into(),
-                hausdorff95(&mask, &truth, 1, image.geometry.shape, spacing),
-            );
+            let spacing = image.geometry.spacing();
+            score_organ(&mut score, *organ, &fused, &head_mask, &label, spacing);
         }
         on_case(id, &image, &label, &prediction);
         scores.push(score);
@@ -261,4 +314,75 @@ pub fn to_original_grid(
     Ok(segviz_data::preprocess::resample_nearest(
         &volume, original, 0,
     )?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use segviz_data::Geometry;
+
+    fn identity_geometry(shape: [usize; 3]) -> Geometry {
+        let mut affine = [[0.0; 4]; 4];
+        for (i, row) in affine.iter_mut().enumerate() {
+            row[i] = 1.0;
+        }
+        Geometry { shape, affine }
+    }
+
+    /// Two heads that both claim the liver: each head's own mask is perfect, but the fused
+    /// map gives the overlap to the more confident head, so the fused liver Dice drops.
+    #[test]
+    fn an_overlap_of_two_heads_lowers_the_fused_score_only() {
+        let shape = [4, 4, 4];
+        let n = 64;
+        let liver: Vec<u8> = (0..n).map(|i| u8::from(i < 32)).collect();
+        let label = Volume {
+            data: liver.iter().map(|&v| v * Organ::Liver.label()).collect(),
+            geometry: identity_geometry(shape),
+        };
+        // Liver head: 0.8 on the liver; spleen head: 0.9 on half the liver.
+        let mut probabilities = vec![0.0f32; 2 * n];
+        for i in 0..n {
+            probabilities[i] = if liver[i] == 1 { 0.8 } else { 0.1 };
+            probabilities[n + i] = if i < 16 { 0.9 } else { 0.1 };
+        }
+        let prediction = Prediction {
+            organs: vec![Organ::Liver, Organ::Spleen],
+            probabilities,
+            channels: 2,
+            kind: ProbabilityKind::TaskProbabilities,
+        };
+        let mut score = VolumeScore {
+            site: "s".into(),
+            case: "c".into(),
+            dice: BTreeMap::new(),
+            head_dice: BTreeMap::new(),
+            hd95: BTreeMap::new(),
+            hd95_penalised: Vec::new(),
+        };
+        let fused = prediction.labels();
+        let head = prediction.organ_mask(Organ::Liver).unwrap();
+        score_organ(&mut score, Organ::Liver, &fused, &head, &label, [1.0; 3]);
+        assert_eq!(score.head_dice["liver"], 1.0);
+        // Fused: 16 of the 32 liver voxels stay liver: Dice 2·16 / (16 + 32).
+        assert!(
+            (score.dice["liver"] - 32.0 / 48.0).abs() < 1e-12,
+            "{score:?}"
+        );
+        assert!(score.hd95_penalised.is_empty());
+
+        // An organ predicted nowhere gets the stated HD95 penalty and is counted.
+        let empty = vec![0u8; n];
+        score_organ(
+            &mut score,
+            Organ::Liver,
+            &empty,
+            &empty,
+            &label,
+            [1.0, 2.0, 2.0],
+        );
+        assert_eq!(score.dice["liver"], 0.0);
+        assert_eq!(score.hd95["liver"], Some((16.0f64 + 64.0 + 64.0).sqrt()));
+        assert_eq!(score.hd95_penalised, vec!["liver"]);
+    }
 }

@@ -447,8 +447,16 @@ pub struct Cell {
     pub sd: f64,
     /// Volumes.
     pub n: usize,
-    /// Mean HD95 (mm) over volumes where it is defined.
+    /// Mean HD95 (mm) of the fused map over volumes where it is defined, the empty-mask
+    /// penalty included (see [`crate::evaluate::hd95_penalty`]).
     pub hd95: Option<f64>,
+    /// Volumes whose HD95 is the empty-mask penalty (organ predicted but absent, or
+    /// present but not predicted).
+    #[serde(default)]
+    pub hd95_penalised: usize,
+    /// Mean Dice of each head's own mask, before fusion (secondary).
+    #[serde(default)]
+    pub head_dice: Option<f64>,
     /// Paired t-test against the baseline on the same volumes.
     pub vs_baseline: Option<PairedTTest>,
 }
@@ -1091,7 +1099,8 @@ impl Experiment {
         let json = serde_json::to_vec_pretty(results)
             .map_err(|e| FedError::Config(format!("cannot encode results: {e}")))?;
         write_atomically(&self.out.join("results.json"), &json)?;
-        let mut csv = String::from("method,table,site,case,organ,dice,hd95_mm\n");
+        let mut csv =
+            String::from("method,table,site,case,organ,dice,hd95_mm,hd95_is_penalty,head_dice\n");
         for r in &results.methods {
             for (table, scores) in [("validation", &r.validation), ("test", &r.test)] {
                 for s in scores {
@@ -1102,8 +1111,13 @@ impl Experiment {
                             .copied()
                             .flatten()
                             .map_or(String::new(), |v| format!("{v:.3}"));
+                        let penalty = s.hd95_penalised.contains(organ);
+                        let head = s
+                            .head_dice
+                            .get(organ)
+                            .map_or(String::new(), |v| format!("{v:.5}"));
                         csv.push_str(&format!(
-                            "{},{table},{},{},{organ},{d:.5},{hd}\n",
+                            "{},{table},{},{},{organ},{d:.5},{hd},{penalty},{head}\n",
                             r.method.name(),
                             s.site,
                             s.case
@@ -1249,6 +1263,19 @@ fn make_table(
             })
             .collect()
     };
+    let head_dice = |r: &MethodResult, organ: &str| -> Option<f64> {
+        let d: Vec<f64> = scores(r)
+            .iter()
+            .filter_map(|s| s.head_dice.get(organ).copied())
+            .collect();
+        (!d.is_empty()).then(|| d.iter().sum::<f64>() / d.len() as f64)
+    };
+    let penalised = |r: &MethodResult, organ: &str| -> usize {
+        scores(r)
+            .iter()
+            .filter(|s| s.hd95_penalised.iter().any(|o| o == organ))
+            .count()
+    };
     let baseline = results.iter().find(|r| r.method == Method::Baseline);
     let mut table = Table::new();
     for r in results {
@@ -1281,6 +1308,8 @@ fn make_table(
                     sd,
                     n: dice.len(),
                     hd95,
+                    hd95_penalised: penalised(r, organ),
+                    head_dice: head_dice(r, organ),
                     vs_baseline,
                 },
             );
