@@ -7,7 +7,10 @@
 //!
 //! The U-Net must be MONAI's residual one with BatchNorm (`norm="batch"`); give its
 //! `--channels`, `--strides` and `--num-res-units` if they are not the defaults
-//! (16,32,64,128,256 / 2,2,2,2 / 2) and `--out-channels` for its classes.
+//! (16,32,64,128,256 / 2,2,2,2 / 2) and `--out-channels` for its classes. The file may be a
+//! bare `state_dict` or wrap it as `{"state_dict": …}` (Lightning, MONAI bundles) or
+//! `{"model": …}` (MONAI's `CheckpointSaver`). Every tensor of the file must be used: a
+//! checkpoint with keys this configuration has no place for is refused, naming them.
 
 use std::path::PathBuf;
 use std::process::ExitCode;

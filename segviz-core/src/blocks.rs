@@ -186,6 +186,65 @@ impl UpBlock {
     }
 }
 
+/// Values held by a module, counted from its arguments without building it: weights,
+/// biases, BatchNorm statistics and PReLU slopes, as in [`crate::ModelState`]. `None` when
+/// the count overflows. Each function mirrors the constructor of the same block; a test
+/// compares them with built models.
+pub(crate) mod count {
+    /// A convolution (or transposed convolution) with a bias.
+    pub fn conv(cin: usize, cout: usize, kernel: usize) -> Option<usize> {
+        cin.checked_mul(cout)?
+            .checked_mul(kernel.checked_pow(3)?)?
+            .checked_add(cout)
+    }
+
+    /// BatchNorm (γ, β, running mean and variance) and a one-slope PReLU.
+    pub fn norm_act(channels: usize) -> Option<usize> {
+        channels.checked_mul(4)?.checked_add(1)
+    }
+
+    /// [`super::ConvUnit::new`].
+    pub fn conv_unit(cin: usize, cout: usize, conv_only: bool) -> Option<usize> {
+        let adn = if conv_only { 0 } else { norm_act(cout)? };
+        conv(cin, cout, 3)?.checked_add(adn)
+    }
+
+    /// [`super::ResidualUnit::new`].
+    pub fn residual_unit(
+        cin: usize,
+        cout: usize,
+        stride: usize,
+        subunits: usize,
+        last_conv_only: bool,
+    ) -> Option<usize> {
+        let subunits = subunits.max(1);
+        let mut total = 0usize;
+        for i in 0..subunits {
+            let unit_in = if i == 0 { cin } else { cout };
+            total = total.checked_add(conv_unit(
+                unit_in,
+                cout,
+                last_conv_only && i + 1 == subunits,
+            )?)?;
+        }
+        let residual = if stride != 1 {
+            conv(cin, cout, 3)?
+        } else if cin != cout {
+            conv(cin, cout, 1)?
+        } else {
+            0
+        };
+        total.checked_add(residual)
+    }
+
+    /// [`super::UpBlock::new`].
+    pub fn up_block(cin: usize, cout: usize, is_top: bool) -> Option<usize> {
+        conv(cin, cout, 3)?
+            .checked_add(norm_act(cout)?)?
+            .checked_add(residual_unit(cout, cout, 1, 1, is_top)?)
+    }
+}
+
 /// A cubic convolution with MONAI's "same" padding (`(k - 1) / 2`) and a bias.
 fn conv3d(cin: usize, cout: usize, kernel: usize, stride: usize, device: &Device) -> Conv3d {
     let pad = (kernel - 1) / 2;

@@ -150,10 +150,51 @@ pub fn read_checkpoint(path: &Path) -> Result<Checkpoint> {
         .config
         .validate()
         .map_err(|e| bad(format!("stored configuration: {e}")))?;
+    // The configuration decides what gets allocated when the model is built: check it
+    // against the tensors, and the tensors against the file, before anything is built.
+    let mut sizes = Vec::with_capacity(header.tensors.len());
+    for t in &header.tensors {
+        let n = t
+            .shape
+            .iter()
+            .try_fold(1usize, |n, &d| n.checked_mul(d))
+            .filter(|n| n.checked_mul(4).is_some())
+            .ok_or_else(|| {
+                bad(format!(
+                    "tensor {} has an impossible shape {:?}",
+                    t.path, t.shape
+                ))
+            })?;
+        sizes.push(n);
+    }
+    let held = sizes
+        .iter()
+        .try_fold(0usize, |total, &n| total.checked_add(n))
+        .filter(|&total| {
+            total
+                .checked_mul(4)
+                .is_some_and(|b| b <= body.len() - data_start)
+        })
+        .ok_or_else(|| {
+            bad(format!(
+                "the header declares more tensor values than the file's {} data bytes hold",
+                body.len() - data_start
+            ))
+        })?;
+    let declared = header.config.value_count().unwrap_or(usize::MAX);
+    if declared != held {
+        return Err(bad(format!(
+            "the stored configuration (channels {:?}, num_res_units {}, {} head(s)) declares \
+             {declared} values but the file holds {held} in {} tensors",
+            header.config.representation.channels,
+            header.config.representation.num_res_units,
+            header.config.tasks.len(),
+            header.tensors.len()
+        )));
+    }
     let mut offset = data_start;
     let mut state = ModelState::default();
-    for t in header.tensors {
-        let n: usize = t.shape.iter().product();
+    for (t, n) in header.tensors.into_iter().zip(sizes) {
         let end = offset
             .checked_add(4 * n)
             .filter(|&e| e <= body.len())

@@ -16,6 +16,10 @@ use crate::init::lecun_normal;
 use crate::representation::{RepresentationBlock, RepresentationConfig};
 use crate::state::{apply_state, describe_state, extract_state, ModelState, TensorRole};
 
+/// The largest model [`SegVizConfig::validate`] accepts, in values (8 GiB of float32; the
+/// paper's U-Net has 4.8 million).
+pub const MAX_MODEL_VALUES: usize = 1 << 31;
+
 /// Configuration of a [`SegVizModel`].
 #[derive(Config, Debug, PartialEq)]
 pub struct SegVizConfig {
@@ -58,7 +62,34 @@ impl SegVizConfig {
                 self.head_out_channels
             )));
         }
-        Ok(())
+        // Before anything is allocated: a model beyond reason (a corrupted or hostile
+        // configuration declaring millions of channels) is refused, not an aborted process.
+        match self.value_count() {
+            Some(n) if n <= MAX_MODEL_VALUES => Ok(()),
+            n => Err(CoreError::config(format!(
+                "the configuration declares a model of {} values (channels {:?}, {} head(s) of \
+                 {} classes), above the limit of {MAX_MODEL_VALUES} ({} GiB of float32)",
+                n.map_or_else(|| "more than usize::MAX".to_string(), |n| n.to_string()),
+                self.representation.channels,
+                self.tasks.len(),
+                self.head_out_channels,
+                MAX_MODEL_VALUES >> 28
+            ))),
+        }
+    }
+
+    /// Number of values (parameters and BatchNorm statistics, as in [`ModelState`]) a model
+    /// of this configuration holds, counted without building it; `None` if the count
+    /// overflows. Assumes `representation` is valid.
+    pub fn value_count(&self) -> Option<usize> {
+        let head = crate::blocks::count::up_block(
+            self.representation.out_channels(),
+            self.head_out_channels,
+            true,
+        )?;
+        self.representation
+            .value_count()?
+            .checked_add(head.checked_mul(self.tasks.len())?)
     }
 
     fn head_config(&self) -> TaskHeadConfig {

@@ -11,9 +11,10 @@
 //! convolution with `conv` / `adn`) then `1` (a residual unit). The top decoder step
 //! (`model.2`) is SegViz's task head.
 
+use std::collections::BTreeSet;
 use std::path::Path;
 
-use burn::store::pytorch_reader::{DType, PytorchReader};
+use burn::store::pytorch_reader::{DType, PickleValue, PytorchReader};
 use burn::tensor::Device;
 
 use crate::error::{CoreError, Result};
@@ -84,7 +85,13 @@ fn bn_name(field: &str) -> Option<&'static str> {
 ///
 /// `config` must describe the same U-Net (channels, strides, `num_res_units`, and
 /// `head_out_channels` = MONAI's `out_channels`); every tensor of the model must be in the
-/// file with the same shape. Extra keys (`num_batches_tracked`) are ignored.
+/// file with the same shape, and every tensor of the file must be used: a key the model has
+/// no place for (say the third conv units of a `num_res_units=3` U-Net) is an error naming
+/// it, never silently dropped. Only BatchNorm's `num_batches_tracked` counters are skipped.
+///
+/// The `state_dict` may be the file's root or sit under one of [`STATE_DICT_WRAPPERS`]
+/// (`{"state_dict": …}` from PyTorch Lightning or a MONAI bundle, `{"model": …}` from MONAI's
+/// `CheckpointSaver`); the other entries of a wrapper (optimiser, epoch, …) are not read.
 pub fn load_monai_checkpoint(
     path: &Path,
     config: &SegVizConfig,
@@ -94,13 +101,18 @@ pub fn load_monai_checkpoint(
     let mut config = config.clone();
     config.tasks = vec![task.to_string()];
     let model = config.init(device, 0)?;
-    let reader = PytorchReader::new(path)
-        .map_err(|e| CoreError::file(path, format!("not a readable PyTorch checkpoint: {e}")))?;
+    let reader = open_state_dict(path)?;
     let levels = config.representation.strides.len();
     let mut state = ModelState::default();
+    let mut unused: BTreeSet<String> = reader
+        .keys()
+        .into_iter()
+        .filter(|k| !k.ends_with("num_batches_tracked"))
+        .collect();
     for (our_path, entry) in model.layout().tensors {
         let key = monai_key(&our_path, levels)
             .ok_or_else(|| CoreError::State(format!("no MONAI key for tensor {our_path:?}")))?;
+        unused.remove(&key);
         let tensor = reader.get(&key).ok_or_else(|| {
             CoreError::file(
                 path,
@@ -138,7 +150,68 @@ pub fn load_monai_checkpoint(
             },
         );
     }
+    if !unused.is_empty() {
+        return Err(CoreError::file(
+            path,
+            format!(
+                "{} tensor(s) in the checkpoint are not used by this configuration (channels \
+                 {:?}, strides {:?}, num_res_units {}, out_channels {}): {}; is the U-Net \
+                 configuration the same?",
+                unused.len(),
+                config.representation.channels,
+                config.representation.strides,
+                config.representation.num_res_units,
+                config.head_out_channels,
+                list_keys(&unused)
+            ),
+        ));
+    }
     model.load_state(&state)
+}
+
+/// Top-level keys under which a checkpoint may hold the `state_dict`, tried in this order.
+pub const STATE_DICT_WRAPPERS: [&str; 2] = ["state_dict", "model"];
+
+/// Opens the `state_dict` of a PyTorch file: the root, or the one wrapper entry of
+/// [`STATE_DICT_WRAPPERS`] that holds a dictionary.
+fn open_state_dict(path: &Path) -> Result<PytorchReader> {
+    let unreadable = |e| CoreError::file(path, format!("not a readable PyTorch checkpoint: {e}"));
+    // A plain state_dict has dotted tensor names at the root ("model.0.conv…"), never a
+    // bare "state_dict" or "model" entry holding another dictionary.
+    let root = PytorchReader::read_pickle_data(path, None).map_err(unreadable)?;
+    let wrappers: Vec<&str> = match &root {
+        PickleValue::Dict(entries) => STATE_DICT_WRAPPERS
+            .into_iter()
+            .filter(|w| matches!(entries.get(*w), Some(PickleValue::Dict(_))))
+            .collect(),
+        _ => Vec::new(),
+    };
+    match wrappers.as_slice() {
+        [] => PytorchReader::new(path).map_err(unreadable),
+        [key] => PytorchReader::with_top_level_key(path, key).map_err(unreadable),
+        _ => Err(CoreError::file(
+            path,
+            format!(
+                "ambiguous checkpoint: both {:?} hold a dictionary; save the state_dict alone",
+                wrappers
+            ),
+        )),
+    }
+}
+
+/// `"a", "b", … and N more` for error messages (at most eight keys).
+fn list_keys(keys: &BTreeSet<String>) -> String {
+    const SHOWN: usize = 8;
+    let mut text = keys
+        .iter()
+        .take(SHOWN)
+        .map(|k| format!("{k:?}"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    if keys.len() > SHOWN {
+        text.push_str(&format!(" and {} more", keys.len() - SHOWN));
+    }
+    text
 }
 
 /// Little-endian float32 (or float64, narrowed) bytes to values; `None` for another dtype

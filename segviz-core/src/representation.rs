@@ -92,6 +92,42 @@ impl RepresentationConfig {
         Ok(())
     }
 
+    /// Number of values (parameters and BatchNorm statistics) the block holds, counted from
+    /// the configuration without building it; `None` if the count overflows. Assumes a
+    /// valid configuration.
+    pub fn value_count(&self) -> Option<usize> {
+        use crate::blocks::count;
+        let levels = self.strides.len();
+        let c = &self.channels;
+        let mut total = 0usize;
+        for l in 0..levels {
+            let cin = if l == 0 { self.in_channels } else { c[l - 1] };
+            total = total.checked_add(count::residual_unit(
+                cin,
+                c[l],
+                self.strides[l],
+                self.num_res_units,
+                false,
+            )?)?;
+        }
+        total = total.checked_add(count::residual_unit(
+            c[levels - 1],
+            c[levels],
+            1,
+            self.num_res_units,
+            false,
+        )?)?;
+        for l in 1..levels {
+            let cin = if l == levels - 1 {
+                c[l].checked_add(c[l + 1])?
+            } else {
+                c[l].checked_mul(2)?
+            };
+            total = total.checked_add(count::up_block(cin, c[l - 1], false)?)?;
+        }
+        Some(total)
+    }
+
     /// Builds the block with Burn's default initialisation (use
     /// [`crate::init::lecun_normal`] for the paper's).
     pub fn init(&self, device: &Device) -> Result<RepresentationBlock> {

@@ -36,7 +36,7 @@ pub struct SlidingWindowConfig {
     /// Blending of overlapping outputs.
     #[config(default = "BlendMode::Gaussian")]
     pub mode: BlendMode,
-    /// Gaussian σ as a fraction of the window size.
+    /// Gaussian σ as a fraction of the window size (MONAI `sigma_scale`).
     #[config(default = 0.125)]
     pub sigma_scale: f64,
 }
@@ -77,17 +77,27 @@ fn starts(size: usize, roi: usize, overlap: f64) -> Vec<usize> {
     s
 }
 
-/// Blending weights of one window, C order over `roi`.
+/// The smallest blending weight (MONAI `compute_importance_map`): Gaussian weights are
+/// clamped to `max(min weight, 1e-3)`, an absolute floor, so every voxel of a window counts.
+pub const MIN_IMPORTANCE: f32 = 1e-3;
+
+/// Blending weights of one window, C order over `roi` (MONAI `compute_importance_map`).
+///
+/// The Gaussian is not normalised (its peak is below 1 for an even window) and is computed
+/// in single precision, as MONAI does.
 fn importance(cfg: &SlidingWindowConfig, roi: [usize; 3]) -> Vec<f32> {
     let n: usize = roi.iter().product();
     match cfg.mode {
         BlendMode::Constant => vec![1.0; n],
         BlendMode::Gaussian => {
-            let axis = |len: usize| -> Vec<f64> {
-                let sigma = cfg.sigma_scale * len as f64;
-                let centre = (len as f64 - 1.0) / 2.0;
+            let axis = |len: usize| -> Vec<f32> {
+                let sigma = (cfg.sigma_scale * len as f64) as f32;
+                let start = -(len as f32 - 1.0) / 2.0;
                 (0..len)
-                    .map(|i| (-((i as f64 - centre).powi(2)) / (2.0 * sigma * sigma)).exp())
+                    .map(|i| {
+                        let x = start + i as f32;
+                        (x * x / (-2.0 * sigma * sigma)).exp()
+                    })
                     .collect()
             };
             let (a, b, c) = (axis(roi[0]), axis(roi[1]), axis(roi[2]));
@@ -95,13 +105,12 @@ fn importance(cfg: &SlidingWindowConfig, roi: [usize; 3]) -> Vec<f32> {
             for x in &a {
                 for y in &b {
                     for z in &c {
-                        w.push((x * y * z) as f32);
+                        w.push(x * y * z);
                     }
                 }
             }
-            // As MONAI: no zero weight, so every voxel of a window is covered.
-            let max = w.iter().copied().fold(0.0f32, f32::max);
-            let floor = (max * 1e-3).max(f32::MIN_POSITIVE);
+            let min = w.iter().copied().fold(f32::INFINITY, f32::min);
+            let floor = min.max(MIN_IMPORTANCE);
             w.iter_mut().for_each(|v| *v = v.max(floor));
             w
         }
@@ -111,8 +120,9 @@ fn importance(cfg: &SlidingWindowConfig, roi: [usize; 3]) -> Vec<f32> {
 /// Runs `predict` over `volume` window by window and blends the outputs.
 ///
 /// `volume` is one single-channel volume in C order over `shape`. A volume smaller than the
-/// window along an axis is zero-padded for the network and the output cropped back. The
-/// result is channel-major: `channels` blocks of `shape`'s voxel count.
+/// window along an axis is zero-padded as MONAI pads it (half of the missing voxels before,
+/// rounded down, the rest after) and the output cropped back. The result is channel-major:
+/// `channels` blocks of `shape`'s voxel count.
 ///
 /// `predict` maps a batch `[n, 1, rd, rh, rw]` to `[n, channels, rd, rh, rw]` (for example
 /// [`crate::SegVizModel::probabilities`]); it runs on `device`.
@@ -135,12 +145,14 @@ where
         });
     }
     let roi = config.roi_size;
-    // The padded extent: at least one window along each axis.
+    // The padded extent: at least one window along each axis. MONAI pads `diff / 2` voxels
+    // before and `diff - diff / 2` after, so a short axis sits in the middle of the window.
     let padded = [
         shape[0].max(roi[0]),
         shape[1].max(roi[1]),
         shape[2].max(roi[2]),
     ];
+    let before = [0, 1, 2].map(|a| (padded[a] - shape[a]) / 2);
     let axes = [
         starts(padded[0], roi[0], config.overlap),
         starts(padded[1], roi[1], config.overlap),
@@ -165,8 +177,14 @@ where
         let mut input = vec![0.0f32; batch.len() * window_len];
         for (w, origin) in batch.iter().enumerate() {
             for_window(roi, |i, j, k, t| {
-                let (x, y, z) = (origin[0] + i, origin[1] + j, origin[2] + k);
-                if x < shape[0] && y < shape[1] && z < shape[2] {
+                // Padded coordinates back to the volume's; padding voxels stay zero.
+                let inside =
+                    |a: usize, p: usize| p.checked_sub(before[a]).filter(|&v| v < shape[a]);
+                if let (Some(x), Some(y), Some(z)) = (
+                    inside(0, origin[0] + i),
+                    inside(1, origin[1] + j),
+                    inside(2, origin[2] + k),
+                ) {
                     input[w * window_len + t] = volume[(x * shape[1] + y) * shape[2] + z];
                 }
             });
@@ -210,7 +228,8 @@ where
         for i in 0..shape[0] {
             for j in 0..shape[1] {
                 for k in 0..shape[2] {
-                    let p = (i * padded[1] + j) * padded[2] + k;
+                    let p =
+                        ((i + before[0]) * padded[1] + j + before[1]) * padded[2] + k + before[2];
                     result[c * n + (i * shape[1] + j) * shape[2] + k] =
                         out[c * padded_len + p] / norm[p];
                 }

@@ -14,7 +14,8 @@ use crate::orientation::orientation_code;
 pub const MAX_DISTINCT_VALUES: usize = 256;
 
 /// Summarises a NIfTI file: `path`, `shape`, `spacing`, `orientation` (e.g. `"LPS"`),
-/// `affine` (row-major 4×4), `affine_source`, `datatype`, `scl_slope`, `scl_inter`, and
+/// `affine` (row-major 4×4), `affine_source`, `geometry_warnings` (see
+/// [`NiftiInfo::warnings`](crate::nifti_io::NiftiInfo::warnings)), `datatype`, `scl_slope`, `scl_inter`, and
 /// `min`/`max`/`mean` of the scaled values (finite voxels only; `nan_count` and
 /// `infinite_count` report the others). For integer datatypes, `distinct_values` lists the
 /// sorted distinct scaled values, at most [`MAX_DISTINCT_VALUES`] of them
@@ -54,6 +55,7 @@ pub fn inspect_file(path: impl AsRef<Path>) -> Result<Value> {
             AffineSource::Qform => "qform",
             AffineSource::Pixdim => "pixdim",
         },
+        "geometry_warnings": info.warnings,
         "datatype": info.datatype.name(),
         "scl_slope": info.scl_slope,
         "scl_inter": info.scl_inter,

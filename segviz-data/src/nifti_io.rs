@@ -8,9 +8,12 @@
 //! - voxels on disk are in Fortran order (`i` fastest); [`Volume`] is C order (`k` fastest),
 //!   so both reading and writing transpose;
 //! - stored values are scaled by `scl_slope`/`scl_inter` when `scl_slope` is non-zero;
-//! - the affine is the sform when `sform_code > 0`, else the qform (quaternion, with
-//!   `qfac = pixdim[0]` flipping the third axis) when `qform_code > 0`, else the diagonal of
-//!   `pixdim` ("method 1" of the standard).
+//! - the affine is the one nibabel reads (`img.affine`): the sform when `sform_code != 0`,
+//!   else the qform (quaternion, with `qfac = pixdim[0]` flipping the third axis) when
+//!   `qform_code != 0`, else nibabel's fallback from `|pixdim|` (first axis flipped, origin at
+//!   the volume centre). Where nibabel would carry on with an unusable or guessed affine
+//!   (a singular sform, a zero spacing, no transform at all), the reader refuses or records a
+//!   warning in [`NiftiInfo::warnings`]; see `header_affine`.
 //!
 //! Writing sets both sform and qform (code 1, scanner) from the affine, `pixdim` from the
 //! column norms, units to millimetres, and compresses when the name ends in `.gz`. Files are
@@ -172,6 +175,10 @@ pub struct NiftiInfo {
     pub scl_inter: f32,
     /// Where the affine came from.
     pub affine_source: AffineSource,
+    /// Geometry decisions worth telling the user (a guessed orientation, a fallback from a
+    /// broken sform, a negative `pixdim` taken as its absolute value, ...). Empty for a
+    /// well-formed header.
+    pub warnings: Vec<String>,
 }
 
 impl NiftiInfo {
@@ -430,7 +437,7 @@ fn parse_header(path: &Path, bytes: &[u8]) -> Result<Header> {
             ),
         ));
     }
-    let (affine, affine_source) = header_affine(&h);
+    let (affine, affine_source, warnings) = header_affine(path, &h)?;
     Ok(Header {
         info: NiftiInfo {
             path: path.to_path_buf(),
@@ -439,6 +446,7 @@ fn parse_header(path: &Path, bytes: &[u8]) -> Result<Header> {
             scl_slope: h.scl_slope,
             scl_inter: h.scl_inter,
             affine_source,
+            warnings,
         },
         big_endian: h.endianness == nifti::Endianness::Big,
         vox_offset: h.vox_offset as usize,
@@ -489,86 +497,211 @@ fn datatype_description(code: i16) -> &'static str {
     }
 }
 
-/// The affine by NIfTI's precedence: sform, then qform, then pixdim.
+/// The NIfTI-1 `xform` codes (0 unknown .. 5 template); nibabel resets any other to 0.
+const XFORM_CODES: std::ops::RangeInclusive<i16> = 0..=5;
+/// nibabel's tolerance on `1 − |(b, c, d)|²` (three float32 epsilons): inside it the
+/// quaternion's `a` is taken as 0, below it the quaternion is refused.
+const QUATERNION_TOLERANCE: f64 = 3.0 * f32::EPSILON as f64;
+
+/// The affine as nibabel reads it (`img.affine`, i.e. `get_best_affine()` after nibabel's
+/// load-time header fixes), and what had to be decided on the way.
 ///
-/// A singular sform or qform (all zeros, a common export bug) falls through to the next
-/// method, since no voxel grid can be built from it.
-fn header_affine(h: &nifti::NiftiHeader) -> (Affine, AffineSource) {
-    if h.sform_code > 0 {
+/// Precedence: the sform when `sform_code != 0`, else the qform when `qform_code != 0`, else
+/// nibabel's fallback from `pixdim` (x flipped, origin at the volume centre). As nibabel:
+/// a code outside 0..=5 counts as 0, negative `pixdim[1..=3]` are taken as their absolute
+/// values, and `qfac = pixdim[0]` other than ±1 counts as 1. Where nibabel would go on
+/// silently with something unusable, SegViz refuses or warns:
+/// - a singular or non-finite sform falls back to a usable qform with a warning (nibabel
+///   returns the singular matrix), and is an error without one;
+/// - a zero or non-finite spacing the affine depends on is an error (nibabel reads 1 mm);
+/// - a quaternion `(b, c, d)` longer than 1 is an error (as in nibabel);
+/// - the `pixdim` fallback always warns: the orientation is a guess.
+fn header_affine(
+    path: &Path,
+    h: &nifti::NiftiHeader,
+) -> Result<(Affine, AffineSource, Vec<String>)> {
+    let mut warnings = Vec::new();
+    let mut code = |name: &str, code: i16| {
+        if XFORM_CODES.contains(&code) {
+            code
+        } else {
+            warnings.push(format!(
+                "{name} {code} is not a NIfTI code (0..=5); read as 0, as nibabel does"
+            ));
+            0
+        }
+    };
+    let sform_code = code("sform_code", h.sform_code);
+    let qform_code = code("qform_code", h.qform_code);
+
+    let qform = if qform_code != 0 {
+        Some(qform_affine(path, h, &mut warnings)?)
+    } else {
+        None
+    };
+    if sform_code != 0 {
         let mut a = affine::identity();
         for (r, row) in [h.srow_x, h.srow_y, h.srow_z].iter().enumerate() {
             for c in 0..4 {
                 a[r][c] = row[c] as f64;
             }
         }
-        if affine::invert(&a).is_some() {
-            return (a, AffineSource::Sform);
+        if a.iter().flatten().all(|v| v.is_finite()) && affine::invert(&a).is_some() {
+            return Ok((a, AffineSource::Sform, warnings));
         }
+        let Some(q) = qform else {
+            return Err(DataError::invalid(
+                path,
+                format!(
+                    "sform_code {sform_code} but srow_x/y/z is singular or not finite \
+                     ({:?}, {:?}, {:?}) and there is no qform (qform_code 0): the voxel grid \
+                     cannot be placed in the world",
+                    h.srow_x, h.srow_y, h.srow_z
+                ),
+            ));
+        };
+        warnings.push(format!(
+            "sform_code {sform_code} but srow_x/y/z is singular or not finite; the qform \
+             (qform_code {qform_code}) is used instead"
+        ));
+        return Ok((q, AffineSource::Qform, warnings));
     }
-    let spacing = |v: f32| {
-        if v > 0.0 && v.is_finite() {
-            v as f64
-        } else {
-            1.0
-        }
-    };
-    let (dx, dy, dz) = (
-        spacing(h.pixdim[1]),
-        spacing(h.pixdim[2]),
-        spacing(h.pixdim[3]),
-    );
-    if h.qform_code > 0 {
-        let (b, c, d) = (h.quatern_b as f64, h.quatern_c as f64, h.quatern_d as f64);
-        let rotation = quaternion_to_rotation(b, c, d);
-        // qfac = pixdim[0]; the standard says treat anything but -1 as +1.
-        let qfac = if h.pixdim[0] < 0.0 { -1.0 } else { 1.0 };
-        let scale = [dx, dy, qfac * dz];
-        let offset = [h.quatern_x as f64, h.quatern_y as f64, h.quatern_z as f64];
-        let mut a = affine::identity();
-        for r in 0..3 {
-            for c in 0..3 {
-                a[r][c] = rotation[r][c] * scale[c];
-            }
-            a[r][3] = offset[r];
-        }
-        if affine::invert(&a).is_some() {
-            return (a, AffineSource::Qform);
-        }
+    if let Some(q) = qform {
+        return Ok((q, AffineSource::Qform, warnings));
     }
+
+    // nibabel's `shape_zoom_affine(shape, zooms, x_flip=True)`: the voxel at the centre of
+    // the volume sits at the world origin and the first axis runs to the left.
+    let ndim = (h.dim[0] as usize).min(3);
     let mut a = affine::identity();
-    a[0][0] = dx;
-    a[1][1] = dy;
-    a[2][2] = dz;
-    (a, AffineSource::Pixdim)
+    for (axis, row) in a.iter_mut().take(3).enumerate() {
+        let (size, zoom) = if axis < ndim {
+            (
+                h.dim[axis + 1] as f64,
+                spacing(path, h, axis, &mut warnings)?,
+            )
+        } else {
+            (1.0, 1.0)
+        };
+        let zoom = if axis == 0 { -zoom } else { zoom };
+        row[axis] = zoom;
+        row[3] = -(size - 1.0) / 2.0 * zoom;
+    }
+    warnings.push(format!(
+        "no sform or qform (both codes 0): the affine is built from pixdim as nibabel does \
+         (first axis flipped to the left, origin at the volume centre, spacing {:?}); the \
+         orientation is a guess",
+        [a[0][0].abs(), a[1][1], a[2][2]]
+    ));
+    Ok((a, AffineSource::Pixdim, warnings))
 }
 
-/// Rotation matrix of the unit quaternion `(a, b, c, d)` with `a` recovered from `b, c, d`.
-fn quaternion_to_rotation(b: f64, c: f64, d: f64) -> [[f64; 3]; 3] {
-    let norm2 = b * b + c * c + d * d;
-    let (a, b, c, d) = if norm2 > 1.0 {
-        // Rounding in the file can push |(b, c, d)| slightly past 1: renormalise, a = 0.
-        let n = norm2.sqrt();
-        (0.0, b / n, c / n, d / n)
+/// `|pixdim[axis + 1]|`, warning when it was negative; an error when zero or not finite.
+fn spacing(
+    path: &Path,
+    h: &nifti::NiftiHeader,
+    axis: usize,
+    warnings: &mut Vec<String>,
+) -> Result<f64> {
+    let v = h.pixdim[axis + 1];
+    if !v.is_finite() || v == 0.0 {
+        return Err(DataError::invalid(
+            path,
+            format!(
+                "pixdim[{}] = {v}: no voxel spacing along axis {axis}, and the affine depends \
+                 on it (nibabel would read 1 mm)",
+                axis + 1
+            ),
+        ));
+    }
+    if v < 0.0 && !warnings.iter().any(|w| w.starts_with("negative pixdim")) {
+        warnings.push(format!(
+            "negative pixdim {:?}: read as their absolute values, as nibabel does",
+            &h.pixdim[1..4]
+        ));
+    }
+    Ok(v.abs() as f64)
+}
+
+/// The qform affine: rotation from the quaternion, then `|pixdim|` with `qfac` on the third
+/// axis, then the offsets (nibabel's `get_qform`).
+fn qform_affine(path: &Path, h: &nifti::NiftiHeader, warnings: &mut Vec<String>) -> Result<Affine> {
+    let (b, c, d) = (h.quatern_b as f64, h.quatern_c as f64, h.quatern_d as f64);
+    let offset = [h.quatern_x as f64, h.quatern_y as f64, h.quatern_z as f64];
+    if ![b, c, d].iter().chain(&offset).all(|v| v.is_finite()) {
+        return Err(DataError::invalid(
+            path,
+            format!(
+                "qform_code {} but the quaternion or its offsets are not finite",
+                h.qform_code
+            ),
+        ));
+    }
+    let rotation = quaternion_to_rotation(b, c, d).ok_or_else(|| {
+        DataError::invalid(
+            path,
+            format!(
+                "qform quaternion (b, c, d) = ({b}, {c}, {d}) has a norm above 1: not a rotation"
+            ),
+        )
+    })?;
+    let q = h.pixdim[0];
+    let qfac = if q == -1.0 {
+        -1.0
+    } else if q == 1.0 || q == 0.0 {
+        1.0
     } else {
-        ((1.0 - norm2).sqrt(), b, c, d)
+        warnings.push(format!(
+            "pixdim[0] (qfac) = {q} is neither 1 nor -1; read as 1, as nibabel does"
+        ));
+        1.0
     };
-    [
+    let scale = [
+        spacing(path, h, 0, warnings)?,
+        spacing(path, h, 1, warnings)?,
+        qfac * spacing(path, h, 2, warnings)?,
+    ];
+    let mut a = affine::identity();
+    for r in 0..3 {
+        for c in 0..3 {
+            a[r][c] = rotation[r][c] * scale[c];
+        }
+        a[r][3] = offset[r];
+    }
+    Ok(a)
+}
+
+/// Rotation matrix of the quaternion `(a, b, c, d)` with `a = √(1 − b² − c² − d²)`, or
+/// `None` when `|(b, c, d)|` exceeds 1 by more than rounding (nibabel's `fillpositive`).
+fn quaternion_to_rotation(b: f64, c: f64, d: f64) -> Option<[[f64; 3]; 3]> {
+    let w2 = 1.0 - (b * b + c * c + d * d);
+    let a = if w2.abs() < QUATERNION_TOLERANCE {
+        0.0
+    } else if w2 < 0.0 {
+        return None;
+    } else {
+        w2.sqrt()
+    };
+    // Normalised as nibabel's `quat2mat`, which absorbs the rounding tolerated above.
+    let n = a * a + b * b + c * c + d * d;
+    let s = 2.0 / n;
+    Some([
         [
-            a * a + b * b - c * c - d * d,
-            2.0 * (b * c - a * d),
-            2.0 * (b * d + a * c),
+            1.0 - s * (c * c + d * d),
+            s * (b * c - a * d),
+            s * (b * d + a * c),
         ],
         [
-            2.0 * (b * c + a * d),
-            a * a + c * c - b * b - d * d,
-            2.0 * (c * d - a * b),
+            s * (b * c + a * d),
+            1.0 - s * (b * b + d * d),
+            s * (c * d - a * b),
         ],
         [
-            2.0 * (b * d - a * c),
-            2.0 * (c * d + a * b),
-            a * a + d * d - b * b - c * c,
+            s * (b * d - a * c),
+            s * (c * d + a * b),
+            1.0 - s * (b * b + c * c),
         ],
-    ]
+    ])
 }
 
 /// Decodes the voxel block into C order, applying the scaling.
@@ -1017,14 +1150,19 @@ mod tests {
         let (back, info) = read_volume_with_info(&path).expect("read");
         assert_eq!(info.affine_source, AffineSource::Qform);
         assert_geometry_close(&back.geometry, &volume.geometry);
-        // And with neither code, pixdim on the diagonal.
+        assert!(info.warnings.is_empty(), "{:?}", info.warnings);
+        // And with neither code, nibabel's fallback: pixdim on the diagonal, first axis
+        // flipped, origin at the centre voxel, and a warning that the orientation is a guess.
         bytes[252..254].copy_from_slice(&0i16.to_le_bytes());
         std::fs::write(&path, &bytes).expect("rewrite");
         let (back, info) = read_volume_with_info(&path).expect("read");
         assert_eq!(info.affine_source, AffineSource::Pixdim);
+        assert_eq!(info.warnings.len(), 1, "{:?}", info.warnings);
         let spacing = volume.geometry.spacing();
         for (a, s) in spacing.iter().enumerate() {
-            assert!((back.geometry.affine[a][a] - s).abs() < 1e-5);
+            let sign = if a == 0 { -1.0 } else { 1.0 };
+            assert!((back.geometry.affine[a][a] - sign * s).abs() < 1e-5);
+            assert!((back.geometry.affine[a][3] + sign * s * 3.5).abs() < 1e-5);
         }
     }
 
