@@ -160,6 +160,9 @@ fn run(args: &Args) -> AnyResult<()> {
     check.finish_and_clear();
     let experiment = experiment?;
     println!("data checked: every case of every site reads, matches its label map and is finite");
+    for w in experiment.data_warnings() {
+        eprintln!("warning: {w}");
+    }
     for site in experiment.sites() {
         println!(
             "  site {:<16} {:>3} train / {:>2} val cases, annotates {}",

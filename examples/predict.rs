@@ -113,7 +113,10 @@ fn run(args: &Args) -> AnyResult<()> {
         }
         Segmenter::PerOrgan(list)
     };
-    let labels = segment_file(&segmenter, &args.input, &preprocess, &window, &device)?;
+    let (labels, warnings) = segment_file(&segmenter, &args.input, &preprocess, &window, &device)?;
+    for w in &warnings {
+        eprintln!("warning: {}: {w}", args.input.display());
+    }
     write_labels(&args.output, &labels)?;
     let mut counts = [0usize; 5];
     for &v in &labels.data {

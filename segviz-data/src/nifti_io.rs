@@ -197,6 +197,9 @@ impl NiftiInfo {
 /// [`DataError::Io`] if the file cannot be read, [`DataError::Invalid`] for a corrupt or
 /// truncated file (gzip included), [`DataError::Unsupported`] for NIfTI-2, 4-D series and
 /// complex/RGB datatypes, [`DataError::NonFinite`] (with the counts) for NaN/Inf voxels.
+///
+/// Geometry warnings (see [`NiftiInfo::warnings`]) are not returned: use
+/// [`read_volume_with_info`] or [`read_header`] to show them.
 pub fn read_volume(path: impl AsRef<Path>) -> Result<Volume<f32>> {
     let (volume, info) = read_volume_with_info(path)?;
     check_finite(&volume, &info.path)?;
@@ -221,6 +224,33 @@ pub fn read_volume_with_info(path: impl AsRef<Path>) -> Result<(Volume<f32>, Nif
         geometry: info.geometry.clone(),
     };
     Ok((volume, info))
+}
+
+/// Reads only the header of a NIfTI file (decompressing just its first bytes): shape,
+/// affine, datatype, scaling and the geometry [`NiftiInfo::warnings`]. Cheap enough to
+/// run over a whole dataset.
+///
+/// # Errors
+/// As [`read_volume`] for what the header can show (I/O, not NIfTI-1, unsupported or
+/// inconsistent header fields); voxel problems are found only by reading the volume.
+pub fn read_header(path: impl AsRef<Path>) -> Result<NiftiInfo> {
+    let path = path.as_ref();
+    let mut file = std::fs::File::open(path).map_err(|e| DataError::io(path, e))?;
+    let mut magic = [0u8; 2];
+    let got = file.read(&mut magic).map_err(|e| DataError::io(path, e))?;
+    let file = std::fs::File::open(path).map_err(|e| DataError::io(path, e))?;
+    // The 348-byte header and the 4-byte extension flag.
+    let wanted = NIFTI1_HEADER_SIZE as u64 + 4;
+    let mut bytes = Vec::with_capacity(wanted as usize);
+    let read = if got == 2 && magic == [0x1f, 0x8b] {
+        MultiGzDecoder::new(file)
+            .take(wanted)
+            .read_to_end(&mut bytes)
+    } else {
+        file.take(wanted).read_to_end(&mut bytes)
+    };
+    read.map_err(|e| DataError::invalid(path, format!("cannot read the header: {e}")))?;
+    Ok(parse_header(path, &bytes)?.info)
 }
 
 /// Reads a label map: every scaled value must be an integer in `0..=255`.

@@ -129,3 +129,28 @@ fn negative_pixdim_is_four_four_five_millimetres_with_a_warning() {
         info.warnings
     );
 }
+
+#[test]
+fn the_header_alone_gives_the_same_geometry_and_warnings_as_a_full_read() {
+    let all = expected();
+    for name in all["cases"].as_object().expect("cases").keys() {
+        let path = fixtures().join(format!("{name}.nii"));
+        match (
+            read_volume_with_info(&path),
+            segviz_data::read_header(&path),
+        ) {
+            (Ok((_, full)), Ok(header)) => assert_eq!(full, header, "{name}"),
+            (Err(a), Err(b)) => assert_eq!(a.to_string(), b.to_string(), "{name}"),
+            (a, b) => panic!("{name}: full read {:?}, header {:?}", a.is_ok(), b.is_ok()),
+        }
+    }
+    // Gzipped too (a phantom written by our writer, no warnings).
+    let dir = std::env::temp_dir().join(format!("segviz-header-{}", std::process::id()));
+    let path = dir.join("x.nii.gz");
+    let (volume, _) = read_volume_with_info(fixtures().join("sform_only.nii")).unwrap();
+    segviz_data::write_volume(&path, &volume, segviz_data::VoxelType::Int16).unwrap();
+    let header = segviz_data::read_header(&path).unwrap();
+    assert_eq!(header.geometry, volume.geometry);
+    assert!(header.warnings.is_empty(), "{:?}", header.warnings);
+    std::fs::remove_dir_all(&dir).unwrap();
+}

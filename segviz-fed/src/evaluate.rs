@@ -285,20 +285,26 @@ pub fn mean_dice(scores: &[VolumeScore]) -> BTreeMap<String, f64> {
 
 /// Segments a CT file end to end: reads it, applies the training preprocessing, runs the
 /// sliding window and head fusion, and returns the label map resampled (nearest) back onto
-/// the file's own grid, so it overlays the scan in a viewer.
+/// the file's own grid, so it overlays the scan in a viewer — with the file's geometry
+/// warnings (an orientation guessed from `pixdim`, a negative `pixdim`, a broken sform…),
+/// which a caller should show: the label map is only as right as the geometry.
 pub fn segment_file(
     segmenter: &Segmenter,
     image_path: &std::path::Path,
     preprocess: &segviz_data::PreprocessConfig,
     window: &SlidingWindowConfig,
     device: &Device,
-) -> Result<Volume<u8>> {
+) -> Result<(Volume<u8>, Vec<String>)> {
+    let warnings = segviz_data::read_header(image_path)?.warnings;
     let original = segviz_data::read_volume(image_path)?;
     // The pipeline prepares an image with its label; an empty label goes along.
     let empty = Volume::filled(original.geometry.clone(), 0u8);
     let (image, _) = segviz_data::preprocess_pair(&original, &empty, preprocess)?;
     let labels = segmenter.predict(&image, window, device)?.labels();
-    to_original_grid(labels, &image, &original.geometry)
+    Ok((
+        to_original_grid(labels, &image, &original.geometry)?,
+        warnings,
+    ))
 }
 
 /// Moves a label map computed on a preprocessed image back onto the original grid.

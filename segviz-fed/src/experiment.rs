@@ -496,6 +496,7 @@ pub struct Experiment {
     sites: Vec<Arc<SiteData>>,
     test_site: Option<Arc<SiteData>>,
     out: PathBuf,
+    data_warnings: Vec<String>,
 }
 
 impl Experiment {
@@ -583,17 +584,22 @@ impl Experiment {
             )
             .collect();
         let total = cases.len();
+        let mut warnings = Vec::new();
         // A few at a time: each holds a whole CT volume in memory.
         let threads = std::thread::available_parallelism().map_or(1, |n| n.get().min(4));
         let mut checked = 0;
         for group in cases.chunks(threads) {
             let outcomes = parallel_map(group, threads, |(site, case)| {
-                Ok(site
+                let problem = site
                     .volume(case)
                     .err()
-                    .map(|e| format!("site {} case {case}: {e}", site.name())))
+                    .map(|e| format!("site {} case {case}: {e}", site.name()));
+                Ok((problem, geometry_warnings(site, case)))
             })?;
-            problems.extend(outcomes.into_iter().flatten());
+            for (problem, mut found) in outcomes {
+                problems.extend(problem);
+                warnings.append(&mut found);
+            }
             checked += group.len();
             on_progress(DataCheckProgress { checked, total });
         }
@@ -605,6 +611,7 @@ impl Experiment {
             sites,
             test_site,
             out: out.to_path_buf(),
+            data_warnings: warnings,
         };
         if mode == RunMode::Resume {
             // Refuse checkpoints of other settings now, not after hours of other methods.
@@ -663,6 +670,13 @@ impl Experiment {
             (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
         });
         format!("{hash:016x}")
+    }
+
+    /// What the data check found worth telling but not fatal: geometry read with a
+    /// guess or a fallback (see [`segviz_data::nifti_io::NiftiInfo::warnings`]), one line
+    /// per file, naming it.
+    pub fn data_warnings(&self) -> &[String] {
+        &self.data_warnings
     }
 
     /// The training sites.
@@ -1136,6 +1150,24 @@ type Evaluation = (Vec<VolumeScore>, Vec<VolumeScore>, Vec<(String, Vec<u8>)>);
 
 /// The progress callback as the training code shares it between threads.
 type Emit<'a> = dyn Fn(ExperimentEvent) + Sync + 'a;
+
+/// The geometry warnings of a case's image and label headers, one line per warning.
+fn geometry_warnings(site: &SiteData, case: &str) -> Vec<String> {
+    let Some(index) = site.dataset.position(case) else {
+        return Vec::new();
+    };
+    let files = &site.dataset.cases[index];
+    [&files.image, &files.label]
+        .into_iter()
+        .filter_map(|path| segviz_data::read_header(path).ok())
+        .flat_map(|info| {
+            let path = info.path.display().to_string();
+            info.warnings
+                .into_iter()
+                .map(move |w| format!("{path}: {w}"))
+        })
+        .collect()
+}
 
 /// What an earlier run leaves in an output folder and [`RunMode::Overwrite`] deletes.
 const EARLIER_RUN: [&str; 4] = ["checkpoints", "splits", "results.json", "results.csv"];
