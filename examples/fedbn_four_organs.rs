@@ -262,13 +262,13 @@ fn build_config(args: &Args) -> AnyResult<ExperimentConfig> {
 
 fn tables_markdown(results: &ExperimentResults) -> String {
     let mut s = format_table(
-        "Table 1 — mean Dice (SD) of the fused label map on each site's validation split (* p < 0.05 vs baseline, paired t-test)",
+        "Table 1 — mean Dice (SD) of the fused label map on each site's validation split (* p < 0.05 vs baseline: paired t-test, Holm-corrected over the table)",
         &results.table_validation,
         &results.organs,
     );
     s.push('\n');
     s.push_str(&format_table(
-        "Table 2 — mean Dice (SD) of the fused label map on the external test site (* p < 0.05 vs baseline, paired t-test)",
+        "Table 2 — mean Dice (SD) of the fused label map on the external test site (* p < 0.05 vs baseline: paired t-test, Holm-corrected over the table)",
         &results.table_test,
         &results.organs,
     ));

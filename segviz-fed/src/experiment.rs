@@ -21,7 +21,7 @@ use crate::evaluate::{evaluate_site, Segmenter, VolumeScore};
 use crate::local::{train_epochs, LocalTrainingConfig, LossKind, Objective, Schedule, POOLED_HEAD};
 use crate::server::{check_checkpoint, RoundReport, Server, ServerConfig, ServerEvent};
 use crate::site_client::SiteClient;
-use crate::stats::{paired_t_test, PairedTTest};
+use crate::stats::{holm_adjust, paired_t_test, PairedTTest};
 use crate::strategy::{strategy_by_name, Weighting};
 use segviz_data::SiteData;
 
@@ -459,6 +459,10 @@ pub struct Cell {
     pub head_dice: Option<f64>,
     /// Paired t-test against the baseline on the same volumes.
     pub vs_baseline: Option<PairedTTest>,
+    /// Its p-value after Holm's correction over every test of the table (all methods and
+    /// organs); the `*` of the printed tables uses this one.
+    #[serde(default)]
+    pub p_holm: Option<f64>,
 }
 
 /// A results table: method → organ → cell.
@@ -1343,16 +1347,32 @@ fn make_table(
                     hd95_penalised: penalised(r, organ),
                     head_dice: head_dice(r, organ),
                     vs_baseline,
+                    p_holm: None,
                 },
             );
         }
         table.insert(r.method, row);
     }
+    // One family: every test of the table.
+    let cells: Vec<&mut Cell> = table
+        .values_mut()
+        .flat_map(|row| row.values_mut())
+        .collect();
+    let tested: Vec<(usize, f64)> = cells
+        .iter()
+        .enumerate()
+        .filter_map(|(i, c)| c.vs_baseline.map(|t| (i, t.p_value)))
+        .collect();
+    let adjusted = holm_adjust(&tested.iter().map(|x| x.1).collect::<Vec<_>>());
+    let mut cells = cells;
+    for ((i, _), p) in tested.into_iter().zip(adjusted) {
+        cells[i].p_holm = Some(p);
+    }
     table
 }
 
-/// A table as Markdown, in the paper's format: `mean (SD)`, a `*` marking p < 0.05 against
-/// the baseline.
+/// A table as Markdown, in the paper's format: `mean (SD)`, a `*` marking a Holm-corrected
+/// p < 0.05 against the baseline.
 pub fn format_table(title: &str, table: &Table, organs: &[String]) -> String {
     let mut s = format!("{title}\n\n| Method |");
     for o in organs {
@@ -1368,10 +1388,7 @@ pub fn format_table(title: &str, table: &Table, organs: &[String]) -> String {
         for o in organs {
             match row.get(o) {
                 Some(c) => {
-                    let star = c
-                        .vs_baseline
-                        .filter(|t| t.p_value < 0.05)
-                        .map_or("", |_| "*");
+                    let star = c.p_holm.filter(|p| *p < 0.05).map_or("", |_| "*");
                     s.push_str(&format!(" {:.2} ({:.2}){star} |", c.mean, c.sd));
                 }
                 None => s.push_str(" - |"),

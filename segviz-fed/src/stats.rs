@@ -1,4 +1,5 @@
-//! Statistics for comparing methods: the paired Student t-test with its p-value.
+//! Statistics for comparing methods: the paired Student t-test with its p-value, and Holm's
+//! step-down correction for a family of tests.
 //!
 //! The Student-t CDF is computed from the regularised incomplete beta function
 //! `I_x(a, b)` by its continued fraction (Lentz's method), with `ln Γ` by the Lanczos
@@ -52,6 +53,23 @@ pub fn paired_t_test(a: &[f64], b: &[f64]) -> Option<PairedTTest> {
         degrees_of_freedom: df,
         p_value: p,
     })
+}
+
+/// Holm–Bonferroni adjusted p-values, in the order of `p`: with the m p-values sorted
+/// ascending, the i-th (from 0) becomes `min(1, max over j ≤ i of (m − j)·p_(j))`. Rejecting
+/// where the adjusted value is below α controls the family-wise error rate at α. NaN
+/// p-values stay NaN and do not count in m.
+pub fn holm_adjust(p: &[f64]) -> Vec<f64> {
+    let mut order: Vec<usize> = (0..p.len()).filter(|&i| !p[i].is_nan()).collect();
+    order.sort_by(|&a, &b| p[a].total_cmp(&p[b]));
+    let m = order.len();
+    let mut adjusted = vec![f64::NAN; p.len()];
+    let mut running = 0.0f64;
+    for (rank, &i) in order.iter().enumerate() {
+        running = running.max(((m - rank) as f64 * p[i]).min(1.0));
+        adjusted[i] = running;
+    }
+    adjusted
 }
 
 /// Two-sided p-value of a t statistic: `P(|T| ≥ |t|) = I_{ν/(ν+t²)}(ν/2, 1/2)`.
@@ -198,5 +216,28 @@ mod tests {
             paired_t_test(&[1.0, 1.0], &[1.0, 1.0]).unwrap().p_value,
             1.0
         );
+    }
+
+    /// Reference values from statsmodels 0.15.0 `multipletests(p, method="holm")[1]`.
+    #[test]
+    fn holm_matches_statsmodels() {
+        let cases: [(&[f64], &[f64]); 4] = [
+            (&[0.01, 0.04, 0.03, 0.005], &[0.03, 0.06, 0.06, 0.02]),
+            (
+                &[0.2, 0.01, 0.5, 0.04, 0.03, 0.9],
+                &[0.6000000000000001, 0.06, 1.0, 0.16, 0.15, 1.0],
+            ),
+            (&[0.001], &[0.001]),
+            (&[0.04, 0.04, 0.04], &[0.12, 0.12, 0.12]),
+        ];
+        for (p, expected) in cases {
+            let got = holm_adjust(p);
+            for (g, e) in got.iter().zip(expected) {
+                assert!((g - e).abs() < 1e-12, "{p:?}: {got:?} vs {expected:?}");
+            }
+        }
+        let with_nan = holm_adjust(&[0.01, f64::NAN, 0.02]);
+        assert!(with_nan[1].is_nan());
+        assert_eq!((with_nan[0], with_nan[2]), (0.02, 0.02));
     }
 }
