@@ -190,6 +190,48 @@ fn generate_case(config: &PhantomConfig, site_index: usize, case: usize) -> Resu
     render_case(&subject, &acquisition, &mut rng)
 }
 
+/// `f(index, spec)` for every site, sites spread over the available cores; results in site
+/// order, the first error (in site order) wins.
+fn map_sites<T: Send>(f: impl Fn(usize, &SiteSpec) -> Result<T> + Sync) -> Result<Vec<T>> {
+    let specs = site_specs();
+    let workers = std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .min(specs.len());
+    let mut results: Vec<Option<Result<T>>> = (0..specs.len()).map(|_| None).collect();
+    std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..workers)
+            .map(|w| {
+                let (f, specs) = (&f, &specs);
+                scope.spawn(move || {
+                    (w..specs.len())
+                        .step_by(workers)
+                        .map(|i| (i, f(i, &specs[i])))
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        for handle in handles {
+            match handle.join() {
+                Ok(done) => {
+                    for (i, r) in done {
+                        results[i] = Some(r);
+                    }
+                }
+                Err(_) => {
+                    return Err(DataError::Config(
+                        "a phantom generator thread panicked".into(),
+                    ))
+                }
+            }
+        }
+        Ok(())
+    })?;
+    results
+        .into_iter()
+        .map(|r| r.unwrap_or_else(|| Err(DataError::Config("a phantom site was skipped".into()))))
+        .collect()
+}
+
 /// The five site folders, in the order [`write_sites`] writes them.
 pub fn site_names() -> Vec<&'static str> {
     site_specs().iter().map(|s| s.folder).collect()
@@ -290,10 +332,7 @@ pub fn write_sites(config: &PhantomConfig) -> Result<PhantomManifest> {
         reused: false,
     };
     save_manifest(&manifest_path, &manifest)?;
-    for (index, spec) in specs.iter().enumerate() {
-        let site = write_site(config, index, spec)?;
-        manifest.sites.push(site);
-    }
+    manifest.sites = map_sites(|index, spec| write_site(config, index, spec))?;
     manifest.complete = true;
     save_manifest(&manifest_path, &manifest)?;
     Ok(manifest)

@@ -18,7 +18,7 @@
 use serde::{Deserialize, Serialize};
 
 use super::anatomy::btcv;
-use super::{generate_case, site_specs, PhantomConfig, GENERATOR_VERSION};
+use super::{generate_case, map_sites, PhantomConfig, GENERATOR_VERSION};
 use crate::error::Result;
 use crate::labels::Organ;
 use crate::preprocess::resample::resize_labels;
@@ -141,8 +141,7 @@ fn is_organ(organ: Organ, label: u8) -> bool {
 /// Generates every case of `config` (nothing is written) and measures it.
 pub fn measure(config: &PhantomConfig) -> Result<PhantomReport> {
     config.validate()?;
-    let mut sites = Vec::new();
-    for (index, spec) in site_specs().iter().enumerate() {
+    let sites = map_sites(|index, spec| {
         let n = if spec.organ.is_some() {
             config.cases_per_site
         } else {
@@ -174,13 +173,13 @@ pub fn measure(config: &PhantomConfig) -> Result<PhantomReport> {
                 }
             })
             .collect();
-        sites.push(SiteReport {
+        Ok(SiteReport {
             site: spec.folder.to_owned(),
             cases: n,
             phases,
             organs,
-        });
-    }
+        })
+    })?;
     Ok(PhantomReport {
         generator_version: GENERATOR_VERSION,
         config_hash: config.hash(),
