@@ -307,7 +307,10 @@ pub fn apply(patch: &Patch, params: &AugmentParams, image_fill: f32) -> Result<P
         }
     }
     for (v, &l) in image.iter_mut().zip(&label) {
-        *v = apply_curve(&params.curve, *v + params.organ_offset[usize::from(l).min(7)]);
+        *v = apply_curve(
+            &params.curve,
+            *v + params.organ_offset[usize::from(l).min(7)],
+        );
     }
     for _ in 0..params.blur_passes {
         convolve_axis(&mut image, shape, 0, &[0.25, 0.5, 0.25]);

@@ -159,7 +159,8 @@ pub struct SiteStyle {
     pub inplane_spacing_scale: [f64; 2],
     /// Slice spacing relative to the size preset (`[lo, hi]`).
     pub slice_spacing_scale: [f64; 2],
-    /// Image noise SD in HU for an average-sized patient (`[lo, hi]`).
+    /// Image noise SD in HU for an average-sized patient and a voxel of the `small` preset's
+    /// size (`[lo, hi]`); each case scales it by `sqrt(reference voxel / its voxel)`.
     pub noise_sigma: [f64; 2],
     /// Smoothing passes that shape the noise texture (`[lo, hi]`): 0 is a sharp kernel
     /// (fine, white-ish noise), 3 a soft kernel (blotchy noise).
@@ -313,7 +314,13 @@ impl SiteStyle {
         ];
         // Larger patients are noisier (tube current modulation only partly compensates).
         let girth = (landmarks.body_semi_axes[0] + landmarks.body_semi_axes[1]) / 250.0;
-        let noise_sigma = range(rng, self.noise_sigma) * girth.clamp(0.7, 1.6);
+        // Noise SD falls with the square root of the voxel volume (quantum noise), so the
+        // style's SD is for a reference voxel of the `small` preset: thinner slices are
+        // noisier, and the coarse `tiny` preset is far quieter.
+        let reference = PhantomSize::Small.spacing().iter().product::<f64>();
+        let voxel = inplane * inplane * dz;
+        let dose = (reference / voxel).sqrt().clamp(0.1, 3.0);
+        let noise_sigma = range(rng, self.noise_sigma) * girth.clamp(0.7, 1.6) * dose;
         let noise_kernel = rng.random_range(self.noise_kernel[0]..=self.noise_kernel[1]);
         let jitter = if self.offset_jitter > 0.0 {
             rng.random_range(-self.offset_jitter..=self.offset_jitter)
