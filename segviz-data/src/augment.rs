@@ -1,15 +1,19 @@
-//! Random spatial and intensity augmentation of training patches (the authors' MONAI
+//! Random spatial and intensity augmentation of training patches: the authors' MONAI
 //! `RandAffine(rotate_range=(0, 0, π/15), scale_range=0.1)`, `RandScaleIntensity(0.1)`,
-//! `RandShiftIntensity(0.1)`).
+//! `RandShiftIntensity(0.1)` ([`AugmentConfig::default`]), and what the training sites do
+//! not cover on their own ([`AugmentConfig::phase_invariant`]): each annotated organ shifted
+//! on its own and a random smooth intensity curve (other contrast phases and calibrations),
+//! in-plane blur and slice averaging (softer kernels, thicker slices) and extra noise.
 //!
 //! Image and label go through the same spatial transform — trilinear for the image,
 //! nearest for the label — so the annotation stays on the structure it marks; the intensity
-//! change touches the image only.
+//! changes touch the image only.
 
 use std::f64::consts::PI;
 
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
+use rand_distr::{Distribution, Normal};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{DataError, Result};
@@ -30,6 +34,18 @@ pub struct AugmentConfig {
     pub intensity_shift: f32,
     /// Image value of voxels that the transform brings in from outside the patch.
     pub image_fill: f32,
+    /// Per-organ shift: the voxels of each label value get their own offset in
+    /// `±organ_shift` (image units), as organs enhance differently from phase to phase.
+    pub organ_shift: f32,
+    /// Random monotone intensity curve: control points at 0, ¼, ½, ¾, 1 of the image range
+    /// moved by up to `±intensity_curve` (tissue contrasts of another phase or scanner).
+    pub intensity_curve: f32,
+    /// Gaussian noise with a standard deviation drawn in `[0, noise_std]` (image units).
+    pub noise_std: f32,
+    /// In-plane `[1, 2, 1] / 4` blur passes, drawn in `0..=max_blur_passes` (softer kernels).
+    pub max_blur_passes: usize,
+    /// Thicker slices: a moving average over `1..=max_slice_average` slices along `k`.
+    pub max_slice_average: usize,
 }
 
 impl Default for AugmentConfig {
@@ -40,11 +56,33 @@ impl Default for AugmentConfig {
             intensity_scale: 0.1,
             intensity_shift: 0.1,
             image_fill: 0.0,
+            organ_shift: 0.0,
+            intensity_curve: 0.0,
+            noise_std: 0.0,
+            max_blur_passes: 0,
+            max_slice_average: 1,
         }
     }
 }
 
 impl AugmentConfig {
+    /// The MONAI transforms of [`AugmentConfig::default`] plus contrast-phase, kernel,
+    /// slice-thickness and noise simulation, so that a model learns organs that look the
+    /// same in every phase and scanner. Ranges are in units of a `[0, 1]` image scaled from
+    /// a ~450 HU window (`a_min = -200`, `a_max = 250`): organs shift by up to ±0.15
+    /// (≈ ±70 HU, the portal-venous uptake of liver and spleen), the curve bends by up to
+    /// ±0.06 (≈ ±27 HU), noise adds up to 0.03 (≈ 14 HU), one blur pass, up to 3 slices.
+    pub fn phase_invariant() -> Self {
+        AugmentConfig {
+            organ_shift: 0.15,
+            intensity_curve: 0.06,
+            noise_std: 0.03,
+            max_blur_passes: 1,
+            max_slice_average: 3,
+            ..AugmentConfig::default()
+        }
+    }
+
     /// Checks every range.
     ///
     /// # Errors
@@ -56,6 +94,9 @@ impl AugmentConfig {
             ("scale_range", self.scale_range),
             ("intensity_scale", self.intensity_scale as f64),
             ("intensity_shift", self.intensity_shift as f64),
+            ("organ_shift", self.organ_shift as f64),
+            ("intensity_curve", self.intensity_curve as f64),
+            ("noise_std", self.noise_std as f64),
         ];
         for (name, v) in ranges {
             if !v.is_finite() || v < 0.0 {
@@ -73,6 +114,12 @@ impl AugmentConfig {
         if !self.image_fill.is_finite() {
             return Err(DataError::Config("image_fill must be finite".into()));
         }
+        if self.max_slice_average == 0 || self.max_slice_average > 16 || self.max_blur_passes > 8 {
+            return Err(DataError::Config(format!(
+                "max_slice_average must be in 1..=16 and max_blur_passes at most 8, got {} and {}",
+                self.max_slice_average, self.max_blur_passes
+            )));
+        }
         Ok(())
     }
 }
@@ -88,6 +135,18 @@ pub struct AugmentParams {
     pub intensity_factor: f32,
     /// Intensity offset.
     pub intensity_offset: f32,
+    /// Offset added to the voxels of each label value (index = label; 0 is background).
+    pub organ_offset: [f32; 8],
+    /// Where the curve maps 0, ¼, ½, ¾ and 1 (identity: those same values).
+    pub curve: [f32; 5],
+    /// In-plane blur passes.
+    pub blur_passes: usize,
+    /// Slices averaged along `k`.
+    pub slice_average: usize,
+    /// Noise standard deviation.
+    pub noise_std: f32,
+    /// Seed of the noise.
+    pub noise_seed: u64,
 }
 
 impl AugmentParams {
@@ -98,6 +157,12 @@ impl AugmentParams {
             scale: [1.0; 3],
             intensity_factor: 1.0,
             intensity_offset: 0.0,
+            organ_offset: [0.0; 8],
+            curve: [0.0, 0.25, 0.5, 0.75, 1.0],
+            blur_passes: 0,
+            slice_average: 1,
+            noise_std: 0.0,
+            noise_seed: 0,
         }
     }
 }
@@ -140,11 +205,45 @@ impl Augmenter {
         ];
         let intensity_factor = 1.0 + symmetric(c.intensity_scale as f64) as f32;
         let intensity_offset = symmetric(c.intensity_shift as f64) as f32;
+        let mut organ_offset = [0.0; 8];
+        for o in organ_offset.iter_mut().skip(1) {
+            *o = symmetric(c.organ_shift as f64) as f32;
+        }
+        let mut curve = AugmentParams::identity().curve;
+        for y in curve.iter_mut() {
+            *y += symmetric(c.intensity_curve as f64) as f32;
+        }
+        // Keep the curve monotone: tissue order may change only where values were close.
+        for i in 1..curve.len() {
+            curve[i] = curve[i].max(curve[i - 1]);
+        }
+        // Draw only what is enabled, so the MONAI-only default keeps its random stream.
+        let blur_passes = if c.max_blur_passes > 0 {
+            self.rng.random_range(0..=c.max_blur_passes)
+        } else {
+            0
+        };
+        let slice_average = if c.max_slice_average > 1 {
+            self.rng.random_range(1..=c.max_slice_average)
+        } else {
+            1
+        };
+        let (noise_std, noise_seed) = if c.noise_std > 0.0 {
+            (self.rng.random_range(0.0..=c.noise_std), self.rng.random())
+        } else {
+            (0.0, 0)
+        };
         AugmentParams {
             angle,
             scale,
             intensity_factor,
             intensity_offset,
+            organ_offset,
+            curve,
+            blur_passes,
+            slice_average,
+            noise_std,
+            noise_seed,
         }
     }
 
@@ -207,6 +306,29 @@ pub fn apply(patch: &Patch, params: &AugmentParams, image_fill: f32) -> Result<P
             }
         }
     }
+    for (v, &l) in image.iter_mut().zip(&label) {
+        *v = apply_curve(
+            &params.curve,
+            *v + params.organ_offset[usize::from(l).min(7)],
+        );
+    }
+    for _ in 0..params.blur_passes {
+        convolve_axis(&mut image, shape, 0, &[0.25, 0.5, 0.25]);
+        convolve_axis(&mut image, shape, 1, &[0.25, 0.5, 0.25]);
+    }
+    if params.slice_average > 1 {
+        // An odd box keeps the image centred; an even count becomes the next odd one.
+        let width = params.slice_average | 1;
+        convolve_axis(&mut image, shape, 2, &vec![1.0 / width as f32; width]);
+    }
+    if params.noise_std > 0.0 {
+        let mut rng = ChaCha8Rng::seed_from_u64(params.noise_seed);
+        let normal = Normal::new(0.0f32, params.noise_std)
+            .map_err(|e| DataError::Config(format!("noise std {}: {e}", params.noise_std)))?;
+        for v in image.iter_mut() {
+            *v += normal.sample(&mut rng);
+        }
+    }
     for v in &mut image {
         *v = *v * params.intensity_factor + params.intensity_offset;
     }
@@ -215,6 +337,39 @@ pub fn apply(patch: &Patch, params: &AugmentParams, image_fill: f32) -> Result<P
         label,
         shape,
     })
+}
+
+/// The piecewise-linear curve through `(i / 4, curve[i])`, extended linearly beyond 0 and 1.
+fn apply_curve(curve: &[f32; 5], v: f32) -> f32 {
+    let segment = ((v * 4.0).floor() as isize).clamp(0, 3) as usize;
+    let x0 = segment as f32 / 4.0;
+    let slope = (curve[segment + 1] - curve[segment]) * 4.0;
+    curve[segment] + (v - x0) * slope
+}
+
+/// Convolves along `axis` with a centred odd-length `kernel` (edges clamped).
+fn convolve_axis(data: &mut [f32], shape: [usize; 3], axis: usize, kernel: &[f32]) {
+    let strides = [shape[1] * shape[2], shape[2], 1];
+    let (n, stride) = (shape[axis], strides[axis]);
+    if n < 2 || kernel.len() < 2 {
+        return;
+    }
+    let half = (kernel.len() / 2) as isize;
+    let out: Vec<f32> = (0..data.len())
+        .map(|c| {
+            let pos = (c / stride) % n;
+            let base = c - pos * stride;
+            kernel
+                .iter()
+                .enumerate()
+                .map(|(t, w)| {
+                    let p = (pos as isize + t as isize - half).clamp(0, n as isize - 1) as usize;
+                    w * data[base + p * stride]
+                })
+                .sum()
+        })
+        .collect();
+    data.copy_from_slice(&out);
 }
 
 #[cfg(test)]
@@ -321,6 +476,95 @@ mod tests {
             AugmentConfig {
                 scale_range: 1.0,
                 ..Default::default()
+            },
+            0
+        )
+        .is_err());
+    }
+
+    #[test]
+    fn organ_shift_and_curve_change_intensities_not_labels() {
+        let original = patch();
+        let mut params = AugmentParams {
+            organ_offset: [0.0, 0.2, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0],
+            ..AugmentParams::identity()
+        };
+        let out = apply(&original, &params, 0.0).expect("apply");
+        assert_eq!(out.label, original.label);
+        for ((o, i), l) in out.image.iter().zip(&original.image).zip(&original.label) {
+            let expected = i + if *l == 1 { 0.2 } else { 0.0 };
+            assert!((o - expected).abs() < 1e-6, "{o} vs {expected}");
+        }
+        // A curve that lifts the middle: 0 stays, 0.5 → 0.6, 1 stays.
+        params = AugmentParams {
+            curve: [0.0, 0.3, 0.6, 0.8, 1.0],
+            ..AugmentParams::identity()
+        };
+        assert!((apply_curve(&params.curve, 0.5) - 0.6).abs() < 1e-6);
+        assert!((apply_curve(&params.curve, 0.125) - 0.15).abs() < 1e-6);
+        // Beyond the ends it continues the end segments.
+        assert!((apply_curve(&params.curve, 1.25) - 1.2).abs() < 1e-6);
+        assert!((apply_curve(&params.curve, -0.25) - -0.3).abs() < 1e-6);
+    }
+
+    #[test]
+    fn blur_slices_and_noise_keep_the_mean_and_the_labels() {
+        let original = patch();
+        let params = AugmentParams {
+            blur_passes: 2,
+            slice_average: 3,
+            noise_std: 0.05,
+            noise_seed: 9,
+            ..AugmentParams::identity()
+        };
+        let out = apply(&original, &params, 0.0).expect("apply");
+        assert_eq!(out.label, original.label);
+        let mean = |v: &[f32]| v.iter().sum::<f32>() / v.len() as f32;
+        assert!((mean(&out.image) - mean(&original.image)).abs() < 0.01);
+        // The box edge is now soft: a voxel just outside it along k took some of it.
+        let at = |p: &Patch, i: usize, j: usize, k: usize| p.image[(i * 24 + j) * 12 + k];
+        let noiseless = apply(
+            &original,
+            &AugmentParams {
+                noise_std: 0.0,
+                ..params
+            },
+            0.0,
+        )
+        .expect("apply");
+        assert!(at(&noiseless, 10, 14, 2) > 0.2 && at(&noiseless, 10, 14, 2) < 0.5);
+        assert!((at(&noiseless, 10, 14, 5) - 1.0).abs() < 1e-6);
+        let residual: Vec<f32> = out
+            .image
+            .iter()
+            .zip(&noiseless.image)
+            .map(|(a, b)| a - b)
+            .collect();
+        let sd = (mean(&residual.iter().map(|r| r * r).collect::<Vec<_>>())).sqrt();
+        assert!((sd - 0.05).abs() < 0.005, "noise sd {sd}");
+    }
+
+    #[test]
+    fn phase_invariant_preset_is_valid_and_varies_organs_between_draws() {
+        let config = AugmentConfig::phase_invariant();
+        config.validate().expect("valid");
+        let mut augmenter = Augmenter::new(config, 3).expect("config");
+        let a = augmenter.draw();
+        let b = augmenter.draw();
+        assert_ne!(a.organ_offset[1], b.organ_offset[1]);
+        assert_eq!(a.organ_offset[0], 0.0);
+        assert!(a.curve.windows(2).all(|w| w[0] <= w[1]));
+        assert!((1..=3).contains(&a.slice_average));
+        // The MONAI-only default leaves the new transforms off.
+        let mut plain = Augmenter::new(AugmentConfig::default(), 3).expect("config");
+        let p = plain.draw();
+        assert_eq!(p.organ_offset, [0.0; 8]);
+        assert_eq!(p.curve, AugmentParams::identity().curve);
+        assert_eq!((p.blur_passes, p.slice_average, p.noise_std), (0, 1, 0.0));
+        assert!(Augmenter::new(
+            AugmentConfig {
+                max_slice_average: 0,
+                ..AugmentConfig::default()
             },
             0
         )

@@ -182,7 +182,7 @@ impl ExperimentConfig {
                     patch_size: [48, 48, 16],
                     ..PatchSamplerConfig::default()
                 },
-                augment: Some(AugmentConfig::default()),
+                augment: Some(AugmentConfig::phase_invariant()),
                 batch_size: 2,
                 loss: LossKind::DiceCe,
                 learning_rate: 1e-3,
@@ -217,7 +217,7 @@ impl ExperimentConfig {
             },
             training: LocalTrainingConfig {
                 sampler: PatchSamplerConfig::default(),
-                augment: Some(AugmentConfig::default()),
+                augment: Some(AugmentConfig::phase_invariant()),
                 batch_size: 2,
                 loss: LossKind::Dice,
                 learning_rate: 1e-4,
@@ -253,7 +253,7 @@ impl ExperimentConfig {
                     samples_per_volume: 4,
                     ..PatchSamplerConfig::default()
                 },
-                augment: Some(AugmentConfig::default()),
+                augment: Some(AugmentConfig::phase_invariant()),
                 batch_size: 2,
                 loss: LossKind::DiceCe,
                 learning_rate: 3e-3,

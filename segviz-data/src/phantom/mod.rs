@@ -14,18 +14,26 @@
 
 pub mod anatomy;
 pub mod render;
+pub mod report;
 pub mod shapes;
+mod sites;
+pub mod tissue;
 
 use std::path::{Path, PathBuf};
 
-use rand::{Rng, SeedableRng};
+use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 use sha2::{Digest, Sha256};
 
-pub use anatomy::{ContrastPhase, Subject};
-pub use render::{render_case, site_geometry, AxisLayout, PhantomCase, PhantomSize, SiteStyle};
+pub use anatomy::Subject;
+pub use render::{
+    render_case, Acquisition, AxisLayout, PhantomCase, PhantomSize, ScanRange, SiteStyle,
+};
+pub use report::{measure, PhantomReport};
+pub use sites::site_style;
+pub use tissue::ContrastPhase;
 
 use crate::atomic_write;
 use crate::datasets::Layout;
@@ -35,7 +43,7 @@ use crate::nifti_io::{write_labels, write_volume, VoxelType};
 use crate::volume::Volume;
 
 /// Bumped whenever the generator's output changes, so old outputs are not reused.
-pub const GENERATOR_VERSION: u32 = 1;
+pub const GENERATOR_VERSION: u32 = 2;
 
 /// The manifest file written at the root of the output folder.
 pub const MANIFEST_FILE: &str = "phantom_manifest.json";
@@ -115,6 +123,9 @@ pub struct PhantomSite {
     pub cases: Vec<String>,
     /// Every file written, relative to the output folder.
     pub files: Vec<PathBuf>,
+    /// How each case was scanned, in case order.
+    #[serde(default)]
+    pub acquisitions: Vec<Acquisition>,
 }
 
 /// What [`write_sites`] wrote (also saved as [`MANIFEST_FILE`]).
@@ -151,110 +162,7 @@ impl PhantomManifest {
     }
 }
 
-/// The kind of folder a site is written as.
-#[derive(Debug, Clone, Copy)]
-enum SiteKind {
-    /// MSD task: dataset.json `name`, file prefix, and the label names.
-    Msd {
-        task: &'static str,
-        prefix: &'static str,
-        labels: &'static [(&'static str, &'static str)],
-    },
-    Kits,
-    Btcv,
-}
-
-/// One site: where it goes, how it looks, what it annotates.
-#[derive(Debug, Clone)]
-struct SiteSpec {
-    folder: &'static str,
-    kind: SiteKind,
-    organ: Option<Organ>,
-    style: SiteStyle,
-}
-
-/// The five sites. Styles differ on purpose: this is the domain shift between hospitals.
-fn site_specs() -> Vec<SiteSpec> {
-    vec![
-        SiteSpec {
-            folder: "Task03_Liver",
-            kind: SiteKind::Msd {
-                task: "Liver",
-                prefix: "liver",
-                labels: &[("0", "background"), ("1", "liver"), ("2", "cancer")],
-            },
-            organ: Some(Organ::Liver),
-            style: SiteStyle {
-                noise_sigma: 14.0,
-                phase: ContrastPhase::PortalVenous,
-                spacing_scale: [0.95, 0.95, 0.8],
-                fov_scale: [1.0, 1.0, 1.0],
-                intensity_offset: 0.0,
-                layout: AxisLayout::LPS,
-            },
-        },
-        SiteSpec {
-            folder: "Task09_Spleen",
-            kind: SiteKind::Msd {
-                task: "Spleen",
-                prefix: "spleen",
-                labels: &[("0", "background"), ("1", "spleen")],
-            },
-            organ: Some(Organ::Spleen),
-            style: SiteStyle {
-                noise_sigma: 20.0,
-                phase: ContrastPhase::Native,
-                spacing_scale: [1.05, 1.05, 1.0],
-                fov_scale: [1.05, 1.05, 0.95],
-                intensity_offset: -8.0,
-                layout: AxisLayout::RAS,
-            },
-        },
-        SiteSpec {
-            folder: "Task07_Pancreas",
-            kind: SiteKind::Msd {
-                task: "Pancreas",
-                prefix: "pancreas",
-                labels: &[("0", "background"), ("1", "pancreas"), ("2", "cancer")],
-            },
-            organ: Some(Organ::Pancreas),
-            style: SiteStyle {
-                noise_sigma: 17.0,
-                phase: ContrastPhase::PortalVenous,
-                spacing_scale: [0.9, 0.9, 0.9],
-                fov_scale: [0.95, 0.95, 0.9],
-                intensity_offset: 12.0,
-                layout: AxisLayout::LPS,
-            },
-        },
-        SiteSpec {
-            folder: "kits19",
-            kind: SiteKind::Kits,
-            organ: Some(Organ::Kidney),
-            style: SiteStyle {
-                noise_sigma: 12.0,
-                phase: ContrastPhase::PortalVenous,
-                spacing_scale: [1.0, 1.0, 1.1],
-                fov_scale: [1.0, 1.0, 1.0],
-                intensity_offset: -5.0,
-                layout: AxisLayout::SLICE_FIRST,
-            },
-        },
-        SiteSpec {
-            folder: "btcv",
-            kind: SiteKind::Btcv,
-            organ: None,
-            style: SiteStyle {
-                noise_sigma: 16.0,
-                phase: ContrastPhase::PortalVenous,
-                spacing_scale: [1.0, 1.0, 1.0],
-                fov_scale: [1.0, 1.0, 1.0],
-                intensity_offset: 0.0,
-                layout: AxisLayout::LPS,
-            },
-        },
-    ]
-}
+use sites::{site_specs, SiteKind, SiteSpec};
 
 /// Seed for one (site, case): the configuration seed mixed with both indices (SplitMix64),
 /// so each case is reproducible on its own.
@@ -267,8 +175,8 @@ fn case_seed(seed: u64, site: usize, case: usize) -> u64 {
     z ^ (z >> 31)
 }
 
-/// Generates case `case` of the site with index `site_index` (a subject with tumours in the
-/// site's organ, rendered in the site's style, scan centre varying a little per case).
+/// Generates case `case` of the site with index `site_index`: a subject with tumours in the
+/// site's organ, scanned as the site's style draws it.
 fn generate_case(config: &PhantomConfig, site_index: usize, case: usize) -> Result<PhantomCase> {
     let specs = site_specs();
     let spec = specs
@@ -276,12 +184,57 @@ fn generate_case(config: &PhantomConfig, site_index: usize, case: usize) -> Resu
         .ok_or_else(|| DataError::Config(format!("no phantom site with index {site_index}")))?;
     let mut rng = ChaCha8Rng::seed_from_u64(case_seed(config.seed, site_index, case));
     let subject = Subject::generate(&mut rng, spec.organ);
-    let centre = [
-        rng.random_range(-6.0..=6.0),
-        rng.random_range(-10.0..=2.0),
-        rng.random_range(-8.0..=8.0),
-    ];
-    render_case(&subject, &config.size, &spec.style, centre, &mut rng)
+    let acquisition = spec
+        .style
+        .draw(&config.size, &subject.landmarks(), &mut rng);
+    render_case(&subject, &acquisition, &mut rng)
+}
+
+/// `f(index, spec)` for every site, sites spread over the available cores; results in site
+/// order, the first error (in site order) wins.
+fn map_sites<T: Send>(f: impl Fn(usize, &SiteSpec) -> Result<T> + Sync) -> Result<Vec<T>> {
+    let specs = site_specs();
+    let workers = std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .min(specs.len());
+    let mut results: Vec<Option<Result<T>>> = (0..specs.len()).map(|_| None).collect();
+    std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..workers)
+            .map(|w| {
+                let (f, specs) = (&f, &specs);
+                scope.spawn(move || {
+                    (w..specs.len())
+                        .step_by(workers)
+                        .map(|i| (i, f(i, &specs[i])))
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        for handle in handles {
+            match handle.join() {
+                Ok(done) => {
+                    for (i, r) in done {
+                        results[i] = Some(r);
+                    }
+                }
+                Err(_) => {
+                    return Err(DataError::Config(
+                        "a phantom generator thread panicked".into(),
+                    ))
+                }
+            }
+        }
+        Ok(())
+    })?;
+    results
+        .into_iter()
+        .map(|r| r.unwrap_or_else(|| Err(DataError::Config("a phantom site was skipped".into()))))
+        .collect()
+}
+
+/// The five site folders, in the order [`write_sites`] writes them.
+pub fn site_names() -> Vec<&'static str> {
+    site_specs().iter().map(|s| s.folder).collect()
 }
 
 /// The site's own annotation from the full ground truth.
@@ -379,10 +332,7 @@ pub fn write_sites(config: &PhantomConfig) -> Result<PhantomManifest> {
         reused: false,
     };
     save_manifest(&manifest_path, &manifest)?;
-    for (index, spec) in specs.iter().enumerate() {
-        let site = write_site(config, index, spec)?;
-        manifest.sites.push(site);
-    }
+    manifest.sites = map_sites(|index, spec| write_site(config, index, spec))?;
     manifest.complete = true;
     save_manifest(&manifest_path, &manifest)?;
     Ok(manifest)
@@ -398,6 +348,7 @@ fn write_site(config: &PhantomConfig, index: usize, spec: &SiteSpec) -> Result<P
     let mut cases = Vec::with_capacity(n);
     let mut files = Vec::with_capacity(2 * n + 1);
     let mut training = Vec::with_capacity(n);
+    let mut acquisitions = Vec::with_capacity(n);
     for case in 0..n {
         let (id, image_rel, label_rel) = match spec.kind {
             SiteKind::Msd { prefix, .. } => {
@@ -442,6 +393,7 @@ fn write_site(config: &PhantomConfig, index: usize, spec: &SiteSpec) -> Result<P
         files.push(Path::new(spec.folder).join(&image_rel));
         files.push(Path::new(spec.folder).join(&label_rel));
         cases.push(id);
+        acquisitions.push(rendered.acquisition);
     }
     let (layout, annotated) = match spec.kind {
         SiteKind::Msd { task, labels, .. } => {
@@ -481,6 +433,7 @@ fn write_site(config: &PhantomConfig, index: usize, spec: &SiteSpec) -> Result<P
         annotated,
         cases,
         files,
+        acquisitions,
     })
 }
 

@@ -85,15 +85,15 @@ fn random_unit<R: Rng>(rng: &mut R) -> [f64; 3] {
     }
 }
 
-/// An ellipsoid rotated about the cranio-caudal (z) axis.
+/// An ellipsoid with any orientation.
 #[derive(Debug, Clone, Copy)]
 pub struct Ellipsoid {
     /// Centre (mm).
     pub centre: Point,
-    /// Semi-axes along the rotated x, y and z (mm).
+    /// Semi-axes along the ellipsoid's own x, y and z (mm).
     pub radii: [f64; 3],
-    /// Rotation about z, radians (anticlockwise seen from above).
-    pub angle: f64,
+    /// Rows are the ellipsoid's own axes in world coordinates (a rotation matrix).
+    axes: [[f64; 3]; 3],
 }
 
 impl Ellipsoid {
@@ -102,13 +102,30 @@ impl Ellipsoid {
         Ellipsoid {
             centre,
             radii,
-            angle: 0.0,
+            axes: [[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]],
         }
     }
 
-    /// The same ellipsoid rotated by `angle` radians about z.
+    /// The same ellipsoid rotated by `angle` radians about z (anticlockwise seen from
+    /// above), replacing any earlier orientation.
     pub fn rotated(self, angle: f64) -> Self {
-        Ellipsoid { angle, ..self }
+        self.oriented(angle, 0.0, 0.0)
+    }
+
+    /// The same ellipsoid turned by `yaw` about z, then tilted by `pitch` about its own x
+    /// axis and `roll` about its own y axis (radians), replacing any earlier orientation.
+    pub fn oriented(self, yaw: f64, pitch: f64, roll: f64) -> Self {
+        let (sy, cy) = yaw.sin_cos();
+        let (sp, cp) = pitch.sin_cos();
+        let (sr, cr) = roll.sin_cos();
+        // Columns of R = Rz(yaw) · Rx(pitch) · Ry(roll) are the own axes in world
+        // coordinates; store them as rows (Rᵀ) so `level` projects with dot products.
+        let rz = [[cy, -sy, 0.0], [sy, cy, 0.0], [0.0, 0.0, 1.0]];
+        let rx = [[1.0, 0.0, 0.0], [0.0, cp, -sp], [0.0, sp, cp]];
+        let ry = [[cr, 0.0, sr], [0.0, 1.0, 0.0], [-sr, 0.0, cr]];
+        let r = matmul(matmul(rz, rx), ry);
+        let axes = std::array::from_fn(|a| [r[0][a], r[1][a], r[2][a]]);
+        Ellipsoid { axes, ..self }
     }
 
     /// The same ellipsoid with every semi-axis multiplied by `factor`.
@@ -119,6 +136,39 @@ impl Ellipsoid {
         }
     }
 
+    /// The same ellipsoid moved by `offset` mm.
+    pub fn moved(self, offset: Point) -> Self {
+        Ellipsoid {
+            centre: std::array::from_fn(|a| self.centre[a] + offset[a]),
+            ..self
+        }
+    }
+
+    /// An ellipsoid with this one's orientation at `centre` with semi-axes `radii`.
+    pub fn with_orientation_of(self, centre: Point, radii: [f64; 3]) -> Self {
+        Ellipsoid {
+            centre,
+            radii,
+            ..self
+        }
+    }
+
+    /// The world direction of the ellipsoid's own axis `axis` (0, 1 or 2).
+    pub fn axis(&self, axis: usize) -> Point {
+        self.axes[axis.min(2)]
+    }
+
+    /// The point at own coordinates `u` (each in units of the semi-axis; `|u| = 1` is on
+    /// the surface).
+    pub fn point_at(&self, u: Point) -> Point {
+        std::array::from_fn(|w| {
+            self.centre[w]
+                + (0..3)
+                    .map(|a| self.axes[a][w] * u[a] * self.radii[a])
+                    .sum::<f64>()
+        })
+    }
+
     /// Squared normalised radius of `p`: `< 1` inside.
     #[inline]
     pub fn level(&self, p: Point) -> f64 {
@@ -127,21 +177,27 @@ impl Ellipsoid {
             p[1] - self.centre[1],
             p[2] - self.centre[2],
         ];
-        let (s, c) = self.angle.sin_cos();
-        let x = c * d[0] + s * d[1];
-        let y = -s * d[0] + c * d[1];
-        let z = d[2];
-        (x / self.radii[0]).powi(2) + (y / self.radii[1]).powi(2) + (z / self.radii[2]).powi(2)
+        let mut sum = 0.0;
+        for a in 0..3 {
+            let x = self.axes[a][0] * d[0] + self.axes[a][1] * d[1] + self.axes[a][2] * d[2];
+            sum += (x / self.radii[a]).powi(2);
+        }
+        sum
     }
 
-    /// Whether `p` is within `margin` mm of the axis-aligned box that bounds the ellipsoid.
+    /// Whether `p` is within `margin` mm of a box that bounds the ellipsoid (the sphere of
+    /// its largest semi-axis).
     #[inline]
     pub fn near(&self, p: Point, margin: f64) -> bool {
-        let r = self.radii[0].max(self.radii[1]) + margin;
+        let r = self.radii[0].max(self.radii[1]).max(self.radii[2]) + margin;
         (p[0] - self.centre[0]).abs() <= r
             && (p[1] - self.centre[1]).abs() <= r
-            && (p[2] - self.centre[2]).abs() <= self.radii[2] + margin
+            && (p[2] - self.centre[2]).abs() <= r
     }
+}
+
+fn matmul(a: [[f64; 3]; 3], b: [[f64; 3]; 3]) -> [[f64; 3]; 3] {
+    std::array::from_fn(|r| std::array::from_fn(|c| (0..3).map(|k| a[r][k] * b[k][c]).sum()))
 }
 
 /// A tube of varying radius along a polyline (vessels, pancreas, bowel loops).
@@ -231,7 +287,13 @@ mod tests {
         let r = e.rotated(std::f64::consts::FRAC_PI_2);
         assert!((r.level([10.0, 5.0, 0.0]) - 1.0).abs() < 1e-9);
         assert!(r.near([10.0, 5.0, 0.0], 0.0));
-        assert!(!r.near([10.0, 0.0, 3.0], 1.0));
+        assert!(!r.near([10.0, 0.0, 7.0], 1.0));
+        // A pitch of 90° turns the own y axis (2 mm) onto world z.
+        let t = e.oriented(0.0, std::f64::consts::FRAC_PI_2, 0.0);
+        assert!((t.level([10.0, 0.0, 2.0]) - 1.0).abs() < 1e-9);
+        assert!((t.level([10.0, 1.0, 0.0]) - 1.0).abs() < 1e-9);
+        let q = t.point_at([0.0, 1.0, 0.0]);
+        assert!((t.level(q) - 1.0).abs() < 1e-9, "{q:?}");
     }
 
     #[test]

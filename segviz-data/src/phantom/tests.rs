@@ -87,8 +87,8 @@ fn organs_have_plausible_volumes_and_attenuation() {
         ..config(11)
     };
     for case in 0..3 {
-        // BTCV site: every structure labelled, portal venous phase.
-        let c = generate(&config, "btcv", case).unwrap();
+        // Every structure labelled, portal venous phase, abdomen only.
+        let c = portal_venous_case(&config, case);
         let (liver, liver_hu) = organ_stats(&c, &[btcv::LIVER]);
         let (spleen, spleen_hu) = organ_stats(&c, &[btcv::SPLEEN]);
         let (kidney, kidney_hu) = organ_stats(&c, &[btcv::RIGHT_KIDNEY, btcv::LEFT_KIDNEY]);
@@ -109,11 +109,15 @@ fn organs_have_plausible_volumes_and_attenuation() {
         let (ms, mp) = (mean(&spleen_hu), mean(&pancreas_hu));
         let msg =
             format!("case {case}: HU liver {ml:.0} spleen {ms:.0} kidney {mk:.0} pancreas {mp:.0}");
-        assert!((85.0..135.0).contains(&ml), "{msg}");
+        // Generator 2 gives ~30% of subjects a fatty liver (12–45 HU darker) and scales
+        // every subject's contrast uptake by 0.7–1.3, so the liver's lower bound is that of
+        // a fatty liver with a weak uptake (85 → 60 HU).
+        assert!((60.0..140.0).contains(&ml), "{msg}");
         assert!((90.0..150.0).contains(&ms), "{msg}");
         assert!((90.0..200.0).contains(&mk), "{msg}");
-        // A thin organ: at this resolution many pancreas voxels share fat by partial volume.
-        assert!((45.0..125.0).contains(&mp), "{msg}");
+        // A thin organ: at this resolution many pancreas voxels share fat by partial volume,
+        // and generator 2 adds fat lobules (up to 30% of the gland): 45 → 25 HU.
+        assert!((25.0..125.0).contains(&mp), "{msg}");
         eprintln!("{msg}");
         // Intensity alone cannot separate them: the central 90% ranges overlap.
         let range = |v: &[f32]| (percentile(v, 0.05), percentile(v, 0.95));
@@ -123,12 +127,29 @@ fn organs_have_plausible_volumes_and_attenuation() {
     }
 }
 
+/// Case `case` of `config`'s subjects scanned portal-venous over the abdomen, noise 15 HU.
+fn portal_venous_case(config: &PhantomConfig, case: u64) -> PhantomCase {
+    phase_case(config, case, ContrastPhase::PortalVenous)
+}
+
+fn phase_case(config: &PhantomConfig, case: u64, phase: ContrastPhase) -> PhantomCase {
+    use rand::SeedableRng;
+    let mut rng = ChaCha8Rng::seed_from_u64(config.seed * 1000 + case);
+    let subject = Subject::generate(&mut rng, None);
+    let mut acquisition = SiteStyle::neutral().draw(&config.size, &subject.landmarks(), &mut rng);
+    acquisition.phase = phase;
+    acquisition.spacing = config.size.spacing();
+    acquisition.shape[0] = config.size.shape()[0];
+    acquisition.shape[1] = config.size.shape()[1];
+    render_case(&subject, &acquisition, &mut ChaCha8Rng::seed_from_u64(case)).unwrap()
+}
+
 #[test]
 fn native_phase_is_darker() {
     let config = config(2);
-    let native = generate(&config, "Task09_Spleen", 0).unwrap();
+    let native = phase_case(&config, 0, ContrastPhase::Native);
     let (_, spleen_native) = organ_stats(&native, &[btcv::SPLEEN]);
-    let portal = generate(&config, "btcv", 0).unwrap();
+    let portal = phase_case(&config, 0, ContrastPhase::PortalVenous);
     let (_, spleen_portal) = organ_stats(&portal, &[btcv::SPLEEN]);
     assert!(mean(&spleen_native) + 30.0 < mean(&spleen_portal));
 }
@@ -141,21 +162,13 @@ fn slice_first_site_reorients_to_the_same_anatomy() {
         shape: [40, 36, 20],
         spacing: [9.0, 9.0, 12.0],
     };
-    let quiet = |layout| SiteStyle {
-        noise_sigma: 0.0,
-        layout,
-        ..SiteStyle::neutral()
-    };
     let centre = [3.0, -4.0, 5.0];
-    let render = |style: &SiteStyle| {
-        render_case(
-            &subject,
-            &size,
-            style,
-            centre,
-            &mut ChaCha8Rng::seed_from_u64(0),
-        )
-        .unwrap()
+    let quiet = |layout| Acquisition {
+        layout,
+        ..Acquisition::nominal(&size, centre)
+    };
+    let render = |acquisition: &Acquisition| {
+        render_case(&subject, acquisition, &mut ChaCha8Rng::seed_from_u64(0)).unwrap()
     };
     let ras = render(&quiet(AxisLayout::RAS));
     let stored = render(&quiet(AxisLayout::SLICE_FIRST));
@@ -290,5 +303,39 @@ fn each_site_writes_its_own_labels_with_tumours() {
             seen.extend(site_labels(spec, &c).data);
         }
         assert_eq!(seen.into_iter().collect::<Vec<u8>>(), values, "{folder}");
+    }
+}
+
+/// Issue 11's acceptance bounds, on the default phantoms (`PhantomConfig::new`: small size,
+/// seed 0): at every site, no single HU window and no leave-one-out position prior segments
+/// a target organ well. See `report` for exactly what is measured.
+#[test]
+fn default_phantoms_have_no_intensity_or_position_shortcut() {
+    let report = measure(&PhantomConfig::new("unused")).unwrap();
+    eprintln!("{}", report.table());
+    assert_eq!(report.sites.len(), 5);
+    for site in &report.sites {
+        for (organ, window_bound) in [
+            (Organ::Liver, 0.65),
+            (Organ::Spleen, 0.35),
+            (Organ::Pancreas, 0.10),
+            (Organ::Kidney, 0.30),
+        ] {
+            let o = site.organ(organ).unwrap();
+            let window = o.window.unwrap();
+            assert!(
+                window.dice < window_bound,
+                "{} {}: window {window:?}",
+                site.site,
+                organ.name()
+            );
+            let prior = o.prior.unwrap();
+            assert!(
+                prior.dice < 0.6,
+                "{} {}: prior {prior:?}",
+                site.site,
+                organ.name()
+            );
+        }
     }
 }
