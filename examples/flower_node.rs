@@ -7,9 +7,18 @@
 //!
 //! The node registers with the SuperLink, heartbeats, and answers the server app's `train`
 //! and `evaluate` instructions with the site's local SegViz model: only model state and
-//! metrics leave the site. It reconnects with backoff when the SuperLink goes away; Ctrl-C
-//! finishes the current instruction, deactivates and unregisters (a second Ctrl-C quits at
-//! once). `--preset` and `--seed` must match the server's initial model (`init_model`).
+//! metrics leave the site. It reconnects with backoff when the SuperLink goes away.
+//!
+//! Ctrl-C, SIGTERM (`kill`, systemd, `docker stop`) and SIGHUP all stop it the same way: it
+//! finishes the current instruction and replies, deactivates and unregisters; a second
+//! signal quits at once (the round then waits for the SuperLink to declare the node gone).
+//! Give a container or service enough time for one local training round before it sends
+//! SIGKILL (`docker stop --time`, systemd `TimeoutStopSec`).
+//!
+//! `--preset` and `--seed` must match the server's initial model (`init_model`). `--site-name`
+//! is the site's identity in the federation (default: the data folder's name); the server
+//! refuses a second node with a name already taken. `--uniform-reply` is for Flower's stock
+//! strategies (see docs/flower.md).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -20,8 +29,8 @@ use std::time::Duration;
 use clap::Parser;
 use segviz::fed::experiment::ExperimentConfig;
 use segviz::flower::{
-    FleetClient, FlowerNode, NodeEvent, NodeIdentity, NodeOptions, SegVizApp, SiteSettings,
-    Transport,
+    FleetClient, FlowerNode, NodeEvent, NodeIdentity, NodeOptions, ReplyLayout, SegVizApp,
+    SiteSettings, Transport,
 };
 
 /// A SegViz site as a Flower node.
@@ -57,6 +66,14 @@ struct Args {
     /// Seconds between heartbeats promised to the SuperLink.
     #[arg(long, default_value_t = 30.0)]
     heartbeat_interval: f64,
+    /// The site's name in the federation (default: the data folder's name). Must be unique
+    /// among the federation's nodes: the server refuses a second node with the same name.
+    #[arg(long)]
+    site_name: Option<String>,
+    /// Replies that Flower's stock strategies (FedAvg…) can aggregate: every head sent is
+    /// sent back (other tasks' unchanged) and Dice is one `dice` metric (docs/flower.md).
+    #[arg(long)]
+    uniform_reply: bool,
 }
 
 fn main() -> ExitCode {
@@ -100,6 +117,12 @@ fn run(args: &Args) -> Result<(), Box<dyn std::error::Error>> {
         &SiteSettings {
             experiment,
             work_dir: work_dir.clone(),
+            site_name: args.site_name.clone(),
+            reply: if args.uniform_reply {
+                ReplyLayout::Uniform
+            } else {
+                ReplyLayout::PerSite
+            },
         },
         &device,
     )?;
@@ -118,12 +141,13 @@ fn run(args: &Args) -> Result<(), Box<dyn std::error::Error>> {
     let stop = Arc::new(AtomicBool::new(false));
     {
         let stop = stop.clone();
+        // With ctrlc's `termination` feature this handles SIGINT, SIGTERM and SIGHUP alike.
         ctrlc::set_handler(move || {
             if stop.swap(true, Ordering::SeqCst) {
-                eprintln!("flower_node: second interrupt, quitting now");
+                eprintln!("flower_node: second stop signal, quitting now");
                 std::process::exit(130);
             }
-            eprintln!("flower_node: finishing the current instruction, then leaving (Ctrl-C again to quit now)");
+            eprintln!("flower_node: stop signal: finishing the current instruction, then leaving (signal again to quit now)");
         })?;
     }
     let mut node = FlowerNode::new(

@@ -147,11 +147,16 @@ def aggregate(
     return next_state
 
 
-def sends_tensor(strategy: str, round_: int, tensor: Tensor) -> bool:
-    """Whether a node starting ``round_`` receives ``tensor`` under ``strategy``.
+def head_tasks(state: State) -> list[str]:
+    """The tasks that ``state`` has a head for, sorted."""
+    return sorted({t.cls.task for t in state.values() if t.cls.is_head})
 
-    Every head is sent (a node loads the heads of its own tasks and ignores the others);
-    under FedBN the representation's BatchNorm tensors are sent in round 1 only, so that every
+
+def sends_tensor(strategy: str, round_: int, tensor: Tensor) -> bool:
+    """Whether a node starting ``round_`` receives ``tensor`` under ``strategy``, heads aside.
+
+    Heads are always sent, to their owners only (the ServerApp picks them per node, as the
+    Rust strategies' ``configure_fit`` does); under FedBN the representation's BatchNorm tensors are sent in round 1 only, so that every
     node starts from the same initial model and then keeps its own normalisation.
     """
     check_strategy(strategy)
@@ -163,11 +168,9 @@ def sends_tensor(strategy: str, round_: int, tensor: Tensor) -> bool:
 
 
 def client_view(global_state: State, strategy: str, round_: int) -> dict[str, Tensor]:
-    """What every node receives at the start of ``round_`` (1-based), and for evaluation
-    after round ``round_ - 1``: see :func:`sends_tensor`.
-
-    The Rust strategies' ``configure_fit`` also drops the heads of other tasks; on Flower all
-    heads travel and the node ignores those it does not own.
+    """What the nodes receive at the start of ``round_`` (1-based), and for evaluation
+    after round ``round_ - 1``, every head included: see :func:`sends_tensor`. Each node then
+    gets the representation part and the heads of its own tasks.
     """
     return {p: t for p, t in global_state.items() if sends_tensor(strategy, round_, t)}
 

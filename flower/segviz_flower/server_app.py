@@ -6,17 +6,23 @@ the message contract of docs/flower.md:
 
 1. load ``initial-model`` (a ``.segviz`` file) and wait until ``min-nodes`` nodes are
    connected (at most ``node-wait-timeout`` seconds);
-2. each round, send a ``train`` message to every connected node: ``arrays`` (the global model
-   as the strategy shows it to nodes) and ``config``; wait at most ``round-timeout`` seconds;
-3. check every reply (the ``segviz`` record's classification against the arrays and the
+2. ask every node not yet known who it is (a ``query`` message: its site name and tasks); a
+   node whose site name another connected node already holds is refused for the run, with an
+   error in the log and in every round of ``history.json``;
+3. each round, send a ``train`` message to every identified node: ``arrays`` (the global
+   model as the strategy shows it to nodes, with only the heads of the node's own tasks, as
+   the Rust server and the paper do) and ``config``; wait at most ``round-timeout`` seconds,
+   or ``straggler-timeout`` seconds once ``min-nodes`` replies are in
+   (:mod:`segviz_flower.exchange`);
+4. check every reply (the ``segviz`` record's classification against the arrays and the
    global model, finite float32 values, ``num-examples``); error replies (a node that died or
    failed) and malformed ones are left out of the round with a logged reason, and the round
    closes with the others; no valid reply at all fails the run;
-4. aggregate with the SegViz rule (:mod:`segviz_flower.aggregate`), updates sorted by client
+5. aggregate with the SegViz rule (:mod:`segviz_flower.aggregate`), updates sorted by client
    name;
-5. send ``evaluate`` messages (the view the next round's training will start from) and
+6. send ``evaluate`` messages (the view the next round's training will start from) and
    average the metrics weighted by ``num-examples``;
-6. write ``<out-dir>/history.json`` then ``<out-dir>/global.segviz``, atomically.
+7. write ``<out-dir>/history.json`` then ``<out-dir>/global.segviz``, atomically.
 """
 
 from __future__ import annotations
@@ -46,8 +52,10 @@ from flwr.common import log
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedAvg
 
+from .exchange import BoundedGrid
 from .aggregate import (
     AggregationError,
+    head_tasks,
     Update,
     aggregate,
     aggregate_metrics,
@@ -141,6 +149,7 @@ class Settings:
     out_dir: Path
     round_timeout: float
     node_wait_timeout: float
+    straggler_timeout: float = 0.0
 
     @classmethod
     def from_run_config(cls, config: Mapping[str, Any]) -> "Settings":
@@ -163,6 +172,7 @@ class Settings:
             out_dir=_absolute_path(config, "out-dir"),
             round_timeout=_number(config, "round-timeout", float, 1.0, 600.0),
             node_wait_timeout=_number(config, "node-wait-timeout", float, 0.0, 300.0),
+            straggler_timeout=_number(config, "straggler-timeout", float, 0.0, 0.0),
         )
 
 
@@ -315,6 +325,31 @@ def parse_train_reply(content: RecordDict, global_state: Mapping[str, Tensor]) -
     )
 
 
+@dataclass(frozen=True)
+class Identity:
+    """Who a node says it is (its reply to a ``query``)."""
+
+    client: str
+    tasks: tuple[str, ...]
+
+
+def parse_query_reply(content: RecordDict) -> Identity:
+    """Checks a ``query`` reply: a ``segviz`` record with ``client``, ``tasks`` and ``format``."""
+    if "segviz" not in content.config_records:
+        raise MalformedReply("no segviz record (config record)")
+    segviz = content.config_records["segviz"]
+    fmt = segviz.get("format")
+    if fmt != STATE_FORMAT:
+        raise MalformedReply(f"segviz format is {fmt!r}, expected {STATE_FORMAT!r}")
+    client = segviz.get("client")
+    if not isinstance(client, str) or not client:
+        raise MalformedReply("segviz client must be a non-empty string")
+    tasks = segviz.get("tasks")
+    if not isinstance(tasks, list) or not tasks or not all(isinstance(t, str) for t in tasks):
+        raise MalformedReply(f"client {client}: segviz tasks must be a non-empty list of strings")
+    return Identity(client, tuple(tasks))
+
+
 def parse_evaluate_reply(content: RecordDict) -> tuple[int, dict[str, float]]:
     """Checks an ``evaluate`` reply: a ``metrics`` record with ``num-examples``."""
     if "metrics" not in content.metric_records:
@@ -362,8 +397,12 @@ class SegVizStrategy(FedAvg):
         self.history: list[dict[str, Any]] = []
         self._round: dict[str, Any] = {}
         self._sent: list[Message] = []
-        self._node_clients: dict[int, str] = {}
         self._round_start = time.monotonic()
+        self._grid: Any = None  # the Grid of the phase in progress (its last_phase explains closes)
+        self.model_tasks = head_tasks(self.global_state)
+        # Node id -> identity, from its query reply; node id -> why it is refused for the run.
+        self.identities: dict[int, Identity] = {}
+        self.refused: dict[int, str] = {}
 
     # -- Flower hooks -------------------------------------------------------------------------
 
@@ -375,17 +414,70 @@ class SegVizStrategy(FedAvg):
         log(INFO, "\t├──> min-nodes %d, round-timeout %g s", s.min_nodes, s.round_timeout)
         log(INFO, "\t└──> results in %s", s.out_dir)
 
+    def identify(self, grid: Grid, server_round: int) -> list[int]:
+        """Queries the connected nodes not yet known; returns the identified, not refused ones.
+
+        A node whose site name a *connected* node already holds is refused for the run (a
+        name whose holder left may be taken over, e.g. by a reinstalled site with a new key).
+        """
+        connected = sorted(grid.get_node_ids())
+        unknown = [n for n in connected if n not in self.identities and n not in self.refused]
+        if unknown:
+            query = RecordDict({"config": ConfigRecord({"server-round": server_round})})
+            self._sent = self._messages(query, unknown, MessageType.QUERY, server_round)
+            for node, msg in self._match_replies(grid, grid.send_and_receive(self._sent, timeout=self.settings.round_timeout), "identity (query)"):
+                if msg is None:
+                    continue
+                try:
+                    identity = parse_query_reply(msg.content)
+                except MalformedReply as e:
+                    self._fail(node, f"malformed identity (query) reply: {e}")
+                    continue
+                self._admit(node, identity, connected)
+        for node in connected:
+            if node in self.refused:
+                self._fail(node, self.refused[node], level=ERROR)
+        return [n for n in connected if n in self.identities]
+
+    def _admit(self, node: int, identity: Identity, connected: list[int]) -> None:
+        foreign = [t for t in identity.tasks if t not in self.model_tasks]
+        if foreign:
+            self.refused[node] = (
+                f"refused for this run: site {identity.client} has tasks {foreign} that the initial "
+                f"model has no head for (its tasks: {self.model_tasks})"
+            )
+            return
+        holder = next((n for n, i in self.identities.items() if i.client == identity.client), None)
+        if holder is not None and holder in connected:
+            self.refused[node] = (
+                f"refused for this run: site name {identity.client!r} is already taken by node "
+                f"{holder}; every node needs its own name (flower_node --site-name)"
+            )
+            log(ERROR, "Node %d %s", node, self.refused[node])
+            return
+        if holder is not None:
+            log(WARNING, "Site %s is now node %d (node %d, which held the name, left)", identity.client, node, holder)
+            del self.identities[holder]
+        self.identities[node] = identity
+        log(INFO, "Node %d is site %s (tasks %s)", node, identity.client, ", ".join(identity.tasks))
+
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        """One ``train`` message per connected node, all with the same content."""
+        """One ``train`` message per identified node, each with the heads of its own tasks."""
         self._round_start = time.monotonic()
+        self._grid = grid
         self._round = {"round": server_round, "aggregated": [], "failed": [], "train_loss": None, "metrics": {}}
-        nodes = sorted(grid.get_node_ids())
-        if not nodes:
+        if not list(grid.get_node_ids()):
             raise SegVizRunError(f"round {server_round}: no node is connected; {NODE_HINT}")
+        nodes = self.identify(grid, server_round)
+        if not nodes:
+            raise SegVizRunError(
+                f"round {server_round}: no connected node could be identified; failures: "
+                + "; ".join(f"node {f['node_id']}: {f['reason']}" for f in self._round["failed"])
+            )
         if len(nodes) < self.settings.min_nodes:
-            log(WARNING, "Round %d: only %d node(s) connected (min-nodes %d); training with them",
+            log(WARNING, "Round %d: only %d identified node(s) connected (min-nodes %d); training with them",
                 server_round, len(nodes), self.settings.min_nodes)
         view = client_view(self.global_state, self.settings.strategy, server_round)
         train_config = ConfigRecord(
@@ -398,9 +490,8 @@ class SegVizStrategy(FedAvg):
         )
         if self.settings.strategy == "fedprox":
             train_config["proximal-mu"] = float(self.settings.proximal_mu)
-        content = RecordDict({"arrays": to_array_record(view), "config": train_config})
-        log(INFO, "Round %d: sending %d tensors to %d node(s) %s", server_round, len(view), len(nodes), nodes)
-        self._sent = self._messages(content, nodes, MessageType.TRAIN, server_round)
+        log(INFO, "Round %d: training on %d node(s) %s", server_round, len(nodes), nodes)
+        self._sent = self._per_node_messages(view, train_config, nodes, MessageType.TRAIN, server_round)
         return self._sent
 
     def aggregate_train(
@@ -408,21 +499,20 @@ class SegVizStrategy(FedAvg):
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Checks the replies, leaves out failed and malformed ones, aggregates the rest."""
         accepted: list[tuple[int, Update]] = []
-        seen_clients: dict[str, int] = {}
-        for node, msg in self._match_replies(replies, "training"):
+        for node, msg in self._match_replies(self._grid, replies, "training"):
             if msg is None:
                 continue
             try:
                 update = parse_train_reply(msg.content, self.global_state)
+                identity = self.identities[node]
+                if update.client != identity.client or tuple(update.tasks) != identity.tasks:
+                    raise MalformedReply(
+                        f"client {update.client} with tasks {update.tasks}, but the node identified "
+                        f"itself as {identity.client} with tasks {list(identity.tasks)}"
+                    )
             except MalformedReply as e:
                 self._fail(node, f"malformed training reply: {e}")
                 continue
-            if update.client in seen_clients:
-                self._fail(node, f"duplicate client name {update.client} (already reported by node "
-                                 f"{seen_clients[update.client]}); this reply is left out")
-                continue
-            seen_clients[update.client] = node
-            self._node_clients[node] = update.client
             accepted.append((node, update))
 
         if not accepted:
@@ -464,8 +554,10 @@ class SegVizStrategy(FedAvg):
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        """One ``evaluate`` message per connected node: the view the next round starts from."""
-        nodes = sorted(grid.get_node_ids())
+        """One ``evaluate`` message per identified node: the view the next round starts from."""
+        self._grid = grid
+        connected = set(grid.get_node_ids())
+        nodes = sorted(n for n in self.identities if n in connected)
         view = client_view(self.global_state, self.settings.strategy, server_round + 1)
         eval_config = ConfigRecord(
             {
@@ -474,14 +566,13 @@ class SegVizStrategy(FedAvg):
                 "strategy": self.settings.strategy,
             }
         )
-        content = RecordDict({"arrays": to_array_record(view), "config": eval_config})
-        self._sent = self._messages(content, nodes, MessageType.EVALUATE, server_round)
+        self._sent = self._per_node_messages(view, eval_config, nodes, MessageType.EVALUATE, server_round)
         return self._sent
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         """Averages the evaluation metrics, then saves the history and the global model."""
         results: list[tuple[int, dict[str, float]]] = []
-        for node, msg in self._match_replies(replies, "evaluation"):
+        for node, msg in self._match_replies(self._grid, replies, "evaluation"):
             if msg is None:
                 continue
             try:
@@ -495,6 +586,18 @@ class SegVizStrategy(FedAvg):
         return MetricRecord(metrics) if metrics else None
 
     # -- helpers ------------------------------------------------------------------------------
+
+    def _per_node_messages(
+        self, view: Mapping[str, Tensor], config: ConfigRecord, nodes: list[int], kind: str, server_round: int
+    ) -> list[Message]:
+        """Each node gets the representation and the heads of its own tasks only."""
+        messages: list[Message] = []
+        for node in nodes:
+            tasks = self.identities[node].tasks
+            arrays = {p: t for p, t in view.items() if not t.cls.is_head or t.cls.task in tasks}
+            content = RecordDict({"arrays": to_array_record(arrays), "config": config})
+            messages.extend(self._messages(content, [node], kind, server_round))
+        return messages
 
     def _messages(self, content: RecordDict, nodes: list[int], kind: str, server_round: int) -> list[Message]:
         # The TTL tells the SuperLink and the node how long the instruction stays valid: a
@@ -510,9 +613,11 @@ class SegVizStrategy(FedAvg):
             for node in nodes
         ]
 
-    def _match_replies(self, replies: Iterable[Message], phase: str) -> list[tuple[int, Message | None]]:
+    def _match_replies(self, grid: Any, replies: Iterable[Message], phase: str) -> list[tuple[int, Message | None]]:
         """Pairs each sent instruction's node with its reply (``None`` when it failed; the
         reason is recorded), in the order the replies arrived."""
+        outcome = getattr(grid, "last_phase", None)
+        closed = outcome.closed_because if outcome else f"round-timeout ({self.settings.round_timeout:g} s)"
         by_id = {m.metadata.message_id: m.metadata.dst_node_id for m in self._sent}
         answered: set[int] = set()
         out: list[tuple[int, Message | None]] = []
@@ -527,15 +632,22 @@ class SegVizStrategy(FedAvg):
                 out.append((node, None))
             else:
                 out.append((node, msg))
-        for node in by_id.values():
-            if node not in answered:
-                self._fail(node, f"no {phase} reply within round-timeout ({self.settings.round_timeout:g} s)")
+        for mid, node in by_id.items():
+            if node in answered:
+                continue
+            if outcome and node in outcome.unsent:
+                self._fail(node, f"the SuperLink did not accept its {phase} instruction")
+            elif outcome and mid in outcome.uploading:
+                self._fail(node, f"{phase} reply still in transfer when the phase closed on {closed} (a "
+                                 "node that stopped mid-upload stays so until Flower drops the upload after 180 s)")
+            else:
+                self._fail(node, f"no {phase} reply when the phase closed on {closed}")
         return out
 
-    def _fail(self, node: int, reason: str) -> None:
-        client = self._node_clients.get(node)
-        who = f"node {node}" + (f" ({client})" if client else "")
-        log(WARNING, "Round %s: %s left out: %s", self._round.get("round"), who, reason)
+    def _fail(self, node: int, reason: str, level: int = WARNING) -> None:
+        identity = self.identities.get(node)
+        who = f"node {node}" + (f" ({identity.client})" if identity else "")
+        log(level, "Round %s: %s left out: %s", self._round.get("round"), who, reason)
         self._round["failed"].append({"node_id": node, "reason": reason})
 
     def _close_round(self) -> dict[str, Any]:
@@ -604,8 +716,9 @@ def main(grid: Grid, context: Context) -> None:
     wait_for_nodes(grid, settings.min_nodes, settings.node_wait_timeout)
 
     strategy = SegVizStrategy(settings, initial)
+    bounded = BoundedGrid(grid, min_nodes=settings.min_nodes, straggler_timeout=settings.straggler_timeout)
     strategy.start(
-        grid=grid,
+        grid=bounded,
         initial_arrays=to_array_record(initial.tensors),
         num_rounds=settings.num_server_rounds,
         timeout=settings.round_timeout,

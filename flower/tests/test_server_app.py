@@ -8,6 +8,8 @@ import json
 import logging
 import math
 import tempfile
+import threading
+import time
 import unittest
 from pathlib import Path
 
@@ -86,6 +88,9 @@ class FakeNode:
 
     def reply(self, ins: Message) -> Message | None:
         self.received.append(ins)
+        if ins.metadata.message_type == "query":
+            return Message(RecordDict({"segviz": ConfigRecord(
+                {"client": self.client, "tasks": self.tasks, "format": "segviz-state/1"})}), reply_to=ins)
         if self.behaviour == "silent":
             return None
         if self.behaviour == "dead":
@@ -114,22 +119,72 @@ class FakeNode:
 
 
 class FakeGrid:
-    """What Strategy.start needs from a Grid: node ids and send_and_receive."""
+    """A Grid that behaves like flwr 1.42's HttpGrid with nodes answering at once.
 
-    def __init__(self, nodes):
+    A node with ``behaviour="dies-uploading"`` stops in the middle of uploading its round-2
+    training reply: the reply is listed, its objects never complete, and ``pull_messages``
+    waits (as HttpGrid's ``pull_objects`` does) until the SuperLink drops the upload after the
+    object-push session TTL (180 s in Flower, ``ttl`` here), then returns an error reply.
+    After that the node is dead. ``connected`` limits ``get_node_ids``.
+    """
+
+    def __init__(self, nodes, ttl=0.0):
         self.nodes = {n.node_id: n for n in nodes}
+        self.connected = set(self.nodes)
+        self.ttl = ttl
+        self._replies = {}
+        self._lock = threading.Lock()
 
     def get_node_ids(self):
-        return list(self.nodes)
+        return sorted(self.connected)
 
-    def send_and_receive(self, messages, *, timeout=None):
-        replies = []
+    def push_messages(self, messages):
+        ids = []
         for m in messages:
             m.metadata.__dict__["_message_id"] = m.object_id  # as HttpGrid.push_messages does
-            r = self.nodes[m.metadata.dst_node_id].reply(m)
-            if r is not None:
-                replies.append(r)
-        return replies
+            node = self.nodes[m.metadata.dst_node_id]
+            uploading = (node.behaviour == "dies-uploading" and m.metadata.message_type == "train"
+                         and m.metadata.group_id == "2")
+            if node.behaviour == "dies-uploading" and m.metadata.message_type != "query" and int(m.metadata.group_id) > 2:
+                reply = Message(Error(5, "Error: Node Unavailable"), reply_to=m)
+            elif node.behaviour == "dies-uploading" and m.metadata.message_type == "evaluate" and m.metadata.group_id == "2":
+                reply = Message(Error(5, "Error: Node Unavailable"), reply_to=m)
+            else:
+                reply = node.reply(m)
+            with self._lock:
+                self._replies[m.object_id] = (m, reply, uploading)
+            ids.append(m.object_id)
+        return ids
+
+    def pull_messages(self, message_ids):
+        out = []
+        for mid in list(message_ids):
+            with self._lock:
+                entry = self._replies.get(mid)
+            if entry is None or entry[1] is None:
+                continue
+            ins, reply, uploading = entry
+            if uploading:
+                time.sleep(self.ttl)
+                reply = Message(Error(4, "Reply message objects are unavailable."), reply_to=ins)
+            with self._lock:
+                self._replies.pop(mid, None)
+            out.append(reply)
+        return out
+
+    def send_and_receive(self, messages, *, timeout=None):
+        """HttpGrid.send_and_receive (flwr 1.42), with a shorter pause between pulls."""
+        msg_ids = set(self.push_messages(messages))
+        end_time = time.time() + (timeout if timeout is not None else 0.0)
+        ret = []
+        while timeout is None or time.time() < end_time:
+            res_msgs = self.pull_messages(msg_ids)
+            ret.extend(res_msgs)
+            msg_ids.difference_update({msg.metadata.reply_to_message_id for msg in res_msgs})
+            if len(msg_ids) == 0:
+                break
+            time.sleep(0.05)
+        return ret
 
 
 class Base(unittest.TestCase):
@@ -149,9 +204,9 @@ class Base(unittest.TestCase):
         cfg.update(kw)
         return cfg
 
-    def run_app(self, nodes, **kw):
+    def run_app(self, nodes, grid=None, **kw):
         context = Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config=self.run_config(**kw))
-        server_app.main(FakeGrid(nodes), context)
+        server_app.main(grid or FakeGrid(nodes), context)
         out = self.root / "out"
         return json.loads((out / "history.json").read_text()), read_checkpoint(out / "global.segviz")
 
@@ -166,7 +221,7 @@ class WholeRun(Base):
             FakeNode(15, "silent_site", ["kidney"], 1, 0.0, "silent"),
             FakeNode(16, "liver_site", ["liver"], 8, 5.0),  # same client name as node 11
         ]
-        history, final = self.run_app(nodes)
+        history, final = self.run_app(nodes, **{"round-timeout": 1})
         self.assertEqual([h["round"] for h in history], [1, 2])
         r1 = history[0]
         self.assertEqual([(a["client"], a["node_id"]) for a in r1["aggregated"]], [("liver_site", 11), ("spleen_site", 12)])
@@ -177,12 +232,17 @@ class WholeRun(Base):
         self.assertIn("training failed: error 5: Error: Node Unavailable", reasons[13][0])
         self.assertIn("evaluation failed: error 5", reasons[13][1])
         self.assertIn("non-finite", reasons[14][0])
-        self.assertEqual(reasons[15], ["no training reply within round-timeout (5 s)",
-                                       "no evaluation reply within round-timeout (5 s)"])
-        self.assertIn("duplicate client name liver_site (already reported by node 11)", reasons[16][0])
+        self.assertEqual(reasons[15], ["no training reply when the phase closed on round-timeout (1 s)",
+                                       "no evaluation reply when the phase closed on round-timeout (1 s)"])
+        # A site name already taken: refused for the run, said in every round, never trained.
+        refused = "refused for this run: site name 'liver_site' is already taken by node 11"
+        self.assertEqual(len(reasons[16]), 1)
+        self.assertIn(refused, reasons[16][0])
+        self.assertIn(refused, [f["reason"] for f in history[1]["failed"] if f["node_id"] == 16][0])
+        self.assertEqual([m.metadata.message_type for m in nodes[5].received], ["query"])
         self.assertAlmostEqual(r1["train_loss"], 2.5)  # mean of 2.0 and 3.0, as the Rust server
-        # Every connected node evaluates, weighted by num-examples: liver (0.6 and 1.0) -> 0.8.
-        self.assertAlmostEqual(r1["metrics"]["dice/liver"], 0.8)
+        # Every identified node evaluates, weighted by num-examples; the refused node 16 does not.
+        self.assertAlmostEqual(r1["metrics"]["dice/liver"], 0.6)
         self.assertAlmostEqual(r1["metrics"]["dice/spleen"], 0.7)
         self.assertGreaterEqual(r1["seconds"], 0.0)
         # The initial model's metadata (e.g. preprocessing for `predict`) is kept.
@@ -195,15 +255,27 @@ class WholeRun(Base):
         # Round 1 sent everything; round 2 (and the evaluations) no representation BatchNorm.
         first, = [m for m in nodes[0].received if m.metadata.group_id == "1" and m.metadata.message_type == "train"]
         self.assertIn("representation.norm.running_mean", first.content.array_records["arrays"])
-        later = [m for m in nodes[0].received if not (m.metadata.group_id == "1" and m.metadata.message_type == "train")]
+        later = [m for m in nodes[0].received
+                 if m.metadata.message_type != "query" and not (m.metadata.group_id == "1" and m.metadata.message_type == "train")]
         self.assertEqual(len(later), 3)
         for m in later:
             keys = set(m.content.array_records["arrays"])
             self.assertNotIn("representation.norm.running_mean", keys)
-            self.assertIn("heads.kidney.norm.gamma", keys)  # every head travels, its BN included
+            self.assertIn("heads.liver.norm.gamma", keys)  # its own head travels whole, BN included
+        # Each head goes to its owners only (as segviz-fed and the paper): the liver site never
+        # receives the spleen or kidney heads, the spleen site never the liver head.
+        for node, own in ((nodes[0], "liver"), (nodes[1], "spleen")):
+            for m in node.received:
+                if m.metadata.message_type == "query":
+                    continue
+                heads = {p.split(".")[1] for p in m.content.array_records["arrays"] if p.startswith("heads.")}
+                self.assertEqual(heads, {own}, f"{m.metadata.message_type} round {m.metadata.group_id}")
+        # Every node is asked who it is once, before its first instruction.
+        self.assertEqual([m.metadata.message_type for m in nodes[0].received][:2], ["query", "train"])
+        self.assertEqual(sum(m.metadata.message_type == "query" for m in nodes[0].received), 1)
         cfg = first.content.config_records["config"]
         self.assertEqual(dict(cfg), {"server-round": 1, "num-server-rounds": 2, "local-epochs": 1, "strategy": "fedbn"})
-        self.assertEqual(first.metadata.ttl, 5.0)
+        self.assertEqual(first.metadata.ttl, 1.0)
 
         # The saved global equals the rule applied to the accepted updates (by hand here).
         g = initial_model().tensors
@@ -227,7 +299,8 @@ class WholeRun(Base):
     def test_fedprox_sends_mu(self):
         nodes = [FakeNode(11, "a", ["liver"], 1, 0.5), FakeNode(12, "b", ["spleen"], 1, 0.5)]
         self.run_app(nodes, strategy="fedprox", **{"num-server-rounds": 1, "proximal-mu": 0.25})
-        cfg = nodes[0].received[0].content.config_records["config"]
+        cfg = nodes[0].received[1].content.config_records["config"]  # after the query
+        self.assertEqual(nodes[0].received[1].metadata.message_type, "train")
         self.assertEqual(cfg["proximal-mu"], 0.25)
         self.assertEqual(cfg["strategy"], "fedprox")
         self.assertIn("representation.norm.running_mean", nodes[0].received[-1].content.array_records["arrays"])
@@ -239,6 +312,28 @@ class WholeRun(Base):
         history = json.loads((self.root / "out" / "history.json").read_text())
         self.assertEqual(len(history[0]["failed"]), 2)
         self.assertFalse((self.root / "out" / "global.segviz").exists())
+
+    def test_a_taken_site_name_is_free_again_once_its_node_left(self):
+        nodes = [FakeNode(11, "a", ["liver"], 1, 0.5), FakeNode(12, "b", ["spleen"], 1, 0.5),
+                 FakeNode(13, "a", ["liver"], 1, 0.5)]
+        grid = FakeGrid(nodes)
+        grid.connected = {11, 12}
+        settings = Settings.from_run_config(self.run_config())
+        strategy = SegVizStrategy(settings, initial_model())
+        strategy._round = {"round": 1, "failed": []}
+        self.assertEqual(strategy.identify(grid, 1), [11, 12])
+        grid.connected = {12, 13}  # node 11 left; a reinstalled site "a" (new key) joins
+        self.assertEqual(strategy.identify(grid, 2), [12, 13])
+        grid.connected = {11, 12, 13}  # the old node 11 comes back while 13 holds the name
+        strategy.identities.pop(11, None)
+        self.assertEqual(strategy.identify(grid, 3), [12, 13])
+        self.assertIn("already taken by node 13", strategy.refused[11])
+
+    def test_a_node_with_a_task_the_model_lacks_is_refused(self):
+        nodes = [FakeNode(11, "a", ["liver"], 1, 0.5), FakeNode(12, "b", ["pancreas"], 1, 0.5)]
+        history, _ = self.run_app(nodes, **{"num-server-rounds": 1, "min-nodes": 1})
+        self.assertEqual([a["client"] for a in history[0]["aggregated"]], ["a"])
+        self.assertIn("tasks ['pancreas'] that the initial model has no head for", history[0]["failed"][0]["reason"])
 
     def test_too_few_nodes(self):
         with self.assertRaisesRegex(SegVizRunError, "only 1 of the 2 nodes needed"):
@@ -256,6 +351,38 @@ class WholeRun(Base):
             self.run_app([], **{"initial-model": str(self.root / "bad.segviz")})
         with self.assertRaisesRegex(SegVizRunError, "absent.segviz: initial-model does not exist"):
             self.run_app([], **{"initial-model": str(self.root / "absent.segviz")})
+
+
+class Stragglers(Base):
+    """Row 17 of issue 10: nodes killed while uploading their round-2 reply."""
+
+    def nodes(self):
+        nodes = [FakeNode(10 + i, f"site{i}", [TASKS[i % 3]], 1, 0.1 * i) for i in range(6)]
+        for n in nodes[4:]:
+            n.behaviour = "dies-uploading"
+        return nodes
+
+    def test_the_round_closes_once_min_nodes_replied_and_the_straggler_deadline_passed(self):
+        nodes = self.nodes()
+        start = time.monotonic()
+        # Flower's 180 s upload TTL scaled down to 8 s; round-timeout far above it.
+        history, _ = self.run_app(nodes, grid=FakeGrid(nodes, ttl=8.0), **{
+            "min-nodes": 4, "round-timeout": 60, "straggler-timeout": 0.5})
+        elapsed = time.monotonic() - start
+        self.assertEqual([len(r["aggregated"]) for r in history], [6, 4])
+        self.assertLess(history[1]["seconds"], 4.0, "round 2 waited for the dead uploads")
+        self.assertLess(elapsed, 7.0)
+        reasons = [f["reason"] for f in history[1]["failed"] if f["node_id"] in (14, 15)]
+        self.assertEqual(len(reasons), 4, reasons)  # training (stuck upload) and evaluation (dead)
+        self.assertIn("training reply still in transfer when the phase closed on straggler-timeout (0.5 s", reasons[0])
+
+    def test_round_timeout_bounds_a_stuck_upload(self):
+        nodes = self.nodes()
+        history, _ = self.run_app(nodes, grid=FakeGrid(nodes, ttl=8.0), **{
+            "min-nodes": 4, "round-timeout": 2})
+        self.assertEqual([len(r["aggregated"]) for r in history], [6, 4])
+        self.assertLess(history[1]["seconds"], 5.0, "round-timeout did not bound the stuck upload")
+        self.assertIn("closed on round-timeout (2 s)", history[1]["failed"][0]["reason"])
 
 
 class Replies(Base):
@@ -328,6 +455,9 @@ class Helpers(Base):
     def test_settings_defaults_and_checks(self):
         s = Settings.from_run_config(self.run_config())
         self.assertEqual((s.strategy, s.weighting, s.min_nodes, s.round_timeout), ("fedbn", "examples", 2, 5.0))
+        self.assertEqual(s.straggler_timeout, 0.0)  # off unless asked for
+        with self.assertRaisesRegex(ConfigError, "straggler-timeout must be at least 0"):
+            Settings.from_run_config(self.run_config(**{"straggler-timeout": -1}))
         with self.assertRaisesRegex(ConfigError, "min-nodes must be at least 1"):
             Settings.from_run_config(self.run_config(**{"min-nodes": 0}))
         with self.assertRaisesRegex(ConfigError, "num-server-rounds must be an integer"):

@@ -6,6 +6,11 @@
 //! federation, and replies with its model state, the classification of every tensor
 //! (decided by `segviz_core::state` from the module structure), and metrics. Its local state
 //! is saved after every round, so a restarted node keeps its own BatchNorm under FedBN.
+//!
+//! An instruction must carry every tensor the node needs (under FedBN after round 1, all but
+//! the representation's BatchNorm): a node never trains or evaluates on leftover local state
+//! because the server sent less than it should. A `query` instruction is answered with the
+//! site's identity (name and tasks) only, so that the server can send each head to its owners.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -33,6 +38,22 @@ pub struct SegVizApp {
     config: SegVizConfig,
     work_dir: PathBuf,
     restored_run: Option<u64>,
+    name: String,
+    reply: ReplyLayout,
+}
+
+/// What a node's replies look like.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum ReplyLayout {
+    /// The SegViz contract (docs/flower.md): a `train` reply carries the node's own state
+    /// (representation and its own heads) and `dice/<organ>` for its own organs.
+    #[default]
+    PerSite,
+    /// For Flower's stock strategies (e.g. `FedAvg`), which need every reply to carry the
+    /// same array and metric names: a `train` reply also carries, unchanged, every head of
+    /// another task that the instruction sent, and both replies report one `dice` (the mean
+    /// over the node's organs) instead of `dice/<organ>`.
+    Uniform,
 }
 
 /// How a site's data is prepared and its model trained (must match the server's model).
@@ -42,6 +63,12 @@ pub struct SiteSettings {
     pub experiment: ExperimentConfig,
     /// Where splits, the preprocessing cache, the node key and local states are kept.
     pub work_dir: PathBuf,
+    /// The site's name in the federation (the `client` of its replies); `None`: the data
+    /// folder's name. The server refuses a second node with a name already taken. (Training
+    /// seeds still derive from the data folder's name, as in the in-process federation.)
+    pub site_name: Option<String>,
+    /// What the replies look like.
+    pub reply: ReplyLayout,
 }
 
 impl SegVizApp {
@@ -80,17 +107,31 @@ impl SegVizApp {
             e.window.clone(),
             e.seed,
         )?;
+        let name = match &settings.site_name {
+            None => client.info().name,
+            Some(name) => {
+                let trimmed = name.trim();
+                if trimmed.is_empty() || trimmed.chars().any(char::is_control) {
+                    return Err(FlowerError::Config(format!(
+                        "site name {name:?}: it must be non-empty, without control characters"
+                    )));
+                }
+                trimmed.to_string()
+            }
+        };
         Ok(SegVizApp {
             client,
             config,
             work_dir: work.clone(),
             restored_run: None,
+            name,
+            reply: settings.reply,
         })
     }
 
-    /// The site's name.
+    /// The site's name in the federation (`--site-name`, else the data folder's name).
     pub fn site_name(&self) -> String {
-        self.client.info().name
+        self.name.clone()
     }
 
     /// The tasks (organs) this site owns heads for.
@@ -158,12 +199,13 @@ impl SegVizApp {
                 .unwrap_or(0.0);
             fit_config.insert("proximal_mu".to_string(), mu);
         }
-        let state = self.received_state(content)?;
+        let withheld_batch_norm = strategy == "fedbn" && round > 1;
+        let received = self.received_state("train", content, withheld_batch_norm)?;
         let update = self.client.fit(
             &FitInstructions {
                 round,
                 total_rounds,
-                state,
+                state: received.state,
                 local_epochs,
                 config: fit_config,
             },
@@ -186,10 +228,14 @@ impl SegVizApp {
                 MetricValue::Int(update.metrics.get("steps").copied().unwrap_or(0.0) as i64),
             ),
         ];
-        metrics.extend(as_metrics(&evaluation.metrics));
+        metrics.extend(self.dice_metrics(&evaluation.metrics));
+        let mut arrays = to_arrays(&update.state);
+        if self.reply == ReplyLayout::Uniform {
+            arrays.extend(received.other_heads);
+        }
         Ok(RecordDict {
             records: vec![
-                ("arrays".into(), Record::Arrays(to_arrays(&update.state))),
+                ("arrays".into(), Record::Arrays(arrays)),
                 ("metrics".into(), Record::Metrics(metrics)),
                 (
                     "segviz".into(),
@@ -202,36 +248,87 @@ impl SegVizApp {
     /// Answers an `evaluate` instruction: loads the sent tensors, returns metrics only.
     pub fn evaluate(&mut self, run_id: u64, content: &RecordDict) -> Result<RecordDict> {
         self.restore(run_id)?;
-        let round = content
-            .config("config")
+        let config = content.config("config");
+        let round = config
             .and_then(|c| lookup(c, "server-round"))
             .and_then(ConfigValue::as_int)
             .unwrap_or(0)
             .max(0) as usize;
-        let state = self.received_state(content)?;
-        let evaluation = self.client.evaluate(round, &state)?;
+        // An evaluation carries what the next round's training will start from: under
+        // FedBN that is never round 1, so the representation's BatchNorm stays local.
+        let withheld_batch_norm = config
+            .and_then(|c| lookup(c, "strategy"))
+            .and_then(ConfigValue::as_str)
+            == Some("fedbn");
+        let received = self.received_state("evaluate", content, withheld_batch_norm)?;
+        let evaluation = self.client.evaluate(round, &received.state)?;
         let mut metrics: MetricRecord = vec![(
             "num-examples".into(),
             MetricValue::Int(evaluation.num_examples as i64),
         )];
-        metrics.extend(as_metrics(&evaluation.metrics));
+        metrics.extend(self.dice_metrics(&evaluation.metrics));
         Ok(RecordDict {
             records: vec![("metrics".into(), Record::Metrics(metrics))],
         })
     }
 
+    /// Answers a `query` instruction: who this site is (`segviz` record: `client`, `tasks`,
+    /// `format`), nothing about its data or model.
+    pub fn identify(&self) -> RecordDict {
+        RecordDict {
+            records: vec![(
+                "segviz".into(),
+                Record::Config(vec![
+                    ("client".into(), ConfigValue::Str(self.site_name())),
+                    ("tasks".into(), ConfigValue::StrList(self.tasks())),
+                    ("format".into(), ConfigValue::Str(STATE_FORMAT.into())),
+                ]),
+            )],
+        }
+    }
+
+    /// Dice metrics as the reply layout names them.
+    fn dice_metrics(&self, values: &BTreeMap<String, f64>) -> Vec<(String, MetricValue)> {
+        match self.reply {
+            ReplyLayout::PerSite => as_metrics(values).collect(),
+            ReplyLayout::Uniform => {
+                // One key that every node has, whatever its organs: their mean.
+                let dice: Vec<f64> = values
+                    .iter()
+                    .filter(|(k, _)| k.starts_with("dice/"))
+                    .map(|(_, v)| *v)
+                    .collect();
+                let mean = if dice.is_empty() {
+                    f64::NAN
+                } else {
+                    dice.iter().sum::<f64>() / dice.len() as f64
+                };
+                vec![("dice".into(), MetricValue::Float(mean))]
+            }
+        }
+    }
+
     /// The tensors of the `arrays` record that this node's model has, with the model's own
-    /// classification. Heads of other tasks are skipped; any other unknown tensor, or a
-    /// shape mismatch, means the server's model is not this node's: an error.
-    fn received_state(&self, content: &RecordDict) -> Result<ModelState> {
+    /// classification, and (kept aside, unchanged) the heads of other tasks. Any other
+    /// unknown tensor, or a shape mismatch, means the server's model is not this node's: an
+    /// error. So is an instruction that lacks a tensor of this node's model, except the
+    /// representation's BatchNorm when `withheld_batch_norm` (FedBN after round 1).
+    fn received_state(
+        &self,
+        message_type: &str,
+        content: &RecordDict,
+        withheld_batch_norm: bool,
+    ) -> Result<Received> {
         let arrays = content.arrays("arrays").ok_or_else(|| {
             FlowerError::protocol("the instruction has no `arrays` record".to_string())
         })?;
         let layout = self.client.local_state();
         let mut state = ModelState::default();
+        let mut other_heads = ArrayRecord::new();
         for (path, tensor) in arrays {
             let Some(own) = layout.tensors.get(path) else {
                 if path.starts_with("heads.") {
+                    other_heads.push((path.clone(), tensor.clone()));
                     continue;
                 }
                 return Err(FlowerError::Config(format!(
@@ -254,7 +351,27 @@ impl SegVizApp {
                 },
             );
         }
-        Ok(state)
+        // The representation first: the error should name what matters most.
+        let mut missing: Vec<(bool, String)> = layout
+            .tensors
+            .iter()
+            .filter(|(path, t)| {
+                let withheld =
+                    withheld_batch_norm && t.batch_norm && t.role == TensorRole::Representation;
+                !withheld && !state.tensors.contains_key(*path)
+            })
+            .map(|(path, t)| (t.role != TensorRole::Representation, path.clone()))
+            .collect();
+        missing.sort();
+        let missing: Vec<String> = missing.into_iter().map(|(_, path)| path).collect();
+        if !missing.is_empty() {
+            return Err(FlowerError::MissingTensors {
+                message_type: message_type.to_string(),
+                expected: layout.tensors.len(),
+                missing,
+            });
+        }
+        Ok(Received { state, other_heads })
     }
 
     /// The `segviz` record: who this is and what every tensor is.
@@ -290,6 +407,14 @@ impl SegVizApp {
     }
 }
 
+/// What an instruction's `arrays` hold for this node.
+struct Received {
+    /// The tensors of this node's model.
+    state: ModelState,
+    /// Heads of tasks this node does not own, as sent.
+    other_heads: ArrayRecord,
+}
+
 impl InstructionHandler for SegVizApp {
     fn handle(
         &mut self,
@@ -300,8 +425,9 @@ impl InstructionHandler for SegVizApp {
         let outcome = match message_type {
             "train" => self.train(run_id, content),
             "evaluate" => self.evaluate(run_id, content),
+            "query" => Ok(self.identify()),
             other => Err(FlowerError::protocol(format!(
-                "message type {other:?} is not supported by SegViz nodes (train, evaluate)"
+                "message type {other:?} is not supported by SegViz nodes (train, evaluate, query)"
             ))),
         };
         outcome.map_err(|e| format!("{}: {e}", self.site_name()))

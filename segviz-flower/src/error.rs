@@ -46,6 +46,22 @@ pub enum FlowerError {
         /// The object's claimed id.
         id: String,
     },
+    /// An instruction that lacks tensors of the node's model: the node refuses to train or
+    /// evaluate on whatever it has left from before.
+    #[error(
+        "the {message_type} instruction lacks {} of the {expected} tensors this node's model \
+         needs (first: {}); refusing to {message_type} on leftover local state",
+        missing.len(),
+        missing.iter().take(3).cloned().collect::<Vec<_>>().join(", ")
+    )]
+    MissingTensors {
+        /// `train` or `evaluate`.
+        message_type: String,
+        /// Tensors the node needed.
+        expected: usize,
+        /// Paths of those the instruction lacked.
+        missing: Vec<String>,
+    },
     /// A configuration that cannot be used.
     #[error("invalid configuration: {0}")]
     Config(String),

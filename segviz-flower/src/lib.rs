@@ -20,7 +20,7 @@ pub mod error;
 pub mod node;
 pub mod protocol;
 
-pub use app::{SegVizApp, SiteSettings};
+pub use app::{ReplyLayout, SegVizApp, SiteSettings};
 pub use error::{FlowerError, Result};
 pub use node::{FlowerNode, InstructionHandler, NodeEvent, NodeOptions};
 pub use protocol::auth::NodeIdentity;

@@ -2,7 +2,9 @@
 //! the Rust `AggregationStrategy` on the same saved updates.
 //!
 //! Needs a Python with numpy: set `SEGVIZ_FLOWER_PYTHON` (`.ci/run` points it at the flwr
-//! virtual environment); without it the test prints why and skips.
+//! virtual environment). Without it the test prints why and skips, except under CI (`CI`
+//! set), where a missing or unusable Python is a failure: a check that silently stopped
+//! running would look like a pass.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -65,10 +67,36 @@ fn save(path: &Path, config: &SegVizConfig, state: &ModelState, metadata: serde_
     .unwrap();
 }
 
+/// The Python of `SEGVIZ_FLOWER_PYTHON`, checked to import numpy and flwr. `None` (skip)
+/// when unset outside CI.
+///
+/// # Panics
+/// Under CI (`CI` set) when the variable is unset or the Python cannot import them.
+fn flower_python() -> Option<String> {
+    let under_ci = std::env::var_os("CI").is_some_and(|v| !v.is_empty());
+    let Ok(python) = std::env::var("SEGVIZ_FLOWER_PYTHON") else {
+        assert!(
+            !under_ci,
+            "CI is set but SEGVIZ_FLOWER_PYTHON is not: point it at the flwr virtual \
+             environment's python (python3 -m venv V && V/bin/pip install -r flower/requirements.txt)"
+        );
+        println!("skipped: set SEGVIZ_FLOWER_PYTHON to a Python with flower/requirements.txt");
+        return None;
+    };
+    let works = Command::new(&python)
+        .args(["-c", "import numpy, flwr"])
+        .status()
+        .is_ok_and(|s| s.success());
+    assert!(
+        works,
+        "SEGVIZ_FLOWER_PYTHON={python} cannot import numpy and flwr: install flower/requirements.txt into it"
+    );
+    Some(python)
+}
+
 #[test]
 fn python_and_rust_aggregate_saved_updates_identically() {
-    let Ok(python) = std::env::var("SEGVIZ_FLOWER_PYTHON") else {
-        println!("skipped: set SEGVIZ_FLOWER_PYTHON to a Python with flower/requirements.txt");
+    let Some(python) = flower_python() else {
         return;
     };
     let tool = Path::new(env!("CARGO_MANIFEST_DIR")).join("../flower/tools/aggregate_updates.py");

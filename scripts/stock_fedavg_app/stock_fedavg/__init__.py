@@ -1,0 +1,1 @@
+"""Flower's stock FedAvg over SegViz nodes."""
