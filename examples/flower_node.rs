@@ -10,8 +10,9 @@
 //! metrics leave the site. It reconnects with backoff when the SuperLink goes away.
 //!
 //! Ctrl-C, SIGTERM (`kill`, systemd, `docker stop`) and SIGHUP all stop it the same way: it
-//! finishes the current instruction and replies, deactivates and unregisters; a second
-//! signal quits at once (the round then waits for the SuperLink to declare the node gone).
+//! finishes the current instruction and replies, and deactivates (staying registered, so a
+//! restart rejoins with the same key); a second signal quits at once (the round then waits
+//! for the SuperLink to declare the node gone).
 //! Give a container or service enough time for one local training round before it sends
 //! SIGKILL (`docker stop --time`, systemd `TimeoutStopSec`).
 //!
@@ -179,7 +180,7 @@ fn run(args: &Args) -> Result<(), Box<dyn std::error::Error>> {
         NodeEvent::Reconnecting { reason, wait } => {
             println!("connection lost ({reason}); retrying in {wait:?}")
         }
-        NodeEvent::Left => println!("deactivated and unregistered"),
+        NodeEvent::Left => println!("deactivated (still registered: a restart rejoins with the same key)"),
     })?;
     Ok(())
 }

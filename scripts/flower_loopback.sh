@@ -11,11 +11,11 @@
 #     backoff) and a third run aggregates all four;
 #  5. a run that fails (a missing initial model) is seen as failed: `flwr run --stream` exits 0
 #     for a failed run, so every run here is judged by its status on the SuperLink (`flwr ls`);
-#  6. SIGTERM (kill, systemd, docker stop) makes every node deactivate, unregister and exit 0;
+#  6. SIGTERM (kill, systemd, docker stop) makes every node deactivate and exit 0;
 #  7. Flower's stock FedAvg (scripts/stock_fedavg_app) over four nodes of different organs
 #     started with --uniform-reply: two rounds complete and every head moved;
 #  8. TLS: a node trusting a test CA connects to a SuperLink with its certificate, and Ctrl-C
-#     deactivates and unregisters it.
+#     deactivates it.
 # Every process started here is stopped by PID at the end. Usage:
 #   scripts/flower_loopback.sh [VENV]      (VENV: a venv with flower/requirements.txt;
 #                                           created in target/flwr-venv when absent)
@@ -223,20 +223,20 @@ log "run D: flwr run exited $RUN_D_EXIT; the SuperLink says $ST"
 [ "${ST%%|*}" = "finished:failed" ] || fail "run D should have failed, its status is $ST"
 case "$ST" in *absent.segviz*) ;; *) fail "run D's failure does not name the missing file: $ST";; esac
 
-log "SIGTERM: every node finishes, deactivates, unregisters and exits 0"
+log "SIGTERM: every node finishes, deactivates and exits 0"
 for i in 0 1 2 3; do kill -TERM "${NODE_PIDS[$i]}"; done
 for i in 0 1 2 3; do
   set +e; timeout 30 tail --pid="${NODE_PIDS[$i]}" -f /dev/null; wait "${NODE_PIDS[$i]}"; CODE=$?; set -e
   [ "$CODE" -eq 0 ] || fail "node $i exited with status $CODE after SIGTERM (expected 0)"
-  [ "$(tail -n 3 "$WORK/logs/node$i.log" | grep -c "deactivated and unregistered")" -eq 1 ] \
-    || fail "node $i did not deactivate and unregister on SIGTERM"
+  [ "$(tail -n 3 "$WORK/logs/node$i.log" | grep -c "deactivated (still registered")" -eq 1 ] \
+    || fail "node $i did not deactivate on SIGTERM"
 done
 
 log "run E: Flower's stock FedAvg over the four sites (different organs), nodes with --uniform-reply"
-# New keys: flwr 1.42 never lets a key that unregistered (the clean leave above) register again.
+# The same keys: a node that left cleanly (SIGTERM above) rejoins with its key.
 for i in 0 1 2 3; do
   BEFORE[$i]=$(connections "$i")
-  start_node "$i" --uniform-reply --key "$WORK/nodes/$i/uniform-key.pem"
+  start_node "$i" --uniform-reply
 done
 for i in 0 1 2 3; do wait_for 120 "node $i to connect with --uniform-reply" reconnected "$i"; done
 PYTHONPATH=flower python3 - "$WORK/initial.segviz" "$WORK/initial.npz" <<'PY' || fail "cannot export the initial model"
@@ -281,6 +281,6 @@ TLS_NODE=$!
 PIDS+=($TLS_NODE)
 wait_for 60 "the node to connect over TLS" grep -q "connected as node" "$WORK/logs/node-tls.log"
 kill -INT "$TLS_NODE"
-wait_for 30 "the TLS node to leave cleanly" grep -q "deactivated and unregistered" "$WORK/logs/node-tls.log"
+wait_for 30 "the TLS node to leave cleanly" grep -q "deactivated (still registered" "$WORK/logs/node-tls.log"
 
 log "OK: Flower global == in-process global; refusals, kill and rejoin, SuperLink restart, failed-run status, SIGTERM, stock FedAvg, TLS behave"

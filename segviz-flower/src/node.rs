@@ -94,7 +94,8 @@ pub enum NodeEvent {
         /// Pause before the next attempt.
         wait: Duration,
     },
-    /// Deactivated and unregistered.
+    /// Deactivated. The node stays registered, so the same key can come back: flwr 1.42
+    /// never lets a key that unregistered register again.
     Left,
 }
 
@@ -122,7 +123,7 @@ impl<H: InstructionHandler> FlowerNode<H> {
         &self.handler
     }
 
-    /// Runs until `stop` is set (then deactivates and unregisters) or an error that
+    /// Runs until `stop` is set (then deactivates, staying registered) or an error that
     /// reconnecting cannot fix. Connection losses are retried forever with backoff.
     pub fn run(&mut self, stop: &AtomicBool, mut on_event: impl FnMut(NodeEvent)) -> Result<()> {
         let mut backoff = Duration::from_secs(1);
@@ -194,9 +195,10 @@ impl<H: InstructionHandler> FlowerNode<H> {
     }
 
     fn leave(&self, node_id: u64) {
-        // Best effort: the SuperLink may already be gone.
+        // Best effort: the SuperLink may already be gone. No unregistering: flwr 1.42 refuses
+        // a key that unregistered for ever ("No SuperNode found"), so a site that restarts
+        // after a clean stop could never rejoin with its key.
         let _ = self.client.deactivate(node_id);
-        let _ = self.client.unregister(node_id);
     }
 
     fn serve(
