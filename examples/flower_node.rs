@@ -180,7 +180,9 @@ fn run(args: &Args) -> Result<(), Box<dyn std::error::Error>> {
         NodeEvent::Reconnecting { reason, wait } => {
             println!("connection lost ({reason}); retrying in {wait:?}")
         }
-        NodeEvent::Left => println!("deactivated (still registered: a restart rejoins with the same key)"),
+        NodeEvent::Left => {
+            println!("deactivated (still registered: a restart rejoins with the same key)")
+        }
     })?;
     Ok(())
 }

@@ -46,12 +46,18 @@ fn model_config(tasks: &[Organ]) -> SegVizConfig {
     )
 }
 
+/// The tiny phantoms of these tests: five cases per site (four to train on).
+fn phantom_config(dir: &Path) -> PhantomConfig {
+    PhantomConfig {
+        cases_per_site: 5,
+        ..PhantomConfig::tiny(dir.join("phantoms"))
+    }
+}
+
 /// Tiny phantom sites (written once per test binary run).
 fn sites(dir: &Path) -> (Vec<Arc<SiteData>>, Arc<SiteData>) {
     let phantoms = dir.join("phantoms");
-    let mut config = PhantomConfig::tiny(&phantoms);
-    config.cases_per_site = 3;
-    write_sites(&config).unwrap();
+    write_sites(&phantom_config(dir)).unwrap();
     let data = ExperimentData::discover(&phantoms).unwrap();
     let open = |d: &PathBuf| {
         Arc::new(
@@ -122,6 +128,10 @@ fn liver_dice(model: &SegVizModel, test: &SiteData) -> f64 {
     mean_dice(&scores)["liver"]
 }
 
+/// Rounds of the tiny federation: enough for the liver to be learned on the phantoms of
+/// generator 2, whose organs no HU window or position gives away.
+const ROUNDS: usize = 12;
+
 #[test]
 fn tiny_federation_learns_survives_a_failing_client_and_resumes_exactly() {
     let dir = tempdir("federation");
@@ -131,17 +141,28 @@ fn tiny_federation_learns_survives_a_failing_client_and_resumes_exactly() {
     let device = burn::tensor::Device::flex().autodiff();
     let global = model_config(&organs).init(&device, 1).unwrap();
 
-    // 1. Uninterrupted FedBN run of 6 rounds with checkpoints.
+    // 1. Uninterrupted FedBN run with checkpoints.
     let mut full = clients(&sites, &global);
-    let mut uninterrupted = server(&global, 6, Some(dir.join("full")), true);
+    let mut uninterrupted = server(&global, ROUNDS, Some(dir.join("full")), true);
     uninterrupted.run(&mut full, 1, |_| {}).unwrap();
     let history = uninterrupted.history();
-    assert_eq!(history.len(), 6);
+    assert_eq!(history.len(), ROUNDS);
     assert!(history
         .iter()
         .all(|r| r.aggregated.len() == 4 && r.failed.is_empty()));
 
-    // The global model learned the liver on the external test site.
+    // The global model learned the liver on the external test site: better than the best
+    // single HU window chosen with hindsight on that very site (the shortcut the phantoms
+    // are built to defeat; 0.41 here), and far better than before training.
+    let report = segviz::data::phantom::measure(&phantom_config(&dir)).unwrap();
+    let window = report
+        .sites
+        .iter()
+        .find(|s| s.site == "btcv")
+        .and_then(|s| s.organs.iter().find(|o| o.organ == "liver"))
+        .and_then(|o| o.window.as_ref())
+        .map(|w| w.dice)
+        .unwrap();
     let before = liver_dice(&global, &test);
     // A clone would share BatchNorm statistics with `global`: build a separate model.
     let trained = global
@@ -150,17 +171,17 @@ fn tiny_federation_learns_survives_a_failing_client_and_resumes_exactly() {
         .unwrap();
     let after = liver_dice(&trained, &test);
     assert!(
-        after > 0.5 && after > before + 0.2,
-        "liver Dice {before:.3} -> {after:.3}"
+        after > window && after > before + 0.2,
+        "liver Dice {before:.3} -> {after:.3} (best HU window {window:.3})"
     );
 
     // 2. Interrupted after round 3, then resumed from the checkpoint: same model.
     let mut part = clients(&sites, &global);
-    let mut first = server(&global, 6, Some(dir.join("resumed")), true);
+    let mut first = server(&global, ROUNDS, Some(dir.join("resumed")), true);
     first.run_rounds(&mut part, 1, 3, |_| {}).unwrap();
     drop(first);
     let mut fresh = clients(&sites, &global);
-    let mut second = server(&global, 6, Some(dir.join("resumed")), true);
+    let mut second = server(&global, ROUNDS, Some(dir.join("resumed")), true);
     let done = second.resume(&mut fresh, |_| {}).unwrap();
     assert_eq!(done, 3);
     second.run(&mut fresh, done + 1, |_| {}).unwrap();
@@ -182,7 +203,7 @@ fn tiny_federation_learns_survives_a_failing_client_and_resumes_exactly() {
             dies_at_save: if i == 2 { Some(4) } else { None },
         })
         .collect();
-    let mut killed = server(&global, 6, Some(crashed_dir.clone()), true);
+    let mut killed = server(&global, ROUNDS, Some(crashed_dir.clone()), true);
     let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
         killed.run(&mut doomed, 1, |_| {})
     }));
@@ -197,7 +218,7 @@ fn tiny_federation_learns_survives_a_failing_client_and_resumes_exactly() {
         "{leftovers:?}"
     );
     let mut revived = clients(&sites, &global);
-    let mut third = server(&global, 6, Some(crashed_dir.clone()), true);
+    let mut third = server(&global, ROUNDS, Some(crashed_dir.clone()), true);
     assert_eq!(third.resume(&mut revived, |_| {}).unwrap(), 3);
     third.run(&mut revived, 4, |_| {}).unwrap();
     assert_same(third.global(), uninterrupted.global(), "global model");
@@ -209,7 +230,11 @@ fn tiny_federation_learns_survives_a_failing_client_and_resumes_exactly() {
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
         .collect();
     left.sort();
-    assert_eq!(left, vec!["round-0006"], "one committed round is kept");
+    assert_eq!(
+        left,
+        vec![format!("round-{ROUNDS:04}")],
+        "one committed round is kept"
+    );
 
     // 4. Resuming with other settings is refused, naming what differs.
     let mut other_rounds = server(&global, 4, Some(dir.join("full")), true);
@@ -217,11 +242,14 @@ fn tiny_federation_learns_survives_a_failing_client_and_resumes_exactly() {
         .resume(&mut clients(&sites, &global), |_| {})
         .unwrap_err()
         .to_string();
-    assert!(e.contains("rounds: checkpoint 6, now 4"), "{e}");
+    assert!(
+        e.contains(&format!("rounds: checkpoint {ROUNDS}, now 4")),
+        "{e}"
+    );
     let mut other_seed = Server::new(
         ServerConfig {
             settings: serde_json::json!({ "seed": 4 }),
-            ..server_config(6, Some(dir.join("full")))
+            ..server_config(ROUNDS, Some(dir.join("full")))
         },
         global.config().clone(),
         Box::new(FedBn::default()),
@@ -233,7 +261,7 @@ fn tiny_federation_learns_survives_a_failing_client_and_resumes_exactly() {
         .unwrap_err()
         .to_string();
     assert!(e.contains("seed: checkpoint 3, now 4"), "{e}");
-    let mut fedavg = server(&global, 6, Some(dir.join("full")), false);
+    let mut fedavg = server(&global, ROUNDS, Some(dir.join("full")), false);
     let e = fedavg
         .resume(&mut clients(&sites, &global), |_| {})
         .unwrap_err()

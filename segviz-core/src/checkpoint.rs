@@ -57,7 +57,25 @@ pub struct Checkpoint {
 
 impl Checkpoint {
     /// Builds the model on `device` from this checkpoint.
+    ///
+    /// # Errors
+    /// [`CoreError::Config`] before anything is allocated when the state does not hold
+    /// exactly the values its configuration declares (a partial state, such as a client's
+    /// own heads, or a configuration that does not describe the tensors); any error of
+    /// [`SegVizConfig::with_state`].
     pub fn into_model(self, device: &Device) -> Result<SegVizModel> {
+        let held = self.state.num_values();
+        let declared = self.config.value_count();
+        if declared != Some(held) {
+            return Err(CoreError::Config(format!(
+                "the configuration (channels {:?}, num_res_units {}, {} head(s)) declares {} \
+                 values but the state holds {held}: not a whole model of that configuration",
+                self.config.representation.channels,
+                self.config.representation.num_res_units,
+                self.config.tasks.len(),
+                declared.map_or_else(|| "too many".to_string(), |d| d.to_string()),
+            )));
+        }
         self.config.with_state(device, &self.state)
     }
 }
@@ -181,8 +199,11 @@ pub fn read_checkpoint(path: &Path) -> Result<Checkpoint> {
                 body.len() - data_start
             ))
         })?;
+    // A file may hold part of its model (a client's local state, an update without the
+    // BatchNorm layers), never more than the model has. A whole model is checked when it is
+    // built (`Checkpoint::into_model`).
     let declared = header.config.value_count().unwrap_or(usize::MAX);
-    if declared != held {
+    if held > declared {
         return Err(bad(format!(
             "the stored configuration (channels {:?}, num_res_units {}, {} head(s)) declares \
              {declared} values but the file holds {held} in {} tensors",

@@ -51,11 +51,23 @@ fn a_configuration_that_does_not_match_the_tensors_is_refused_before_building() 
     );
     assert!(load_model(&path, &device()).is_err());
 
-    // A plausible but wrong configuration: one channel more at the bottom.
+    // A plausible but wrong configuration: one channel more at the bottom. The file reads
+    // (a file may hold part of its model: a client's state, an update) but is no model.
     let off_by_one = rewrite_header(&good, |h| {
         h["config"]["representation"]["channels"] = serde_json::json!([4, 8, 17])
     });
     std::fs::write(&path, &off_by_one).unwrap();
+    read_checkpoint(&path).unwrap();
+    let err = load_model(&path, &device()).unwrap_err().to_string();
+    assert!(
+        err.contains("model.segviz") && err.contains("declares") && err.contains("values"),
+        "{err}"
+    );
+    // One channel fewer: the file holds more than such a model has, which no state can.
+    let too_small = rewrite_header(&good, |h| {
+        h["config"]["representation"]["channels"] = serde_json::json!([4, 8, 15])
+    });
+    std::fs::write(&path, &too_small).unwrap();
     let err = read_checkpoint(&path).unwrap_err().to_string();
     assert!(err.contains("declares") && err.contains("values"), "{err}");
 
