@@ -144,7 +144,7 @@ log "the same federation in process"
   --local-epochs 1 --seed 0 --out "$WORK/inprocess" > "$WORK/logs/inprocess.log" 2>&1 \
   || fail "the in-process federation failed"
 python3 flower/tools/compare_models.py "$WORK/runA/global.segviz" \
-  "$WORK/inprocess/checkpoints/fedbn/global.segviz" --tolerance 1e-5 \
+  "$WORK/inprocess/models/fedbn/global.segviz" --tolerance 1e-5 \
   || fail "the Flower global model differs from the in-process one"
 
 log "run B: a probe checks refusals, a node is killed mid-round and restarted"
