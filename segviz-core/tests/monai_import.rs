@@ -4,26 +4,10 @@
 
 mod common;
 
-use std::path::PathBuf;
-
 use burn::tensor::{Tensor, TensorData};
 use common::*;
 use segviz_core::monai::load_monai_checkpoint;
 use segviz_core::{RepresentationConfig, SegVizConfig};
-
-fn fixture(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures")
-        .join(name)
-}
-
-fn read_f32(name: &str) -> Vec<f32> {
-    std::fs::read(fixture(name))
-        .unwrap()
-        .chunks_exact(4)
-        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-        .collect()
-}
 
 /// MONAI's defaults but for the small channels: num_res_units 2, two output classes.
 fn small_config() -> SegVizConfig {

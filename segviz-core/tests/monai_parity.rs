@@ -3,26 +3,10 @@
 
 mod common;
 
-use std::path::PathBuf;
-
 use burn::tensor::{Tensor, TensorData};
 use common::*;
 use segviz_core::monai::{load_monai_checkpoint, monai_key};
 use segviz_core::{RepresentationConfig, SegVizConfig};
-
-fn fixture(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures")
-        .join(name)
-}
-
-fn read_f32(name: &str) -> Vec<f32> {
-    std::fs::read(fixture(name))
-        .unwrap()
-        .chunks_exact(4)
-        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-        .collect()
-}
 
 fn fixture_config() -> SegVizConfig {
     SegVizConfig::new(

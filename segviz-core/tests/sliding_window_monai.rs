@@ -5,25 +5,9 @@
 
 mod common;
 
-use std::path::PathBuf;
-
 use burn::tensor::{Tensor, TensorData};
 use common::*;
 use segviz_core::sliding_window::{sliding_window_inference, BlendMode, SlidingWindowConfig};
-
-fn fixture(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures")
-        .join(name)
-}
-
-fn read_f32(name: &str) -> Vec<f32> {
-    std::fs::read(fixture(name))
-        .unwrap()
-        .chunks_exact(4)
-        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-        .collect()
-}
 
 fn meta() -> serde_json::Value {
     serde_json::from_str(&std::fs::read_to_string(fixture("sliding_window_monai.json")).unwrap())
