@@ -127,6 +127,9 @@ fn run(args: &Args) -> Result<(), Box<dyn std::error::Error>> {
         },
         &device,
     )?;
+    for w in app.data_warnings() {
+        eprintln!("warning: {w}");
+    }
     let identity = NodeIdentity::load_or_create(&key_path)?;
     let client = FleetClient::new(&args.superlink, &transport, identity)?;
     println!(

@@ -16,6 +16,7 @@ use segviz_core::{RepresentationConfig, SegVizConfig, SegVizModel};
 use segviz_data::{AugmentConfig, Organ, PatchSamplerConfig, PreprocessConfig};
 use serde::{Deserialize, Serialize};
 
+use crate::data_check::{check_cases, DataCheckProgress};
 use crate::error::{FedError, Result};
 use crate::evaluate::{evaluate_site, Segmenter, VolumeScore};
 use crate::local::{train_epochs, LocalTrainingConfig, LossKind, Objective, Schedule, POOLED_HEAD};
@@ -386,15 +387,6 @@ pub enum RunMode {
     Overwrite,
 }
 
-/// What the data check of [`Experiment::new`] reports while it reads every case.
-#[derive(Debug, Clone)]
-pub struct DataCheckProgress {
-    /// Cases checked so far.
-    pub checked: usize,
-    /// Cases in all (training, validation and test).
-    pub total: usize,
-}
-
 /// Progress of a running experiment, for bars and logs.
 #[derive(Debug, Clone)]
 pub enum ExperimentEvent {
@@ -572,41 +564,13 @@ impl Experiment {
             },
             None => None,
         };
-        let cases: Vec<(&Arc<SiteData>, &String)> = sites
+        let checked: Vec<&SiteData> = sites
             .iter()
-            .flat_map(|s| {
-                s.split
-                    .train
-                    .iter()
-                    .chain(&s.split.validation)
-                    .map(move |c| (s, c))
-            })
-            .chain(
-                test_site
-                    .iter()
-                    .flat_map(|t| t.split.validation.iter().map(move |c| (t, c))),
-            )
+            .chain(test_site.iter())
+            .map(|s| s.as_ref())
             .collect();
-        let total = cases.len();
-        let mut warnings = Vec::new();
-        // A few at a time: each holds a whole CT volume in memory.
-        let threads = std::thread::available_parallelism().map_or(1, |n| n.get().min(4));
-        let mut checked = 0;
-        for group in cases.chunks(threads) {
-            let outcomes = parallel_map(group, threads, |(site, case)| {
-                let problem = site
-                    .volume(case)
-                    .err()
-                    .map(|e| format!("site {} case {case}: {e}", site.name()));
-                Ok((problem, geometry_warnings(site, case)))
-            })?;
-            for (problem, mut found) in outcomes {
-                problems.extend(problem);
-                warnings.append(&mut found);
-            }
-            checked += group.len();
-            on_progress(DataCheckProgress { checked, total });
-        }
+        let (bad, warnings) = check_cases(&checked, &mut on_progress)?;
+        problems.extend(bad);
         if !problems.is_empty() {
             return Err(FedError::BadData { problems });
         }
@@ -1155,24 +1119,6 @@ type Evaluation = (Vec<VolumeScore>, Vec<VolumeScore>, Vec<(String, Vec<u8>)>);
 /// The progress callback as the training code shares it between threads.
 type Emit<'a> = dyn Fn(ExperimentEvent) + Sync + 'a;
 
-/// The geometry warnings of a case's image and label headers, one line per warning.
-fn geometry_warnings(site: &SiteData, case: &str) -> Vec<String> {
-    let Some(index) = site.dataset.position(case) else {
-        return Vec::new();
-    };
-    let files = &site.dataset.cases[index];
-    [&files.image, &files.label]
-        .into_iter()
-        .filter_map(|path| segviz_data::read_header(path).ok())
-        .flat_map(|info| {
-            let path = info.path.display().to_string();
-            info.warnings
-                .into_iter()
-                .map(move |w| format!("{path}: {w}"))
-        })
-        .collect()
-}
-
 /// What an earlier run leaves in an output folder and [`RunMode::Overwrite`] deletes.
 const EARLIER_RUN: [&str; 4] = ["checkpoints", "splits", "results.json", "results.csv"];
 
@@ -1214,7 +1160,7 @@ fn prepare_output(out: &Path, mode: RunMode) -> Result<()> {
 }
 
 /// `f` over `items`, `threads` at a time, results in item order; the first error wins.
-fn parallel_map<T: Sync, R: Send>(
+pub(crate) fn parallel_map<T: Sync, R: Send>(
     items: &[T],
     threads: usize,
     f: impl Fn(&T) -> Result<R> + Sync,

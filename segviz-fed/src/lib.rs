@@ -9,6 +9,7 @@
 
 pub mod batches;
 pub mod client;
+pub mod data_check;
 pub mod error;
 pub mod evaluate;
 pub mod experiment;
@@ -20,6 +21,7 @@ pub mod stats;
 pub mod strategy;
 
 pub use client::FederatedClient;
+pub use data_check::{check_cases, DataCheckProgress};
 pub use error::{FedError, Result};
 pub use messages::{ClientUpdate, EvaluateResult, FitInstructions};
 pub use segviz_data::SiteData;

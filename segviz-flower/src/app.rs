@@ -40,6 +40,7 @@ pub struct SegVizApp {
     restored_run: Option<u64>,
     name: String,
     reply: ReplyLayout,
+    data_warnings: Vec<String>,
 }
 
 /// What a node's replies look like.
@@ -93,6 +94,12 @@ impl SegVizApp {
                 site_dir.display()
             )));
         }
+        // Every case read and checked before the node joins any federation, as the
+        // in-process experiment does.
+        let (problems, data_warnings) = segviz_fed::check_cases(&[&site], |_| {})?;
+        if !problems.is_empty() {
+            return Err(segviz_fed::FedError::BadData { problems }.into());
+        }
         let tasks: Vec<String> = site
             .annotated()
             .iter()
@@ -126,7 +133,14 @@ impl SegVizApp {
             restored_run: None,
             name,
             reply: settings.reply,
+            data_warnings,
         })
+    }
+
+    /// The geometry warnings the start-up data check found in the site's files (one line
+    /// per warning, naming the file), for the operator to see.
+    pub fn data_warnings(&self) -> &[String] {
+        &self.data_warnings
     }
 
     /// The site's name in the federation (`--site-name`, else the data folder's name).

@@ -425,3 +425,18 @@ fn uniform_replies_of_sites_with_different_organs_have_the_same_names() {
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn a_site_with_a_bad_case_is_refused_at_start_up_naming_the_file() {
+    let dir = tempdir("bad-case");
+    let site = phantom_site(&dir, "Task09_Spleen");
+    let ds = segviz_data::SiteDataset::detect(&site).unwrap();
+    let label = ds.cases[1].label.clone();
+    let bytes = std::fs::read(&label).unwrap();
+    std::fs::write(&label, &bytes[..bytes.len() / 2]).unwrap();
+    let e = open_with(&site, &dir.join("work"), None, ReplyLayout::PerSite)
+        .err()
+        .expect("a truncated label must stop the node before it joins")
+        .to_string();
+    assert!(e.contains(&label.display().to_string()), "{e}");
+}
