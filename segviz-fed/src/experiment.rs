@@ -518,8 +518,8 @@ impl Experiment {
     ///
     /// # Errors
     /// [`FedError::BadData`] listing every problem; [`FedError::Config`] for a bad
-    /// configuration, an output folder of an earlier run in [`RunMode::Fresh`], or an
-    /// organ that no site annotates in any training case.
+    /// configuration, an output folder of an earlier run in [`RunMode::Fresh`], or (in
+    /// [`RunMode::Resume`]) a checkpoint written with other settings.
     pub fn with_progress(
         config: ExperimentConfig,
         data: &ExperimentData,
