@@ -264,15 +264,7 @@ def parse_train_reply(content: RecordDict, global_state: Mapping[str, Tensor]) -
     metrics = content.metric_records["metrics"]
     segviz = content.config_records["segviz"]
 
-    fmt = segviz.get("format")
-    if fmt != STATE_FORMAT:
-        raise MalformedReply(f"segviz format is {fmt!r}, expected {STATE_FORMAT!r}")
-    client = segviz.get("client")
-    if not isinstance(client, str) or not client:
-        raise MalformedReply("segviz client must be a non-empty string")
-    tasks = segviz.get("tasks")
-    if not isinstance(tasks, list) or not all(isinstance(t, str) for t in tasks):
-        raise MalformedReply(f"client {client}: segviz tasks must be a list of strings")
+    client, tasks = _identity(segviz, require_tasks=False)
     try:
         classification = classification_from_json(segviz.get("classification"), f"client {client}")
     except SegVizFormatError as e:
@@ -337,7 +329,12 @@ def parse_query_reply(content: RecordDict) -> Identity:
     """Checks a ``query`` reply: a ``segviz`` record with ``client``, ``tasks`` and ``format``."""
     if "segviz" not in content.config_records:
         raise MalformedReply("no segviz record (config record)")
-    segviz = content.config_records["segviz"]
+    client, tasks = _identity(content.config_records["segviz"], require_tasks=True)
+    return Identity(client, tuple(tasks))
+
+
+def _identity(segviz, *, require_tasks: bool) -> tuple[str, list]:
+    """The ``format``, ``client`` and ``tasks`` of a reply's ``segviz`` record, checked."""
     fmt = segviz.get("format")
     if fmt != STATE_FORMAT:
         raise MalformedReply(f"segviz format is {fmt!r}, expected {STATE_FORMAT!r}")
@@ -345,9 +342,14 @@ def parse_query_reply(content: RecordDict) -> Identity:
     if not isinstance(client, str) or not client:
         raise MalformedReply("segviz client must be a non-empty string")
     tasks = segviz.get("tasks")
-    if not isinstance(tasks, list) or not tasks or not all(isinstance(t, str) for t in tasks):
-        raise MalformedReply(f"client {client}: segviz tasks must be a non-empty list of strings")
-    return Identity(client, tuple(tasks))
+    what = "a non-empty list of strings" if require_tasks else "a list of strings"
+    if (
+        not isinstance(tasks, list)
+        or (require_tasks and not tasks)
+        or not all(isinstance(t, str) for t in tasks)
+    ):
+        raise MalformedReply(f"client {client}: segviz tasks must be {what}")
+    return client, tasks
 
 
 def parse_evaluate_reply(content: RecordDict) -> tuple[int, dict[str, float]]:
