@@ -13,10 +13,14 @@ use segviz::data::phantom::{write_sites, PhantomConfig};
 use segviz::data::{Organ, PreprocessConfig};
 use segviz::fed::evaluate::{evaluate_site, mean_dice, Segmenter};
 use segviz::fed::experiment::{ExperimentConfig, ExperimentData};
-use segviz::fed::local::LocalTrainingConfig;
+use segviz::fed::local::{
+    LocalTrainer, LocalTrainingConfig, Objective, RoundExtras, TrainerOptions,
+};
+use segviz::fed::partial_labels::PartialLabelConfig;
+use segviz::fed::strategy::PartialLabels;
 use segviz::fed::{
-    ClientInfo, ClientUpdate, EvaluateResult, FedAvg, FedBn, FedError, FederatedClient,
-    FitInstructions, Server, ServerConfig, SiteClient, SiteData,
+    ClientInfo, ClientUpdate, EvaluateResult, FedAvg, FedBn, FedError, FedProx, FederatedClient,
+    FitInstructions, Server, ServerConfig, SiteClient, SiteData, Weighting,
 };
 
 fn tempdir(name: &str) -> PathBuf {
@@ -130,7 +134,7 @@ fn liver_dice(model: &SegVizModel, test: &SiteData) -> f64 {
 
 /// Rounds of the tiny federation: enough for the liver to be learned on the phantoms of
 /// generator 2, whose organs no HU window or position gives away.
-const ROUNDS: usize = 12;
+const ROUNDS: usize = 20;
 
 #[test]
 fn tiny_federation_learns_survives_a_failing_client_and_resumes_exactly() {
@@ -307,6 +311,12 @@ impl FederatedClient for DiesWhileSaving {
     fn restore_local_state(&mut self, state: &ModelState) -> segviz::fed::Result<()> {
         self.inner.restore_local_state(state)
     }
+    fn training_state(&self) -> segviz::fed::Result<Option<Vec<u8>>> {
+        self.inner.training_state()
+    }
+    fn restore_training_state(&mut self, bytes: &[u8]) -> segviz::fed::Result<()> {
+        self.inner.restore_training_state(bytes)
+    }
 }
 
 /// Equal states, or a panic naming the first tensor that differs.
@@ -449,10 +459,9 @@ fn fine_tuning_changes_the_heads_only() {
     let (sites, _) = sites(&dir);
     let device = burn::tensor::Device::flex().autodiff();
     let global = model_config(&Organ::ALL).init(&device, 2).unwrap();
-    let mut client = SiteClient::new(sites[0].clone(), &global, training(), window(), 5).unwrap();
+    let client = SiteClient::new(sites[0].clone(), &global, training(), window(), 5).unwrap();
     let before = client.local_state();
-    client.fine_tune(2, 9).unwrap();
-    let after = client.local_state();
+    let after = client.fine_tuned(2, 1e-3, 9).unwrap().state();
     // Weights and BatchNorm statistics of the representation are untouched…
     assert_same(
         &after.representation(),
@@ -546,4 +555,164 @@ fn a_client_past_the_round_deadline_is_left_out() {
         r.failed,
         vec![("slow".to_string(), "missed the round deadline".to_string())]
     );
+}
+
+/// A server with `strategy` and the checkpoint settings of these tests.
+fn server_with(
+    global: &SegVizModel,
+    rounds: usize,
+    dir: Option<PathBuf>,
+    strategy: Box<dyn segviz::fed::AggregationStrategy>,
+) -> Server {
+    Server::new(
+        server_config(rounds, dir),
+        global.config().clone(),
+        strategy,
+        global.state(),
+    )
+    .unwrap()
+}
+
+fn partial_labels(rounds: usize) -> Box<dyn segviz::fed::AggregationStrategy> {
+    Box::new(PartialLabels::new(
+        Box::new(FedBn::default()),
+        PartialLabelConfig::default(),
+        rounds,
+    ))
+}
+
+#[test]
+fn partial_label_federation_trains_every_head_everywhere_and_resumes_exactly() {
+    let dir = tempdir("partial_labels");
+    let (sites, _) = sites(&dir);
+    let device = burn::tensor::Device::flex().autodiff();
+    let global = model_config(&Organ::ALL).init(&device, 4).unwrap();
+    let rounds = 3;
+    let mut full = clients(&sites, &global);
+    let mut uninterrupted = server_with(
+        &global,
+        rounds,
+        Some(dir.join("full")),
+        partial_labels(rounds),
+    );
+    uninterrupted.run(&mut full, 1, |_| {}).unwrap();
+    // Every client now holds every head, and every head changed from its initial value.
+    for c in &full {
+        assert_eq!(c.local_state().tasks(), global.state().tasks());
+    }
+    for task in global.state().tasks() {
+        assert_ne!(
+            uninterrupted.global().head(&task),
+            global.state().head(&task),
+            "{task}"
+        );
+    }
+    // Interrupted after round 1, resumed in fresh clients: the same bits, optimiser
+    // moments included (they live in the client checkpoints).
+    let mut part = clients(&sites, &global);
+    let mut first = server_with(
+        &global,
+        rounds,
+        Some(dir.join("resumed")),
+        partial_labels(rounds),
+    );
+    first.run_rounds(&mut part, 1, 1, |_| {}).unwrap();
+    drop(first);
+    let mut fresh = clients(&sites, &global);
+    let mut second = server_with(
+        &global,
+        rounds,
+        Some(dir.join("resumed")),
+        partial_labels(rounds),
+    );
+    assert_eq!(second.resume(&mut fresh, |_| {}).unwrap(), 1);
+    second.run(&mut fresh, 2, |_| {}).unwrap();
+    assert_same(second.global(), uninterrupted.global(), "global model");
+    for (a, b) in fresh.iter().zip(&full) {
+        assert_same(&a.local_state(), &b.local_state(), "client state");
+    }
+}
+
+#[test]
+fn fedprox_with_mu_zero_is_fedavg_bit_for_bit() {
+    let dir = tempdir("fedprox_zero");
+    let (sites, _) = sites(&dir);
+    let device = burn::tensor::Device::flex().autodiff();
+    let global = model_config(&Organ::ALL).init(&device, 6).unwrap();
+    let run = |strategy: Box<dyn segviz::fed::AggregationStrategy>| {
+        let mut c = clients(&sites[..2], &global);
+        let mut s = server_with(&global, 2, None, strategy);
+        s.run(&mut c, 1, |_| {}).unwrap();
+        s.global().clone()
+    };
+    let fedavg = run(Box::<FedAvg>::default());
+    let prox_zero = run(Box::new(FedProx {
+        weighting: Weighting::Examples,
+        mu: 0.0,
+    }));
+    assert_same(&prox_zero, &fedavg, "FedProx μ = 0 vs FedAvg");
+    // A real μ does change the result (the term reaches the gradient).
+    let prox = run(Box::new(FedProx {
+        weighting: Weighting::Examples,
+        mu: 1.0,
+    }));
+    assert_ne!(prox.representation(), fedavg.representation());
+}
+
+#[test]
+fn the_trainer_keeps_its_optimiser_across_calls_and_across_a_save() {
+    let dir = tempdir("trainer");
+    let (sites, _) = sites(&dir);
+    let site = std::slice::from_ref(&sites[0]);
+    let device = burn::tensor::Device::flex().autodiff();
+    let tasks = [Organ::Liver];
+    let options = TrainerOptions {
+        objective: Objective::TaskHeads,
+        training: training(),
+        total_epochs: 4,
+        restart_every: None,
+        seed: 11,
+    };
+    let fresh = || model_config(&tasks).init(&device, 8).unwrap();
+    let none = RoundExtras::default();
+    // Two epochs in one call…
+    let mut one = LocalTrainer::new(options.clone());
+    let (a, _) = one.train(fresh(), site, 2, &none, |_| {}).unwrap();
+    // …equal two calls of one epoch, even with the model rebuilt in between…
+    let mut two = LocalTrainer::new(options.clone());
+    let (m, _) = two.train(fresh(), site, 1, &none, |_| {}).unwrap();
+    let rebuilt = m.config().with_state(&device, &m.state()).unwrap();
+    let saved = two.save_state().unwrap();
+    let after_one = rebuilt.state();
+    let (b, _) = two
+        .train(rebuilt.deep_copy().unwrap(), site, 1, &none, |_| {})
+        .unwrap();
+    assert_same(&b.state(), &a.state(), "two calls vs one");
+    assert_eq!(two.epochs_done(), 2);
+    // …and a new trainer restored from the saved state continues the same way.
+    let mut restored = LocalTrainer::new(options.clone());
+    restored.restore_state(&saved).unwrap();
+    let (c, _) = restored
+        .train(
+            m.config().with_state(&device, &after_one).unwrap(),
+            site,
+            1,
+            &none,
+            |_| {},
+        )
+        .unwrap();
+    assert_same(&c.state(), &a.state(), "restored trainer");
+    // A fresh optimiser for the second epoch (the old rule) gives other weights.
+    let mut reset = LocalTrainer::new(options);
+    reset.set_epoch(1);
+    let (d, _) = reset
+        .train(
+            m.config().with_state(&device, &after_one).unwrap(),
+            site,
+            1,
+            &none,
+            |_| {},
+        )
+        .unwrap();
+    assert_ne!(d.state(), a.state(), "a reset optimiser must differ");
 }

@@ -147,6 +147,10 @@ pub struct MarginalLoss {
     /// Weight of the exclusion term (0 disables it).
     #[config(default = 0.0)]
     pub exclusion_weight: f64,
+    /// Adds cross-entropy on the merged classes to the Dice part (MONAI `DiceCELoss`);
+    /// `false` for Dice alone.
+    #[config(default = true)]
+    pub cross_entropy: bool,
 }
 
 impl MarginalLoss {
@@ -207,11 +211,14 @@ impl MarginalLoss {
         let dice = self
             .dice
             .loss_from_probabilities(merged.clone(), truth.clone(), dice_weights);
-        let ce = (merged.clamp_min(1e-7).log() * truth.clone())
-            .sum()
-            .neg()
-            .div_scalar((b * n) as f64);
-        let mut loss = dice + ce;
+        let mut loss = dice;
+        if self.cross_entropy {
+            let ce = (merged.clamp_min(1e-7).log() * truth.clone())
+                .sum()
+                .neg()
+                .div_scalar((b * n) as f64);
+            loss = loss + ce;
+        }
 
         if self.exclusion_weight > 0.0 {
             // Annotated foreground of each sample: [b, 1, n].

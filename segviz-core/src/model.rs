@@ -368,6 +368,14 @@ impl SegVizModel {
         apply_state(self, &tasks, state)
     }
 
+    /// The same model with parameter identifiers derived from their paths (see
+    /// [`crate::state::with_path_ids`]): what an optimiser whose state must outlive the
+    /// model object (across rounds, or saved and restored) is stepped with.
+    pub fn with_path_ids(self) -> Self {
+        let tasks = self.config.tasks.clone();
+        crate::state::with_path_ids(self, &tasks)
+    }
+
     /// Number of trainable parameters (BatchNorm running statistics excluded), comparable
     /// with PyTorch's `sum(p.numel() for p in model.parameters())`.
     pub fn num_trainable_params(&self) -> usize {

@@ -257,6 +257,46 @@ pub fn describe_state<M: Module>(module: &M, tasks: &[String]) -> ModelState {
     collector.state
 }
 
+/// Gives every parameter an identifier derived from its path (64-bit FNV-1a of the path).
+struct PathIds {
+    tracker: PathTracker,
+}
+
+impl ModuleMapper for PathIds {
+    fn enter_module(&mut self, name: &str, container_type: &str) {
+        self.tracker.enter(name, container_type);
+    }
+
+    fn exit_module(&mut self, _name: &str, _container_type: &str) {
+        self.tracker.exit();
+    }
+
+    fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
+        let id = burn::module::ParamId::from(path_hash(&self.tracker.current()));
+        if param.id == id {
+            return param;
+        }
+        let value = param.val();
+        param.transform_for_load(value, id)
+    }
+}
+
+/// 64-bit FNV-1a of a parameter path.
+fn path_hash(path: &str) -> u64 {
+    path.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    })
+}
+
+/// Gives every parameter of `module` an identifier that depends only on its path, so that
+/// state keyed by parameter identifiers (an optimiser's moments) survives rebuilding the
+/// model, in this process or another one. Values and gradient settings are kept.
+pub fn with_path_ids<M: Module>(module: M, tasks: &[String]) -> M {
+    module.map(&mut PathIds {
+        tracker: PathTracker::new(tasks.to_vec()),
+    })
+}
+
 /// Overwrites the tensors of a module that `state` names.
 struct Loader<'a> {
     tracker: PathTracker,

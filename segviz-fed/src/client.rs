@@ -36,6 +36,17 @@ pub trait FederatedClient: Send {
 
     /// Restores a state returned by [`FederatedClient::local_state`] (on resume).
     fn restore_local_state(&mut self, state: &ModelState) -> Result<()>;
+
+    /// What local training carries from round to round besides the model (an optimiser's
+    /// state), as bytes for checkpoints; `None` when there is nothing.
+    fn training_state(&self) -> Result<Option<Vec<u8>>> {
+        Ok(None)
+    }
+
+    /// Restores bytes returned by [`FederatedClient::training_state`] (on resume).
+    fn restore_training_state(&mut self, _bytes: &[u8]) -> Result<()> {
+        Ok(())
+    }
 }
 
 impl<T: FederatedClient + ?Sized> FederatedClient for Box<T> {
@@ -61,5 +72,13 @@ impl<T: FederatedClient + ?Sized> FederatedClient for Box<T> {
 
     fn restore_local_state(&mut self, state: &ModelState) -> Result<()> {
         (**self).restore_local_state(state)
+    }
+
+    fn training_state(&self) -> Result<Option<Vec<u8>>> {
+        (**self).training_state()
+    }
+
+    fn restore_training_state(&mut self, bytes: &[u8]) -> Result<()> {
+        (**self).restore_training_state(bytes)
     }
 }

@@ -19,11 +19,15 @@ use serde::{Deserialize, Serialize};
 use crate::data_check::{check_cases, DataCheckProgress};
 use crate::error::{FedError, Result};
 use crate::evaluate::{evaluate_site, Segmenter, VolumeScore};
-use crate::local::{train_epochs, LocalTrainingConfig, LossKind, Objective, Schedule, POOLED_HEAD};
+use crate::local::{
+    train_alone, LocalTrainingConfig, LossKind, Objective, OptimizerRestart, TrainerOptions,
+    POOLED_HEAD,
+};
+use crate::partial_labels::PartialLabelConfig;
 use crate::server::{check_checkpoint, RoundReport, Server, ServerConfig, ServerEvent};
 use crate::site_client::SiteClient;
 use crate::stats::{holm_adjust, paired_t_test, PairedTTest};
-use crate::strategy::{strategy_by_name, Weighting};
+use crate::strategy::{strategy_by_name, AggregationStrategy, PartialLabels, Weighting};
 use segviz_data::SiteData;
 
 /// A method of the comparison.
@@ -48,11 +52,23 @@ pub enum Method {
     Fedprox,
     /// FedProx then local fine-tuning.
     FedproxFt,
+    /// FedAvg with the partial-label rule (every site trains and averages every head).
+    FedavgPl,
+    /// FedAvg + PL then local fine-tuning.
+    FedavgPlFt,
+    /// FedBN with the partial-label rule.
+    FedbnPl,
+    /// FedBN + PL then local fine-tuning.
+    FedbnPlFt,
+    /// Ablation: FedBN + PL without the distillation term.
+    FedbnPlNoDistillation,
+    /// Ablation: FedBN + PL without the exclusion term.
+    FedbnPlNoExclusion,
 }
 
 impl Method {
     /// Every method, in table order.
-    pub const ALL: [Method; 9] = [
+    pub const ALL: [Method; 15] = [
         Method::Baseline,
         Method::Central,
         Method::CentralMarginal,
@@ -62,17 +78,23 @@ impl Method {
         Method::FedbnFt,
         Method::Fedprox,
         Method::FedproxFt,
+        Method::FedavgPl,
+        Method::FedavgPlFt,
+        Method::FedbnPl,
+        Method::FedbnPlFt,
+        Method::FedbnPlNoDistillation,
+        Method::FedbnPlNoExclusion,
     ];
 
-    /// The paper's methods plus the marginal-loss upper bound (FedProx is opt-in).
-    pub const DEFAULT: [Method; 7] = [
+    /// What runs without `--methods`: the baselines, the marginal-loss upper bound, the
+    /// paper's FedBN with and without fine-tuning, and FedBN + PL with and without it.
+    pub const DEFAULT: [Method; 6] = [
         Method::Baseline,
-        Method::Central,
         Method::CentralMarginal,
-        Method::Fedavg,
-        Method::FedavgFt,
         Method::Fedbn,
         Method::FedbnFt,
+        Method::FedbnPl,
+        Method::FedbnPlFt,
     ];
 
     /// Command-line / file name.
@@ -87,10 +109,17 @@ impl Method {
             Method::FedbnFt => "fedbn_ft",
             Method::Fedprox => "fedprox",
             Method::FedproxFt => "fedprox_ft",
+            Method::FedavgPl => "fedavg_pl",
+            Method::FedavgPlFt => "fedavg_pl_ft",
+            Method::FedbnPl => "fedbn_pl",
+            Method::FedbnPlFt => "fedbn_pl_ft",
+            Method::FedbnPlNoDistillation => "fedbn_pl_no_distillation",
+            Method::FedbnPlNoExclusion => "fedbn_pl_no_exclusion",
         }
     }
 
-    /// Row label in the tables.
+    /// Row label in the tables; "+ PL" marks the partial-label rule, the others follow the
+    /// paper's SegViz rule (heads from their owners).
     pub fn label(self) -> &'static str {
         match self {
             Method::Baseline => "Baseline (per organ)",
@@ -102,6 +131,12 @@ impl Method {
             Method::FedbnFt => "FedBN + FT",
             Method::Fedprox => "FedProx",
             Method::FedproxFt => "FedProx + FT",
+            Method::FedavgPl => "FedAvg + PL",
+            Method::FedavgPlFt => "FedAvg + PL + FT",
+            Method::FedbnPl => "FedBN + PL",
+            Method::FedbnPlFt => "FedBN + PL + FT",
+            Method::FedbnPlNoDistillation => "FedBN + PL − distillation",
+            Method::FedbnPlNoExclusion => "FedBN + PL − exclusion",
         }
     }
 
@@ -110,19 +145,73 @@ impl Method {
         Method::ALL.into_iter().find(|m| m.name() == name)
     }
 
-    /// The federation strategy behind a federated method.
-    fn strategy(self) -> Option<&'static str> {
+    /// The federation behind a federated method (its checkpoint folder): a method and its
+    /// fine-tuned variant share one.
+    pub fn federation(self) -> Option<&'static str> {
         match self {
             Method::Fedavg | Method::FedavgFt => Some("fedavg"),
             Method::Fedbn | Method::FedbnFt => Some("fedbn"),
             Method::Fedprox | Method::FedproxFt => Some("fedprox"),
+            Method::FedavgPl | Method::FedavgPlFt => Some("fedavg_pl"),
+            Method::FedbnPl | Method::FedbnPlFt => Some("fedbn_pl"),
+            Method::FedbnPlNoDistillation => Some("fedbn_pl_no_distillation"),
+            Method::FedbnPlNoExclusion => Some("fedbn_pl_no_exclusion"),
             _ => None,
         }
     }
 
-    fn fine_tuned(self) -> bool {
-        matches!(self, Method::FedavgFt | Method::FedbnFt | Method::FedproxFt)
+    /// Whether the method fine-tunes after federation.
+    pub fn fine_tuned(self) -> bool {
+        matches!(
+            self,
+            Method::FedavgFt
+                | Method::FedbnFt
+                | Method::FedproxFt
+                | Method::FedavgPlFt
+                | Method::FedbnPlFt
+        )
     }
+}
+
+/// The strategy of a federation named by [`Method::federation`].
+fn federation_strategy(
+    federation: &str,
+    config: &ExperimentConfig,
+) -> Result<Box<dyn AggregationStrategy>> {
+    let unknown = || FedError::Config(format!("unknown federation {federation}"));
+    let mut pl = config.partial_labels;
+    let ablation = match federation {
+        "fedbn_pl_no_distillation" => {
+            pl.distillation_weight = 0.0;
+            true
+        }
+        "fedbn_pl_no_exclusion" => {
+            pl.exclusion_weight = 0.0;
+            true
+        }
+        _ => false,
+    };
+    if ablation {
+        let inner = strategy_by_name(
+            "fedbn",
+            config.weighting,
+            config.proximal_mu,
+            pl,
+            config.rounds,
+        )
+        .ok_or_else(unknown)?;
+        return Ok(Box::new(
+            PartialLabels::new(inner, pl, config.rounds).named(federation),
+        ));
+    }
+    strategy_by_name(
+        federation,
+        config.weighting,
+        config.proximal_mu,
+        pl,
+        config.rounds,
+    )
+    .ok_or_else(unknown)
 }
 
 /// Everything an experiment needs to know (saved with the results).
@@ -145,6 +234,14 @@ pub struct ExperimentConfig {
     pub local_epochs: usize,
     /// Fine-tuning epochs after federation (paper: 150).
     pub fine_tune_epochs: usize,
+    /// Learning rate of fine-tuning (a fresh Adam, cosine to a tenth of it). Absent: the
+    /// federation's final rate × 10, or a tenth of its initial rate when that final rate
+    /// is 0.
+    #[serde(default)]
+    pub fine_tune_learning_rate: Option<f64>,
+    /// The partial-label rule's terms ("+ PL" methods).
+    #[serde(default)]
+    pub partial_labels: PartialLabelConfig,
     /// Client weighting of the averages.
     pub weighting: Weighting,
     /// FedProx μ.
@@ -188,11 +285,14 @@ impl ExperimentConfig {
                 loss: LossKind::DiceCe,
                 learning_rate: 1e-3,
                 min_learning_rate: 1e-5,
+                optimizer_restart: OptimizerRestart::EveryRound,
             },
             window: SlidingWindowConfig::new([96, 96, 48]).with_sw_batch_size(1),
             rounds: 20,
             local_epochs: 2,
             fine_tune_epochs: 5,
+            fine_tune_learning_rate: None,
+            partial_labels: PartialLabelConfig::default(),
             weighting: Weighting::Examples,
             proximal_mu: 0.01,
             exclusion_weight: 0.0,
@@ -223,6 +323,7 @@ impl ExperimentConfig {
                 loss: LossKind::Dice,
                 learning_rate: 1e-4,
                 min_learning_rate: 0.0,
+                optimizer_restart: OptimizerRestart::EveryRound,
             },
             window: SlidingWindowConfig::new([160, 160, 160]),
             rounds: 50,
@@ -259,6 +360,7 @@ impl ExperimentConfig {
                 loss: LossKind::DiceCe,
                 learning_rate: 3e-3,
                 min_learning_rate: 1e-4,
+                optimizer_restart: OptimizerRestart::EveryRound,
             },
             window: SlidingWindowConfig::new([32, 32, 16]).with_sw_batch_size(1),
             rounds: 2,
@@ -281,6 +383,19 @@ impl ExperimentConfig {
         }
     }
 
+    /// The learning rate fine-tuning uses (see
+    /// [`ExperimentConfig::fine_tune_learning_rate`]).
+    pub fn effective_fine_tune_learning_rate(&self) -> f64 {
+        self.fine_tune_learning_rate.unwrap_or({
+            let t = &self.training;
+            if t.min_learning_rate > 0.0 {
+                t.min_learning_rate * 10.0
+            } else {
+                t.learning_rate / 10.0
+            }
+        })
+    }
+
     /// Checks the configuration.
     pub fn validate(&self) -> Result<()> {
         self.representation.validate()?;
@@ -293,6 +408,15 @@ impl ExperimentConfig {
         }
         if self.methods.is_empty() {
             return Err(FedError::Config("no method to run".into()));
+        }
+        self.partial_labels.validate()?;
+        if self
+            .fine_tune_learning_rate
+            .is_some_and(|lr| !(lr.is_finite() && lr > 0.0))
+        {
+            return Err(FedError::Config(
+                "the fine-tuning learning rate must be a positive number".into(),
+            ));
         }
         let k = self.representation.size_divisor();
         let patch = self.training.sampler.patch_size;
@@ -584,7 +708,7 @@ impl Experiment {
         if mode == RunMode::Resume {
             // Refuse checkpoints of other settings now, not after hours of other methods.
             for method in &experiment.config.methods {
-                if let Some(strategy) = method.strategy() {
+                if let Some(strategy) = method.federation() {
                     check_checkpoint(&experiment.server_config(strategy), strategy)?;
                 }
             }
@@ -700,7 +824,7 @@ impl Experiment {
         for &method in &self.config.methods {
             let start = Instant::now();
             let evaluate_units = self.evaluation_units();
-            let train_units = match method.strategy() {
+            let train_units = match method.federation() {
                 Some(s) if federations.contains_key(s) => 0,
                 Some(_) => self.config.rounds as u64,
                 None => match method {
@@ -752,7 +876,7 @@ impl Experiment {
                     }
                 }
                 _ => {
-                    let strategy = method.strategy().unwrap_or("fedavg");
+                    let strategy = method.federation().unwrap_or("fedavg");
                     if !federations.contains_key(strategy) {
                         let fed = self.federate(strategy, &train_device, on_event)?;
                         federations.insert(strategy, fed);
@@ -897,37 +1021,23 @@ impl Experiment {
         seed: u64,
         on_event: &Emit<'_>,
     ) -> Result<(SegVizModel, crate::local::TrainStats)> {
-        let epochs = self.epochs();
-        let mut model = model;
-        let mut total = crate::local::TrainStats {
-            examples: 0,
-            steps: 0,
-            mean_loss: f64::NAN,
-        };
-        // Epoch by epoch, so progress moves and the schedule spans the whole run.
-        for epoch in 0..epochs {
-            let (m, stats) = train_epochs(
-                model,
-                sites,
+        // One trainer (one optimiser) for the whole run; progress after every epoch.
+        train_alone(
+            model,
+            sites,
+            TrainerOptions {
                 objective,
-                &self.config.training,
-                1,
-                Schedule {
-                    first_epoch: epoch,
-                    total_epochs: epochs,
-                },
+                training: self.config.training.clone(),
+                total_epochs: self.epochs(),
+                restart_every: self
+                    .config
+                    .training
+                    .optimizer_restart
+                    .epochs(self.config.local_epochs),
                 seed,
-                None,
-                None,
-                |_| {},
-            )?;
-            model = m;
-            total.examples += stats.examples;
-            total.steps += stats.steps;
-            total.mean_loss = stats.mean_loss;
-            on_event(ExperimentEvent::Advanced { units: 1 });
-        }
-        Ok((model, total))
+            },
+            || on_event(ExperimentEvent::Advanced { units: 1 }),
+        )
     }
 
     /// Runs a federation with `strategy`; returns the clients after the last round.
@@ -949,9 +1059,7 @@ impl Experiment {
                 self.config.seed,
             )?);
         }
-        let strategy_box =
-            strategy_by_name(strategy, self.config.weighting, self.config.proximal_mu)
-                .ok_or_else(|| FedError::Config(format!("unknown strategy {strategy}")))?;
+        let strategy_box = federation_strategy(strategy, &self.config)?;
         let mut server = Server::new(
             self.server_config(strategy),
             global.config().clone(),
@@ -988,16 +1096,13 @@ impl Experiment {
     fn fine_tune(&self, clients: &[SiteClient], on_event: &Emit<'_>) -> Result<Vec<SegVizModel>> {
         let mut models = Vec::new();
         for client in clients {
-            let mut tuned = SiteClient::new(
-                client.site().clone(),
-                client.model(),
-                self.config.training.clone(),
-                self.config.window.clone(),
-                self.config.seed,
+            let tuned = client.fine_tuned(
+                self.config.fine_tune_epochs,
+                self.config.effective_fine_tune_learning_rate(),
+                self.config.seed ^ 0xf17e,
             )?;
-            tuned.fine_tune(self.config.fine_tune_epochs, self.config.seed ^ 0xf17e)?;
             on_event(ExperimentEvent::Advanced { units: 1 });
-            models.push(tuned.model().clone());
+            models.push(tuned);
         }
         Ok(models)
     }

@@ -15,6 +15,7 @@ pub mod evaluate;
 pub mod experiment;
 pub mod local;
 pub mod messages;
+pub mod partial_labels;
 pub mod server;
 pub mod site_client;
 pub mod stats;

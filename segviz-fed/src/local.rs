@@ -6,16 +6,18 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Instant;
 
-use burn::module::{ModuleMapper, Param};
-use burn::tensor::{Device, Int, Tensor};
+use burn::module::{Module, ModuleVisitor, Param};
+use burn::optim::{GradientsParams, ModuleOptimizer};
+use burn::tensor::{Bytes, Device, Int, Tensor};
 use segviz_core::loss::{DiceLoss, MarginalLoss};
-use segviz_core::train::{optimizer_step, CosineAnnealing, OptimizerConfig};
+use segviz_core::train::{CosineAnnealing, OptimizerConfig};
 use segviz_core::{ModelState, SegVizModel, TensorRole};
 use segviz_data::{AugmentConfig, Organ, PatchSamplerConfig};
 use serde::{Deserialize, Serialize};
 
 use crate::batches::BatchTensors;
 use crate::error::{FedError, Result};
+use crate::partial_labels::{batch_annotation, distillation_loss, exclusion_loss, head_masks};
 use segviz_data::SiteData;
 use segviz_data::{BatchStream, EpochPlan, HostBatch};
 
@@ -47,6 +49,17 @@ pub enum Objective {
         /// Weight of the exclusion term.
         exclusion_weight: f64,
     },
+    /// SegViz + PL: every head of the model learns at every site — its own organs
+    /// supervised, the other organs from known negatives (exclusion) and from a frozen
+    /// teacher on the unannotated voxels (distillation). See [`crate::partial_labels`].
+    PartialLabels {
+        /// Weight of the exclusion term (0: off).
+        exclusion_weight: f64,
+        /// Weight of the distillation term this round (0: off; needs a teacher otherwise).
+        distillation_weight: f64,
+        /// Distillation temperature.
+        temperature: f64,
+    },
 }
 
 /// Settings of local training.
@@ -64,6 +77,34 @@ pub struct LocalTrainingConfig {
     pub learning_rate: f64,
     /// Final learning rate of the cosine schedule.
     pub min_learning_rate: f64,
+    /// When Adam starts afresh (its moments and step counts); one rule for every method.
+    #[serde(default)]
+    pub optimizer_restart: OptimizerRestart,
+}
+
+/// When a [`LocalTrainer`] restarts its optimiser. The same rule applies to every method
+/// of a comparison: baselines and central models count their epochs in rounds of
+/// `local_epochs` epochs like the federated clients do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OptimizerRestart {
+    /// A fresh Adam at the start of every round (every `local_epochs` epochs). The default:
+    /// on the tiny federation test it learned the external liver better than one Adam
+    /// kept across rounds, whose moments belong to the weights before averaging.
+    #[default]
+    EveryRound,
+    /// One Adam for the whole run, moments kept across rounds.
+    Never,
+}
+
+impl OptimizerRestart {
+    /// The restart period in epochs for rounds of `local_epochs` epochs (`None`: never).
+    pub fn epochs(self, local_epochs: usize) -> Option<usize> {
+        match self {
+            OptimizerRestart::EveryRound => Some(local_epochs.max(1)),
+            OptimizerRestart::Never => None,
+        }
+    }
 }
 
 impl LocalTrainingConfig {
@@ -75,17 +116,7 @@ impl LocalTrainingConfig {
     }
 }
 
-/// Where training stands in a longer schedule, so the learning rate follows one cosine
-/// curve across rounds.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct Schedule {
-    /// Epochs already trained before this call.
-    pub first_epoch: usize,
-    /// Epochs of the whole schedule.
-    pub total_epochs: usize,
-}
-
-/// What a call to [`train_epochs`] did.
+/// What a call to [`LocalTrainer::train`] did.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct TrainStats {
     /// Training samples (patches) seen.
@@ -118,15 +149,15 @@ impl ProximalAnchor {
     }
 }
 
-/// Moves every anchored weight towards its anchor: `w ← w − η·μ·(w − w₀)`, the gradient
-/// step of FedProx's term `μ/2 · ‖w − w₀‖²`, applied after each optimiser step.
-struct ProximalPull<'a> {
+/// Adds FedProx's gradient `μ·(w − w₀)` (of the term `μ/2 · ‖w − w₀‖²`) to the gradient of
+/// every anchored weight, before the optimiser sees it.
+struct ProximalGradient<'a> {
     anchor: &'a ProximalAnchor,
-    rate: f64,
+    grads: &'a mut GradientsParams,
     path: Vec<String>,
 }
 
-impl ModuleMapper for ProximalPull<'_> {
+impl ModuleVisitor for ProximalGradient<'_> {
     fn enter_module(&mut self, name: &str, _container_type: &str) {
         self.path.push(name.to_string());
     }
@@ -135,94 +166,259 @@ impl ModuleMapper for ProximalPull<'_> {
         self.path.pop();
     }
 
-    fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
         let Some(w0) = self.anchor.weights.get(&self.path.join(".")) else {
-            return param;
+            return;
         };
-        let w = param.val();
-        let dims = w.dims();
-        let w0: Tensor<D> = w0.clone().reshape(dims);
-        let pulled = (w.clone() - (w - w0).mul_scalar(self.rate)).detach();
-        let id = param.id;
-        param.transform_for_load(pulled, id)
+        let Some(grad) = self.grads.remove::<D>(param.id) else {
+            return;
+        };
+        let w = param.val().detach().inner();
+        let w0: Tensor<D> = w0.clone().reshape(w.dims()).to_device(&grad.device());
+        let w = w.to_device(&grad.device());
+        self.grads
+            .register(param.id, grad + (w - w0).mul_scalar(self.anchor.mu));
     }
 }
 
-/// Trains `model` for `epochs` epochs on the training split of `sites` with a fresh Adam
-/// optimiser (each call starts from zero moments, so a resumed federation repeats exactly).
+/// What one call of [`LocalTrainer::train`] may add to plain local training.
+#[derive(Default)]
+pub struct RoundExtras<'a> {
+    /// FedProx: the global weights and μ.
+    pub proximal: Option<&'a ProximalAnchor>,
+    /// The frozen teacher of [`Objective::PartialLabels`]' distillation term (the round's
+    /// global model, with every head the student has, on the non-autodiff device).
+    pub teacher: Option<&'a SegVizModel>,
+    /// Give up with an error once passed.
+    pub deadline: Option<Instant>,
+}
+
+/// How a [`LocalTrainer`] trains, for its whole life.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TrainerOptions {
+    /// What the model learns.
+    pub objective: Objective,
+    /// Sampling, augmentation, batch size, loss and learning rates.
+    pub training: LocalTrainingConfig,
+    /// Epochs of the whole cosine schedule (e.g. rounds × local epochs).
+    pub total_epochs: usize,
+    /// Restart the optimiser at every epoch that is a multiple of this (`None`: never);
+    /// see [`OptimizerRestart`].
+    pub restart_every: Option<usize>,
+    /// Seed of case order, patches and augmentation (each epoch draws its own from it).
+    pub seed: u64,
+}
+
+/// The one local trainer of every method: baselines, central models, federated clients and
+/// fine-tuning all train through it.
 ///
-/// `seed` fixes case order, patches and augmentation; `deadline` stops with an error once
-/// passed; `on_step` is called after every step with the step's loss.
-#[allow(clippy::too_many_arguments)]
-pub fn train_epochs(
-    mut model: SegVizModel,
-    sites: &[Arc<SiteData>],
-    objective: Objective,
-    config: &LocalTrainingConfig,
-    epochs: usize,
-    schedule: Schedule,
-    seed: u64,
-    proximal: Option<&ProximalAnchor>,
-    deadline: Option<Instant>,
-    mut on_step: impl FnMut(f64),
-) -> Result<(SegVizModel, TrainStats)> {
-    let device = model_device(&model);
-    let mut optimizer = config.optimizer().adam();
-    let optimizer = &mut optimizer;
-    let cosine = CosineAnnealing::new(&config.optimizer(), schedule.total_epochs);
-    let mut stats = TrainStats {
-        examples: 0,
-        steps: 0,
-        mean_loss: 0.0,
-    };
-    let mut loss_sum = 0.0;
-    for epoch in 0..epochs {
-        let global_epoch = schedule.first_epoch + epoch;
-        let lr = cosine.at(global_epoch);
-        let plan = EpochPlan {
-            sampler: config.sampler.clone(),
-            augment: config.augment.clone(),
-            batch_size: config.batch_size,
-            seed: seed
-                .wrapping_add(global_epoch as u64)
-                .wrapping_mul(0x9e37_79b9_7f4a_7c15),
-        };
-        for batch in BatchStream::start(sites.to_vec(), plan) {
-            let batch = batch?;
-            let loss = objective_loss(&model, &batch, objective, config.loss, &device)?;
-            let value = loss.clone().into_scalar::<f32>() as f64;
-            if !value.is_finite() {
-                return Err(FedError::Config(format!(
-                    "training diverged (loss {value}) at epoch {global_epoch}; lower the learning rate"
-                )));
-            }
-            model = optimizer_step(model, optimizer, loss, lr);
-            if let Some(anchor) = proximal {
-                let mut pull = ProximalPull {
-                    anchor,
-                    rate: lr * anchor.mu,
-                    path: Vec::new(),
-                };
-                model = burn::module::Module::map(model, &mut pull);
-            }
-            stats.examples += batch.len();
-            stats.steps += 1;
-            loss_sum += value;
-            on_step(value);
-            if deadline.is_some_and(|d| Instant::now() > d) {
-                return Err(FedError::Config(format!(
-                    "deadline passed after {} step(s)",
-                    stats.steps
-                )));
-            }
+/// It owns its Adam optimiser and its place in the cosine schedule for its whole life:
+/// successive calls of [`LocalTrainer::train`] continue one optimisation (moments, step
+/// counts, learning rate), whether the model object in between was rebuilt or reloaded (the
+/// model's parameters are identified by their paths, see
+/// [`SegVizModel::with_path_ids`]). [`LocalTrainer::save_state`] and
+/// [`LocalTrainer::restore_state`] carry that across processes, so a resumed federation
+/// repeats exactly.
+pub struct LocalTrainer {
+    options: TrainerOptions,
+    optimizer: ModuleOptimizer,
+    cosine: CosineAnnealing,
+    epochs_done: usize,
+}
+
+impl LocalTrainer {
+    /// A trainer at epoch 0 with a fresh optimiser.
+    pub fn new(options: TrainerOptions) -> Self {
+        let optimizer = options.training.optimizer();
+        LocalTrainer {
+            cosine: CosineAnnealing::new(&optimizer, options.total_epochs),
+            optimizer: optimizer.adam(),
+            epochs_done: 0,
+            options,
         }
     }
-    stats.mean_loss = if stats.steps == 0 {
-        f64::NAN
-    } else {
-        loss_sum / stats.steps as f64
+
+    /// The options.
+    pub fn options(&self) -> &TrainerOptions {
+        &self.options
+    }
+
+    /// Epochs trained so far.
+    pub fn epochs_done(&self) -> usize {
+        self.epochs_done
+    }
+
+    /// Moves the schedule (learning rate and epoch seeds) to `epoch`; the optimiser's
+    /// moments stay.
+    pub fn set_epoch(&mut self, epoch: usize) {
+        self.epochs_done = epoch;
+    }
+
+    /// Replaces the objective for the next calls (e.g. this round's distillation weight);
+    /// the optimiser and the schedule go on.
+    pub fn set_objective(&mut self, objective: Objective) {
+        self.options.objective = objective;
+    }
+
+    /// Trains `model` for `epochs` more epochs on the training split of `sites`, continuing
+    /// the optimiser and the schedule of earlier calls. `on_step` is called after every step
+    /// with its loss.
+    ///
+    /// On an error (divergence, the deadline, bad data) the trainer is left as it was
+    /// before the call.
+    pub fn train(
+        &mut self,
+        model: SegVizModel,
+        sites: &[Arc<SiteData>],
+        epochs: usize,
+        extras: &RoundExtras<'_>,
+        on_step: impl FnMut(f64),
+    ) -> Result<(SegVizModel, TrainStats)> {
+        let saved = (self.optimizer.clone(), self.epochs_done);
+        let result = self.train_inner(model, sites, epochs, extras, on_step);
+        if result.is_err() {
+            (self.optimizer, self.epochs_done) = saved;
+        }
+        result
+    }
+
+    fn train_inner(
+        &mut self,
+        model: SegVizModel,
+        sites: &[Arc<SiteData>],
+        epochs: usize,
+        extras: &RoundExtras<'_>,
+        mut on_step: impl FnMut(f64),
+    ) -> Result<(SegVizModel, TrainStats)> {
+        let mut model = model.with_path_ids();
+        let device = model_device(&model);
+        let config = &self.options.training;
+        let mut stats = TrainStats {
+            examples: 0,
+            steps: 0,
+            mean_loss: 0.0,
+        };
+        let mut loss_sum = 0.0;
+        for _ in 0..epochs {
+            let epoch = self.epochs_done;
+            if self
+                .options
+                .restart_every
+                .is_some_and(|n| n > 0 && epoch % n == 0)
+            {
+                self.optimizer = self.options.training.optimizer().adam();
+            }
+            let lr = self.cosine.at(epoch);
+            let plan = EpochPlan {
+                sampler: config.sampler.clone(),
+                augment: config.augment.clone(),
+                batch_size: config.batch_size,
+                seed: self
+                    .options
+                    .seed
+                    .wrapping_add(epoch as u64)
+                    .wrapping_mul(0x9e37_79b9_7f4a_7c15),
+            };
+            for batch in BatchStream::start(sites.to_vec(), plan) {
+                let batch = batch?;
+                let loss = objective_loss(
+                    &model,
+                    &batch,
+                    self.options.objective,
+                    config.loss,
+                    extras.teacher,
+                    &device,
+                )?;
+                let value = loss.clone().into_scalar::<f32>() as f64;
+                if !value.is_finite() {
+                    return Err(FedError::Config(format!(
+                        "training diverged (loss {value}) at epoch {epoch}; lower the learning rate"
+                    )));
+                }
+                let mut grads = GradientsParams::from_grads(loss.backward(), &model);
+                if let Some(anchor) = extras.proximal {
+                    model.visit(&mut ProximalGradient {
+                        anchor,
+                        grads: &mut grads,
+                        path: Vec::new(),
+                    });
+                }
+                model = self.optimizer.step(lr, model, grads);
+                stats.examples += batch.len();
+                stats.steps += 1;
+                loss_sum += value;
+                on_step(value);
+                if extras.deadline.is_some_and(|d| Instant::now() > d) {
+                    return Err(FedError::Config(format!(
+                        "deadline passed after {} step(s)",
+                        stats.steps
+                    )));
+                }
+            }
+            self.epochs_done += 1;
+        }
+        stats.mean_loss = if stats.steps == 0 {
+            f64::NAN
+        } else {
+            loss_sum / stats.steps as f64
+        };
+        Ok((model, stats))
+    }
+
+    /// The optimiser's state and the epochs done, as bytes (for checkpoints).
+    pub fn save_state(&self) -> Result<Vec<u8>> {
+        let optimizer = self
+            .optimizer
+            .into_bytes()
+            .map_err(|e| FedError::Config(format!("cannot encode the optimiser state: {e}")))?;
+        let mut bytes = (self.epochs_done as u64).to_le_bytes().to_vec();
+        bytes.extend_from_slice(&optimizer);
+        Ok(bytes)
+    }
+
+    /// Restores a state written by [`LocalTrainer::save_state`].
+    pub fn restore_state(&mut self, bytes: &[u8]) -> Result<()> {
+        let bad = |why: String| FedError::Config(format!("bad optimiser state: {why}"));
+        if bytes.len() < 8 {
+            return Err(bad(format!("{} bytes", bytes.len())));
+        }
+        let (epochs, optimizer) = bytes.split_at(8);
+        let mut count = [0u8; 8];
+        count.copy_from_slice(epochs);
+        let fresh = self.options.training.optimizer().adam();
+        self.optimizer = fresh
+            .from_bytes(Bytes::from_bytes_vec(optimizer.to_vec()))
+            .map_err(|e| bad(e.to_string()))?;
+        self.epochs_done = u64::from_le_bytes(count) as usize;
+        Ok(())
+    }
+}
+
+/// Trains a fresh model of a non-federated method for `epochs` epochs with one
+/// [`LocalTrainer`] (one optimiser for the whole run), calling `on_epoch` after each epoch.
+pub fn train_alone(
+    model: SegVizModel,
+    sites: &[Arc<SiteData>],
+    options: TrainerOptions,
+    mut on_epoch: impl FnMut(),
+) -> Result<(SegVizModel, TrainStats)> {
+    let epochs = options.total_epochs;
+    let mut trainer = LocalTrainer::new(options);
+    let mut model = model;
+    let mut total = TrainStats {
+        examples: 0,
+        steps: 0,
+        mean_loss: f64::NAN,
     };
-    Ok((model, stats))
+    for _ in 0..epochs {
+        let (m, stats) = trainer.train(model, sites, 1, &RoundExtras::default(), |_| {})?;
+        model = m;
+        total.examples += stats.examples;
+        total.steps += stats.steps;
+        total.mean_loss = stats.mean_loss;
+        on_epoch();
+    }
+    Ok((model, total))
 }
 
 /// The device of a model's parameters.
@@ -253,11 +449,85 @@ fn objective_loss(
     batch: &HostBatch,
     objective: Objective,
     kind: LossKind,
+    teacher: Option<&SegVizModel>,
     device: &Device,
 ) -> Result<Tensor<1>> {
     let x = batch.image_tensor(device);
     let logits = model.forward(x);
     match objective {
+        Objective::PartialLabels {
+            exclusion_weight,
+            distillation_weight,
+            temperature,
+        } => {
+            let annotated = batch_annotation(batch)?;
+            let masks = head_masks(batch, annotated, device);
+            let teacher_logits = match teacher {
+                Some(t) if distillation_weight > 0.0 => {
+                    let inner = t.device();
+                    let logits = t.forward(batch.image_tensor(&inner));
+                    let by_task: HashMap<&str, Tensor<5>> =
+                        t.tasks().iter().map(String::as_str).zip(logits).collect();
+                    Some(by_task)
+                }
+                Some(_) => None,
+                None if distillation_weight > 0.0 => {
+                    return Err(FedError::Config(
+                        "the distillation term needs the round's global model as teacher".into(),
+                    ))
+                }
+                None => None,
+            };
+            let mut total: Option<Tensor<1>> = None;
+            for (task, l) in model.tasks().iter().zip(logits) {
+                let organ = organ_of(task)?;
+                let loss = if annotated.contains(organ) {
+                    let label = organ.label();
+                    let target = batch.target_tensor(device, |v| i64::from(v == label));
+                    head_loss(kind, l, &target)
+                } else {
+                    let mut loss: Option<Tensor<1>> = None;
+                    let mut add = |term: Tensor<1>| {
+                        loss = Some(match loss.take() {
+                            Some(t) => t + term,
+                            None => term,
+                        })
+                    };
+                    if exclusion_weight > 0.0 {
+                        add(exclusion_loss(
+                            l.clone(),
+                            masks.known_negative.clone(),
+                            masks.known_negative_count,
+                        )
+                        .mul_scalar(exclusion_weight));
+                    }
+                    if let Some(teacher) = teacher_logits.as_ref() {
+                        let t = teacher.get(task.as_str()).ok_or_else(|| {
+                            FedError::Config(format!("the teacher has no {task} head"))
+                        })?;
+                        let t = Tensor::<5>::from_data(t.clone().into_data(), device);
+                        add(distillation_loss(
+                            l.clone(),
+                            t,
+                            masks.unannotated.clone(),
+                            masks.unannotated_count,
+                            temperature,
+                        )
+                        .mul_scalar(distillation_weight));
+                    }
+                    match loss {
+                        Some(loss) => loss,
+                        // Neither term: the head only keeps the gradient path alive.
+                        None => l.sum().mul_scalar(0.0),
+                    }
+                };
+                total = Some(match total {
+                    Some(t) => t + loss,
+                    None => loss,
+                });
+            }
+            total.ok_or_else(|| FedError::Config("the model has no head to train".into()))
+        }
         Objective::TaskHeads => {
             let mut total: Option<Tensor<1>> = None;
             for (task, l) in model.tasks().iter().zip(logits) {
@@ -284,9 +554,10 @@ fn objective_loss(
                         .iter()
                         .map(|a| a.to_flags().to_vec())
                         .collect();
-                    // The marginal loss is always Dice + cross-entropy on the merged classes.
+                    // The same loss as every other method: Dice, with or without CE.
                     MarginalLoss::new()
                         .with_exclusion_weight(exclusion_weight)
+                        .with_cross_entropy(kind == LossKind::DiceCe)
                         .forward(l, &target, &annotated)
                 }
                 _ => head_loss(kind, l, &target),

@@ -173,10 +173,19 @@ impl Server {
                     round_dir.display()
                 )));
             }
-            states.push(read_checkpoint(&path)?.state);
+            let training = training_state_path(&round_dir, &name);
+            let training = if training.is_file() {
+                Some(std::fs::read(&training).map_err(|e| FedError::io(&training, e))?)
+            } else {
+                None
+            };
+            states.push((read_checkpoint(&path)?.state, training));
         }
-        for (client, state) in clients.iter_mut().zip(&states) {
+        for (client, (state, training)) in clients.iter_mut().zip(&states) {
             client.restore_local_state(state)?;
+            if let Some(bytes) = training {
+                client.restore_training_state(bytes)?;
+            }
         }
         self.global = checkpoint.state;
         self.history = history.into_iter().take(round).collect();
@@ -343,6 +352,9 @@ impl Server {
                     metadata: serde_json::json!({ "round": round, "client": name }),
                 },
             )?;
+            if let Some(bytes) = client.training_state()? {
+                write_atomically(&training_state_path(&partial, &name), &bytes)?;
+            }
         }
         write_checkpoint(
             &partial.join(GLOBAL_FILE),
@@ -508,6 +520,11 @@ fn write_json<T: Serialize + ?Sized>(path: &Path, value: &T) -> Result<()> {
         .map_err(|e| FedError::Config(format!("cannot encode {}: {e}", path.display())))?;
     write_atomically(path, &bytes)?;
     Ok(())
+}
+
+/// A client's optimiser state in a round's checkpoint.
+fn training_state_path(dir: &Path, client: &str) -> PathBuf {
+    dir.join("clients").join(format!("{client}.optimizer"))
 }
 
 fn client_state_path(dir: &Path, client: &str) -> PathBuf {

@@ -14,12 +14,23 @@ use segviz_data::Organ;
 use crate::client::FederatedClient;
 use crate::error::{FedError, Result};
 use crate::evaluate::{evaluate_site, mean_dice, Segmenter};
-use crate::local::{train_epochs, LocalTrainingConfig, Objective, ProximalAnchor, Schedule};
+use crate::local::{
+    train_alone, LocalTrainer, LocalTrainingConfig, Objective, ProximalAnchor, RoundExtras,
+    TrainerOptions,
+};
 use crate::messages::{ClientUpdate, EvaluateResult, FitInstructions};
+use crate::partial_labels::{
+    PartialLabelConfig, KEY_DISTILLATION_TEMPERATURE, KEY_DISTILLATION_WEIGHT,
+    KEY_EXCLUSION_WEIGHT, KEY_PARTIAL_LABELS,
+};
 use crate::strategy::ClientInfo;
 use segviz_data::SiteData;
 
 /// A site client. See the module documentation.
+///
+/// The client keeps one [`LocalTrainer`] across rounds (its Adam moments and its place in
+/// the cosine schedule); it is saved with the client's checkpoint so a resumed federation
+/// repeats exactly.
 pub struct SiteClient {
     site: Arc<SiteData>,
     tasks: Vec<String>,
@@ -27,11 +38,15 @@ pub struct SiteClient {
     training: LocalTrainingConfig,
     window: SlidingWindowConfig,
     seed: u64,
+    trainer: Option<LocalTrainer>,
+    /// A saved trainer state waiting for the trainer to be built (on the first fit).
+    pending_trainer_state: Option<Vec<u8>>,
 }
 
 impl SiteClient {
     /// A client for `site` whose local model is `global` restricted to the site's organs;
-    /// the model must live on an autodiff device.
+    /// the model must live on an autodiff device. Under the partial-label rule the client
+    /// takes the other heads when the first instruction brings them.
     pub fn new(
         site: Arc<SiteData>,
         global: &SegVizModel,
@@ -55,6 +70,8 @@ impl SiteClient {
             training,
             window,
             seed,
+            trainer: None,
+            pending_trainer_state: None,
         })
     }
 
@@ -68,31 +85,60 @@ impl SiteClient {
         &self.site
     }
 
-    /// Fine-tunes the heads with the representation block frozen (weights and BatchNorm
-    /// statistics) for `epochs` epochs, as after federation (paper §4.3).
-    pub fn fine_tune(&mut self, epochs: usize, seed: u64) -> Result<()> {
-        let frozen = self.model.clone().freeze_representation();
-        let (model, _) = train_epochs(
-            frozen,
+    /// The local model restricted to the heads of the site's own organs, fine-tuned with
+    /// the representation block frozen (weights and BatchNorm statistics) for `epochs`
+    /// epochs with a fresh optimiser at `learning_rate` (cosine to a tenth of it), as after
+    /// federation (paper §4.3). The client itself is left as it is.
+    pub fn fine_tuned(&self, epochs: usize, learning_rate: f64, seed: u64) -> Result<SegVizModel> {
+        let own = self.model.subset(&self.tasks)?.freeze_representation();
+        let training = LocalTrainingConfig {
+            learning_rate,
+            min_learning_rate: learning_rate / 10.0,
+            ..self.training.clone()
+        };
+        let (model, _) = train_alone(
+            own,
             std::slice::from_ref(&self.site),
-            Objective::TaskHeads,
-            &self.training,
-            epochs,
-            Schedule {
-                first_epoch: 0,
+            TrainerOptions {
+                objective: Objective::TaskHeads,
+                training,
                 total_epochs: epochs,
+                restart_every: self.training.optimizer_restart.epochs(epochs),
+                seed,
             },
-            seed,
-            None,
-            None,
-            |_| {},
+            || {},
         )?;
-        self.model = model.unfreeze_representation();
+        Ok(model.unfreeze_representation())
+    }
+
+    /// Adds a head for every task of `tasks` the local model lacks (its values are
+    /// overwritten by the state that brings it).
+    fn take_heads(&mut self, tasks: &[String]) -> Result<()> {
+        for task in tasks {
+            if !self.model.tasks().contains(task) {
+                self.model = self.model.clone().add_task(task, self.seed)?;
+            }
+        }
         Ok(())
     }
 
     fn device(&self) -> Device {
         crate::local::model_device(&self.model)
+    }
+
+    /// The objective an instruction asks for.
+    fn objective(config: &BTreeMap<String, f64>) -> Objective {
+        if config.get(KEY_PARTIAL_LABELS).copied().unwrap_or(0.0) > 0.0 {
+            let get = |k: &str, default: f64| config.get(k).copied().unwrap_or(default);
+            let d = PartialLabelConfig::default();
+            Objective::PartialLabels {
+                exclusion_weight: get(KEY_EXCLUSION_WEIGHT, d.exclusion_weight),
+                distillation_weight: get(KEY_DISTILLATION_WEIGHT, 0.0),
+                temperature: get(KEY_DISTILLATION_TEMPERATURE, d.temperature),
+            }
+        } else {
+            Objective::TaskHeads
+        }
     }
 }
 
@@ -110,33 +156,56 @@ impl FederatedClient for SiteClient {
         deadline: Option<Instant>,
     ) -> Result<ClientUpdate> {
         let name = self.site.name().to_string();
+        let objective = Self::objective(&instructions.config);
+        if matches!(objective, Objective::PartialLabels { .. }) {
+            self.take_heads(&instructions.state.tasks())?;
+        }
         let model = self.model.clone().load_state(&instructions.state)?;
-        let mu = instructions
+        // FedProx's term whenever the strategy sends μ (with μ = 0 it adds exact zeros).
+        let anchor = instructions
             .config
             .get("proximal_mu")
-            .copied()
-            .unwrap_or(0.0);
-        let anchor =
-            (mu > 0.0).then(|| ProximalAnchor::new(&instructions.state, mu, &self.device()));
+            .map(|mu| ProximalAnchor::new(&instructions.state, *mu, &self.device()));
+        let teacher = match objective {
+            Objective::PartialLabels {
+                distillation_weight,
+                ..
+            } if distillation_weight > 0.0 => Some(model.deep_copy()?.valid()),
+            _ => None,
+        };
         let epochs = instructions.local_epochs;
-        let seed = self.seed
-            ^ segviz_core_hash(&name).wrapping_add(instructions.round as u64 * 0x1000_0001);
-        let (model, stats) = train_epochs(
-            model,
-            std::slice::from_ref(&self.site),
-            Objective::TaskHeads,
-            &self.training,
-            epochs,
-            Schedule {
-                first_epoch: (instructions.round - 1) * epochs,
-                total_epochs: instructions.total_rounds * epochs,
-            },
-            seed,
-            anchor.as_ref(),
-            deadline,
-            |_| {},
-        )
-        .map_err(|e| FedError::client(&name, e.to_string()))?;
+        let trainer = match self.trainer.as_mut() {
+            Some(t) => t,
+            None => {
+                let mut trainer = LocalTrainer::new(TrainerOptions {
+                    objective,
+                    training: self.training.clone(),
+                    total_epochs: instructions.total_rounds * epochs,
+                    restart_every: self.training.optimizer_restart.epochs(epochs),
+                    seed: self.seed ^ segviz_core_hash(&name),
+                });
+                if let Some(bytes) = self.pending_trainer_state.take() {
+                    trainer.restore_state(&bytes)?;
+                }
+                self.trainer.insert(trainer)
+            }
+        };
+        trainer.set_objective(objective);
+        // The schedule follows the rounds, also for a client that missed one.
+        trainer.set_epoch((instructions.round - 1) * epochs);
+        let (model, stats) = trainer
+            .train(
+                model,
+                std::slice::from_ref(&self.site),
+                epochs,
+                &RoundExtras {
+                    proximal: anchor.as_ref(),
+                    teacher: teacher.as_ref(),
+                    deadline,
+                },
+                |_| {},
+            )
+            .map_err(|e| FedError::client(&name, e.to_string()))?;
         self.model = model;
         Ok(ClientUpdate {
             client: name,
@@ -184,8 +253,26 @@ impl FederatedClient for SiteClient {
     }
 
     fn restore_local_state(&mut self, state: &ModelState) -> Result<()> {
+        self.take_heads(&state.tasks())?;
         self.model = self.model.clone().load_state(state)?;
         Ok(())
+    }
+
+    fn training_state(&self) -> Result<Option<Vec<u8>>> {
+        match &self.trainer {
+            Some(t) => t.save_state().map(Some),
+            None => Ok(self.pending_trainer_state.clone()),
+        }
+    }
+
+    fn restore_training_state(&mut self, bytes: &[u8]) -> Result<()> {
+        match self.trainer.as_mut() {
+            Some(t) => t.restore_state(bytes),
+            None => {
+                self.pending_trainer_state = Some(bytes.to_vec());
+                Ok(())
+            }
+        }
     }
 }
 

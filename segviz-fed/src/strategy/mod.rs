@@ -10,11 +10,15 @@
 //!   (see [`segviz_core::state`]);
 //! - [`FedProx`]: FedAvg aggregation, and clients add a proximal term `μ/2 · ‖w − w_global‖²`
 //!   to their local loss.
+//!
+//! [`PartialLabels`] wraps any of them with the partial-label rule ("+ PL"): every head is
+//! sent to every client and averaged over all of them (see [`crate::partial_labels`]).
 
 mod aggregate;
 mod fedavg;
 mod fedbn;
 mod fedprox;
+mod partial_labels;
 
 use std::collections::BTreeMap;
 
@@ -23,11 +27,13 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::Result;
 use crate::messages::{ClientUpdate, EvaluateResult};
+use crate::partial_labels::PartialLabelConfig;
 
 pub use aggregate::{average, route_heads};
 pub use fedavg::FedAvg;
 pub use fedbn::FedBn;
 pub use fedprox::FedProx;
+pub use partial_labels::PartialLabels;
 
 /// How client contributions are weighted in an average.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -93,12 +99,22 @@ pub trait AggregationStrategy: Send + Sync {
     }
 }
 
-/// The strategy named on a command line: `fedavg`, `fedbn` or `fedprox`.
+/// The strategy named on a command line: `fedavg`, `fedbn` or `fedprox`, or one of them with
+/// `_pl` appended for the partial-label rule with `partial_labels` over `rounds` rounds.
 pub fn strategy_by_name(
     name: &str,
     weighting: Weighting,
     proximal_mu: f64,
+    partial_labels: PartialLabelConfig,
+    rounds: usize,
 ) -> Option<Box<dyn AggregationStrategy>> {
+    if let Some(inner) = name.strip_suffix("_pl") {
+        if inner.ends_with("_pl") {
+            return None;
+        }
+        let inner = strategy_by_name(inner, weighting, proximal_mu, partial_labels, rounds)?;
+        return Some(Box::new(PartialLabels::new(inner, partial_labels, rounds)));
+    }
     match name {
         "fedavg" => Some(Box::new(FedAvg { weighting })),
         "fedbn" => Some(Box::new(FedBn { weighting })),

@@ -6,6 +6,7 @@ use segviz_core::{ModelState, StateTensor, TensorRole};
 
 use super::*;
 use crate::messages::ClientUpdate;
+use crate::partial_labels::PartialLabelConfig;
 
 fn tensor(values: &[f32], role: TensorRole, batch_norm: bool) -> StateTensor {
     StateTensor {
@@ -186,8 +187,16 @@ fn fedprox_sends_mu_and_no_update_is_an_error() {
     assert_eq!(p.fit_config(1)["proximal_mu"], 0.25);
     let global = state(0.0, 0.0, &[]);
     assert!(p.aggregate_fit(3, &global, &[]).is_err());
-    assert!(strategy_by_name("fedbn", Weighting::Uniform, 0.0).is_some());
-    assert!(strategy_by_name("fedsomething", Weighting::Uniform, 0.0).is_none());
+    let pl = PartialLabelConfig::default();
+    assert!(strategy_by_name("fedbn", Weighting::Uniform, 0.0, pl, 3).is_some());
+    assert!(strategy_by_name("fedsomething", Weighting::Uniform, 0.0, pl, 3).is_none());
+    assert!(strategy_by_name("fedbn_pl_pl", Weighting::Uniform, 0.0, pl, 3).is_none());
+    assert_eq!(
+        strategy_by_name("fedbn_pl", Weighting::Uniform, 0.0, pl, 3)
+            .unwrap()
+            .name(),
+        "fedbn_pl"
+    );
 }
 
 #[test]
@@ -227,4 +236,58 @@ fn evaluation_metrics_are_weighted_by_examples() {
     let m = FedAvg::default().aggregate_evaluate(1, &results);
     assert!((m["dice/liver"] - 0.8).abs() < 1e-12);
     assert!((m["dice/spleen"] - 0.7).abs() < 1e-12);
+}
+
+#[test]
+fn the_partial_label_rule_sends_and_averages_every_head() {
+    let global = state(
+        0.0,
+        0.0,
+        &[("liver", 0.5), ("spleen", 0.5), ("kidney", 9.0)],
+    );
+    let pl = PartialLabels::new(Box::new(FedBn::default()), PartialLabelConfig::default(), 5);
+    assert_eq!(pl.name(), "fedbn_pl");
+    let info = ClientInfo {
+        name: "liver_site".into(),
+        tasks: vec!["liver".into()],
+    };
+    // Every head goes to every client; BatchNorm stays local after round 1 (FedBN).
+    let view = pl.configure_fit(2, &global, &info);
+    assert_eq!(view.tasks(), global.tasks());
+    assert!(!view.tensors.values().any(|t| t.batch_norm));
+    let config = pl.fit_config(1);
+    assert_eq!(config["partial_labels"], 1.0);
+    assert!((config["distillation_weight"] - 0.01).abs() < 1e-12);
+    assert!((pl.fit_config(5)["distillation_weight"] - 1.0).abs() < 1e-12);
+    // Every head is averaged over every client that sent it (here: all of them).
+    let updates = [
+        update(
+            "liver_site",
+            1,
+            state(
+                1.0,
+                1.0,
+                &[("liver", 2.0), ("spleen", 4.0), ("kidney", 0.0)],
+            ),
+        ),
+        update(
+            "spleen_site",
+            3,
+            state(
+                1.0,
+                1.0,
+                &[("liver", 6.0), ("spleen", 8.0), ("kidney", 4.0)],
+            ),
+        ),
+    ];
+    let next = pl.aggregate_fit(2, &global, &updates).unwrap();
+    assert_eq!(value(&next, "heads.liver.block.upsample.weight"), vec![5.0]);
+    assert_eq!(
+        value(&next, "heads.spleen.block.upsample.weight"),
+        vec![7.0]
+    );
+    assert_eq!(
+        value(&next, "heads.kidney.block.upsample.weight"),
+        vec![3.0]
+    );
 }
