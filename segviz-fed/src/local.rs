@@ -304,7 +304,7 @@ impl LocalTrainer {
             if self
                 .options
                 .restart_every
-                .is_some_and(|n| n > 0 && epoch % n == 0)
+                .is_some_and(|n| n > 0 && epoch.is_multiple_of(n))
             {
                 self.optimizer = self.options.training.optimizer().adam();
             }

@@ -112,8 +112,9 @@ impl SiteClient {
     }
 
     /// Adds a head for every task of `tasks` the local model lacks (its values are
-    /// overwritten by the state that brings it).
-    fn take_heads(&mut self, tasks: &[String]) -> Result<()> {
+    /// overwritten by the state that brings it): what a client does under the
+    /// partial-label rule, where every head comes to every site.
+    pub fn take_heads(&mut self, tasks: &[String]) -> Result<()> {
         for task in tasks {
             if !self.model.tasks().contains(task) {
                 self.model = self.model.clone().add_task(task, self.seed)?;

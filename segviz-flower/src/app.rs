@@ -20,6 +20,10 @@ use burn::tensor::Device;
 use segviz_core::checkpoint::{read_checkpoint, write_checkpoint, Checkpoint};
 use segviz_core::{ModelState, SegVizConfig, StateTensor, TensorRole};
 use segviz_fed::experiment::ExperimentConfig;
+use segviz_fed::partial_labels::{
+    PartialLabelConfig, KEY_DISTILLATION_TEMPERATURE, KEY_DISTILLATION_WEIGHT,
+    KEY_EXCLUSION_WEIGHT, KEY_PARTIAL_LABELS,
+};
 use segviz_fed::{FederatedClient, FitInstructions, SiteClient, SiteData};
 use serde::Serialize;
 
@@ -35,7 +39,6 @@ pub const STATE_FORMAT: &str = "segviz-state/1";
 /// A site answering Flower instructions. See the module documentation.
 pub struct SegVizApp {
     client: SiteClient,
-    config: SegVizConfig,
     work_dir: PathBuf,
     restored_run: Option<u64>,
     name: String,
@@ -128,7 +131,6 @@ impl SegVizApp {
         };
         Ok(SegVizApp {
             client,
-            config,
             work_dir: work.clone(),
             restored_run: None,
             name,
@@ -184,7 +186,9 @@ impl SegVizApp {
         write_checkpoint(
             &self.state_path(run_id),
             &Checkpoint {
-                config: self.config.clone(),
+                // The model's own configuration: under the partial-label rule it holds
+                // every head, not only the site's.
+                config: self.client.model().config().clone(),
                 state: self.client.local_state(),
                 metadata: serde_json::json!({
                     "run_id": run_id,
@@ -206,14 +210,36 @@ impl SegVizApp {
         let strategy = lookup(config, "strategy")
             .and_then(ConfigValue::as_str)
             .unwrap_or("fedavg");
+        let base = strategy.strip_suffix("_pl").unwrap_or(strategy);
+        let partial_labels = base != strategy;
         let mut fit_config = BTreeMap::new();
-        if strategy == "fedprox" {
-            let mu = lookup(config, "proximal-mu")
-                .and_then(ConfigValue::as_float)
-                .unwrap_or(0.0);
-            fit_config.insert("proximal_mu".to_string(), mu);
+        let number = |key: &str, default: f64| {
+            lookup(config, key)
+                .and_then(|v| v.as_float().or_else(|| v.as_int().map(|i| i as f64)))
+                .unwrap_or(default)
+        };
+        if base == "fedprox" {
+            fit_config.insert("proximal_mu".to_string(), number("proximal-mu", 0.0));
         }
-        let withheld_batch_norm = strategy == "fedbn" && round > 1;
+        if partial_labels {
+            // The partial-label rule: this node trains every head the server sends.
+            let defaults = PartialLabelConfig::default();
+            fit_config.insert(KEY_PARTIAL_LABELS.to_string(), 1.0);
+            fit_config.insert(
+                KEY_EXCLUSION_WEIGHT.to_string(),
+                number("exclusion-weight", defaults.exclusion_weight),
+            );
+            fit_config.insert(
+                KEY_DISTILLATION_WEIGHT.to_string(),
+                number("distillation-weight", 0.0),
+            );
+            fit_config.insert(
+                KEY_DISTILLATION_TEMPERATURE.to_string(),
+                number("distillation-temperature", defaults.temperature),
+            );
+            self.client.take_heads(&sent_heads(content))?;
+        }
+        let withheld_batch_norm = base == "fedbn" && round > 1;
         let received = self.received_state("train", content, withheld_batch_norm)?;
         let update = self.client.fit(
             &FitInstructions {
@@ -270,10 +296,13 @@ impl SegVizApp {
             .max(0) as usize;
         // An evaluation carries what the next round's training will start from: under
         // FedBN that is never round 1, so the representation's BatchNorm stays local.
-        let withheld_batch_norm = config
+        let strategy = config
             .and_then(|c| lookup(c, "strategy"))
-            .and_then(ConfigValue::as_str)
-            == Some("fedbn");
+            .and_then(ConfigValue::as_str);
+        let withheld_batch_norm = matches!(strategy, Some("fedbn" | "fedbn_pl"));
+        if strategy.is_some_and(|s| s.ends_with("_pl")) {
+            self.client.take_heads(&sent_heads(content))?;
+        }
         let received = self.received_state("evaluate", content, withheld_batch_norm)?;
         let evaluation = self.client.evaluate(round, &received.state)?;
         let mut metrics: MetricRecord = vec![(
@@ -492,4 +521,18 @@ fn as_metrics(values: &BTreeMap<String, f64>) -> impl Iterator<Item = (String, M
     values
         .iter()
         .map(|(k, v)| (k.clone(), MetricValue::Float(*v)))
+}
+
+/// The tasks whose heads an instruction carries (`heads.<task>.…` arrays).
+fn sent_heads(content: &RecordDict) -> Vec<String> {
+    let mut tasks: Vec<String> = content
+        .arrays("arrays")
+        .into_iter()
+        .flatten()
+        .filter_map(|(path, _)| path.strip_prefix("heads.")?.split('.').next())
+        .map(str::to_string)
+        .collect();
+    tasks.sort();
+    tasks.dedup();
+    tasks
 }
