@@ -19,8 +19,8 @@ use segviz::data::phantom::{write_sites, PhantomConfig, PhantomSize};
 use segviz::data::{write_labels, Organ};
 use segviz::fed::evaluate::to_original_grid;
 use segviz::fed::experiment::{
-    format_table, Experiment, ExperimentConfig, ExperimentData, ExperimentEvent, ExperimentResults,
-    Method, RunMode, TrainedMethod,
+    combine_seeds, format_table, Experiment, ExperimentConfig, ExperimentData, ExperimentEvent,
+    ExperimentResults, Method, RunMode, Table, TrainedMethod,
 };
 use segviz::fed::Weighting;
 use segviz::figures::{comparison_figure, dice_per_round_figure, save_png, DiceSeries};
@@ -39,7 +39,10 @@ struct Args {
     #[arg(long, default_value = "quick")]
     preset: String,
     /// Methods, comma separated: baseline, central, central_marginal, fedavg, fedavg_ft,
-    /// fedbn, fedbn_ft, fedprox, fedprox_ft.
+    /// fedbn, fedbn_ft, fedprox, fedprox_ft, and the partial-label ("+ PL") methods
+    /// fedavg_pl, fedavg_pl_ft, fedbn_pl, fedbn_pl_ft, fedbn_pl_no_distillation,
+    /// fedbn_pl_no_exclusion. Default: baseline, central_marginal, fedbn, fedbn_ft,
+    /// fedbn_pl, fedbn_pl_ft.
     #[arg(long, value_delimiter = ',')]
     methods: Option<Vec<String>>,
     /// Federated rounds (preset's value if absent).
@@ -54,6 +57,11 @@ struct Args {
     /// Seed of phantoms, splits, initialisation and sampling.
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    /// Runs the whole comparison once per seed (each in OUT/seed-N, with its own phantoms,
+    /// splits, initial weights and sampling) and prints the tables over all seeds, with
+    /// 95 % confidence intervals and Holm-corrected paired tests over (seed, volume) pairs.
+    #[arg(long, value_delimiter = ',', conflicts_with = "seed")]
+    seeds: Option<Vec<u64>>,
     /// Weight clients uniformly instead of by their number of examples.
     #[arg(long)]
     uniform_weights: bool,
@@ -72,10 +80,10 @@ struct Args {
     #[arg(long)]
     overwrite: bool,
     /// Phantom training cases per site (without --data).
-    #[arg(long, default_value_t = 6)]
+    #[arg(long, default_value_t = 11)]
     phantom_cases: usize,
     /// Phantom test cases (without --data).
-    #[arg(long, default_value_t = 4)]
+    #[arg(long, default_value_t = 12)]
     phantom_test_cases: usize,
     /// Phantom size: tiny, small or medium (without --data).
     #[arg(long, default_value = "small")]
@@ -97,17 +105,64 @@ type AnyResult<T> = Result<T, Box<dyn std::error::Error>>;
 
 fn run(args: &Args) -> AnyResult<()> {
     let started = Instant::now();
-    let config = build_config(args)?;
+    let seeds = args.seeds.clone().unwrap_or_else(|| vec![args.seed]);
+    if seeds.is_empty() {
+        return Err("--seeds needs at least one seed".into());
+    }
+    let several = seeds.len() > 1;
+    let mut runs = Vec::new();
+    for &seed in &seeds {
+        let out = if several {
+            println!("\n=== seed {seed} ===");
+            args.out.join(format!("seed-{seed}"))
+        } else {
+            args.out.clone()
+        };
+        runs.push(run_seed(args, seed, &out)?);
+    }
+    if several {
+        let summary = combine_seeds(runs)?;
+        let json = serde_json::to_vec_pretty(&summary)?;
+        segviz::core::checkpoint::write_atomically(&args.out.join("summary.json"), &json)?;
+        let seeds_text = summary
+            .seeds
+            .iter()
+            .map(|s| s.to_string())
+            .collect::<Vec<_>>()
+            .join(", ");
+        let tables = tables_markdown(
+            &summary.table_validation,
+            &summary.table_test,
+            &summary.organs,
+            &format!("over seeds {seeds_text}, every (seed, volume) pair"),
+        );
+        segviz::core::checkpoint::write_atomically(&args.out.join("tables.md"), tables.as_bytes())?;
+        println!("\n{tables}");
+        println!(
+            "every seed's results in {}/seed-N; the pooled tables in {}/summary.json and tables.md",
+            args.out.display(),
+            args.out.display()
+        );
+    }
+    println!("{:.1} min in all", started.elapsed().as_secs_f64() / 60.0);
+    Ok(())
+}
+
+/// The whole comparison for one seed, written to `out`.
+fn run_seed(args: &Args, seed: u64, out: &Path) -> AnyResult<ExperimentResults> {
+    let started = Instant::now();
+    let mut config = build_config(args)?;
+    config.seed = seed;
     let data = match &args.data {
         Some(dir) => ExperimentData::discover(dir)?,
         None => {
-            let dir = args.out.join("phantoms");
+            let dir = out.join("phantoms");
             let manifest = write_sites(&PhantomConfig {
                 out: dir.clone(),
                 cases_per_site: args.phantom_cases,
                 btcv_cases: args.phantom_test_cases,
                 size: args.phantom_size,
-                seed: args.seed,
+                seed,
             })?;
             println!(
                 "{} phantom sites in {}",
@@ -153,7 +208,7 @@ fn run(args: &Args) -> AnyResult<()> {
             .progress_chars("=> "),
     );
     check.set_prefix("checking data");
-    let experiment = Experiment::with_progress(config, &data, &args.out, mode, |p| {
+    let experiment = Experiment::with_progress(config, &data, out, mode, |p| {
         check.set_length(p.total as u64);
         check.set_position(p.checked as u64);
     });
@@ -217,16 +272,21 @@ fn run(args: &Args) -> AnyResult<()> {
     })?;
 
     experiment.write_results(&results)?;
-    let tables = tables_markdown(&results);
-    segviz::core::checkpoint::write_atomically(&args.out.join("tables.md"), tables.as_bytes())?;
+    let tables = tables_markdown(
+        &results.table_validation,
+        &results.table_test,
+        &results.organs,
+        &format!("seed {seed}"),
+    );
+    segviz::core::checkpoint::write_atomically(&out.join("tables.md"), tables.as_bytes())?;
     println!("\n{tables}");
-    write_outputs(&experiment, &results, &trained, &args.out)?;
+    write_outputs(&experiment, &results, &trained, out)?;
     println!(
-        "results, models, predictions and figures in {} ({:.1} min in all)",
-        args.out.display(),
+        "results, models, predictions and figures in {} ({:.1} min)",
+        out.display(),
         started.elapsed().as_secs_f64() / 60.0
     );
-    Ok(())
+    Ok(results)
 }
 
 fn build_config(args: &Args) -> AnyResult<ExperimentConfig> {
@@ -255,22 +315,26 @@ fn build_config(args: &Args) -> AnyResult<ExperimentConfig> {
     if args.uniform_weights {
         config.weighting = Weighting::Uniform;
     }
-    config.seed = args.seed;
     config.validate()?;
     Ok(config)
 }
 
-fn tables_markdown(results: &ExperimentResults) -> String {
+fn tables_markdown(validation: &Table, test: &Table, organs: &[String], scope: &str) -> String {
+    let legend = "[95 % CI]; * p < 0.05 vs baseline, † vs FedBN + FT (paired t-tests, \
+                  Holm-corrected over the table)";
     let mut s = format_table(
-        "Table 1 — mean Dice (SD) of the fused label map on each site's validation split (* p < 0.05 vs baseline: paired t-test, Holm-corrected over the table)",
-        &results.table_validation,
-        &results.organs,
+        &format!(
+            "Table 1 — mean Dice (SD) of the fused label map on each site's validation split, \
+             {scope} {legend}"
+        ),
+        validation,
+        organs,
     );
     s.push('\n');
     s.push_str(&format_table(
-        "Table 2 — mean Dice (SD) of the fused label map on the external test site (* p < 0.05 vs baseline: paired t-test, Holm-corrected over the table)",
-        &results.table_test,
-        &results.organs,
+        &format!("Table 2 — mean Dice (SD) of the fused label map on the external test site, {scope} {legend}"),
+        test,
+        organs,
     ));
     s
 }
@@ -315,7 +379,8 @@ fn write_outputs(
             (Method::Baseline, "BASELINE"),
             (Method::Central, "CENTRAL"),
             (Method::FedbnFt, "SEGVIZ FEDBN+FT"),
-            (Method::FedavgFt, "SEGVIZ FEDAVG+FT"),
+            (Method::FedbnPlFt, "FEDBN+PL+FT"),
+            (Method::FedbnPl, "FEDBN+PL"),
         ];
         for (method, title) in wanted {
             if let Some(t) = trained.iter().find(|t| t.method == method) {
@@ -330,13 +395,7 @@ fn write_outputs(
     let series: Vec<DiceSeries> = results
         .methods
         .iter()
-        .filter(|r| {
-            !r.rounds.is_empty()
-                && !matches!(
-                    r.method,
-                    Method::FedavgFt | Method::FedbnFt | Method::FedproxFt
-                )
-        })
+        .filter(|r| !r.rounds.is_empty() && !r.method.fine_tuned())
         .map(|r| {
             let mut per: BTreeMap<Organ, Vec<f64>> = BTreeMap::new();
             for report in &r.rounds {

@@ -18,6 +18,14 @@ The rule (``segviz-fed/src/strategy/aggregate.rs``, docs/flower.md):
 
 FedAvg, FedBN and FedProx therefore aggregate identically; they differ in what a node receives
 (:func:`client_view`) and, for FedProx, in the node's local loss.
+
+The partial-label rule ("+ PL", ``segviz-fed/src/strategy/partial_labels.rs``) on top of FedAvg
+or FedBN (``fedavg_pl``, ``fedbn_pl``) sends *every* head to *every* node (:func:`node_view`)
+and aggregates as the wrapped strategy: since every reply then carries every head, each head
+becomes the mean over all updates. The representation follows the wrapped strategy (FedBN:
+its BatchNorm withheld after round 1). The nodes train the heads of the tasks they did not
+annotate with the exclusion and distillation terms, whose settings travel in the ``train``
+config (:func:`distillation_weight_at`).
 """
 
 from __future__ import annotations
@@ -29,7 +37,16 @@ import numpy as np
 
 from .segviz_format import Tensor
 
-STRATEGIES = ("fedavg", "fedbn", "fedprox")
+PARTIAL_LABEL_SUFFIX = "_pl"
+"""Appended to a strategy's name for the partial-label rule, as in ``strategy_by_name``."""
+
+BASE_STRATEGIES = ("fedavg", "fedbn", "fedprox")
+"""The strategies without the partial-label rule (the paper's SegViz head rule)."""
+
+PARTIAL_LABEL_STRATEGIES = ("fedavg_pl", "fedbn_pl")
+"""The strategies with the partial-label rule that the ServerApp runs."""
+
+STRATEGIES = BASE_STRATEGIES + PARTIAL_LABEL_STRATEGIES
 """Strategy names, as in ``segviz_fed::strategy::strategy_by_name``."""
 
 WEIGHTINGS = ("examples", "uniform")
@@ -58,6 +75,28 @@ def check_strategy(strategy: str) -> str:
     if strategy not in STRATEGIES:
         raise ValueError(f"unknown strategy {strategy!r}: expected one of {', '.join(STRATEGIES)}")
     return strategy
+
+
+def is_partial_label(strategy: str) -> bool:
+    """Whether ``strategy`` (a checked name) has the partial-label rule."""
+    return check_strategy(strategy) in PARTIAL_LABEL_STRATEGIES
+
+
+def base_strategy(strategy: str) -> str:
+    """The strategy that ``strategy`` wraps (``fedbn`` for ``fedbn_pl``), or ``strategy`` itself."""
+    if is_partial_label(strategy):
+        return strategy[: -len(PARTIAL_LABEL_SUFFIX)]
+    return strategy
+
+
+def distillation_weight_at(round_: int, rounds: int, weight: float, start: float) -> float:
+    """The distillation weight of ``round_`` (1-based) out of ``rounds``: linear from
+    ``start * weight`` in round 1 to ``weight`` in the last round (``weight`` when there is one
+    round). The same float64 arithmetic as ``PartialLabelConfig::distillation_weight_at``.
+    """
+    t = 1.0 if rounds <= 1 else float(max(round_ - 1, 0)) / float(rounds - 1)
+    t = min(max(t, 0.0), 1.0)
+    return weight * (start + (1.0 - start) * t)
 
 
 def check_weighting(weighting: str) -> str:
@@ -120,7 +159,8 @@ def aggregate(
     """The new global state after ``round_`` (1-based) from ``updates``, in their order.
 
     Mirrors ``AggregationStrategy::aggregate_fit`` of the Rust ``FedAvg``, ``FedBn`` and
-    ``FedProx``: see the module documentation. Beyond the Rust checks, an update whose tensor
+    ``FedProx``, and of ``PartialLabels`` around them (the wrapped strategy's aggregation):
+    see the module documentation. Beyond the Rust checks, an update whose tensor
     shape differs from the global tensor's is refused too (the Rust code would silently
     replace the global shape). No update at all raises :class:`AggregationError`.
     """
@@ -155,14 +195,16 @@ def head_tasks(state: State) -> list[str]:
 def sends_tensor(strategy: str, round_: int, tensor: Tensor) -> bool:
     """Whether a node starting ``round_`` receives ``tensor`` under ``strategy``, heads aside.
 
-    Heads are always sent, to their owners only (the ServerApp picks them per node, as the
-    Rust strategies' ``configure_fit`` does); under FedBN the representation's BatchNorm tensors are sent in round 1 only, so that every
-    node starts from the same initial model and then keeps its own normalisation.
+    Heads are always sent, to their owners only, or to every node under the partial-label
+    rule (:func:`node_view` picks them per node, as the Rust strategies' ``configure_fit``
+    does); under FedBN (``fedbn_pl`` included) the representation's BatchNorm tensors are sent
+    in round 1 only, so that every node starts from the same initial model and then keeps its
+    own normalisation.
     """
     check_strategy(strategy)
     if tensor.cls.is_head:
         return True
-    if strategy == "fedbn":
+    if base_strategy(strategy) == "fedbn":
         return round_ == 1 or not tensor.cls.batch_norm
     return True
 
@@ -170,9 +212,18 @@ def sends_tensor(strategy: str, round_: int, tensor: Tensor) -> bool:
 def client_view(global_state: State, strategy: str, round_: int) -> dict[str, Tensor]:
     """What the nodes receive at the start of ``round_`` (1-based), and for evaluation
     after round ``round_ - 1``, every head included: see :func:`sends_tensor`. Each node then
-    gets the representation part and the heads of its own tasks.
+    gets :func:`node_view` of it.
     """
     return {p: t for p, t in global_state.items() if sends_tensor(strategy, round_, t)}
+
+
+def node_view(view: State, strategy: str, tasks: Sequence[str]) -> dict[str, Tensor]:
+    """What a node owning ``tasks`` receives of ``view`` (a :func:`client_view`): the
+    representation part and the heads of its own tasks or, under the partial-label rule,
+    every head.
+    """
+    every_head = is_partial_label(strategy)
+    return {p: t for p, t in view.items() if not t.cls.is_head or every_head or t.cls.task in tasks}
 
 
 def aggregate_metrics(results: Sequence[tuple[int, Mapping[str, float]]]) -> dict[str, float]:

@@ -11,11 +11,14 @@ the message contract of docs/flower.md:
    error in the log and in every round of ``history.json``;
 3. each round, send a ``train`` message to every identified node: ``arrays`` (the global
    model as the strategy shows it to nodes, with only the heads of the node's own tasks, as
-   the Rust server and the paper do) and ``config``; wait at most ``round-timeout`` seconds,
+   the Rust server and the paper do, or every head under a partial-label strategy,
+   ``fedavg_pl`` or ``fedbn_pl``) and ``config`` (under a partial-label strategy with the
+   settings of the nodes' exclusion and distillation terms); wait at most ``round-timeout`` seconds,
    or ``straggler-timeout`` seconds once ``min-nodes`` replies are in
    (:mod:`segviz_flower.exchange`);
 4. check every reply (the ``segviz`` record's classification against the arrays and the
-   global model, finite float32 values, ``num-examples``); error replies (a node that died or
+   global model, heads of the node's own tasks only unless the strategy is a partial-label
+   one, finite float32 values, ``num-examples``); error replies (a node that died or
    failed) and malformed ones are left out of the round with a logged reason, and the round
    closes with the others; no valid reply at all fails the run;
 5. aggregate with the SegViz rule (:mod:`segviz_flower.aggregate`), updates sorted by client
@@ -62,6 +65,9 @@ from .aggregate import (
     check_strategy,
     check_weighting,
     client_view,
+    distillation_weight_at,
+    is_partial_label,
+    node_view,
 )
 from .segviz_format import (
     Checkpoint,
@@ -104,7 +110,18 @@ class MalformedReply(ValueError):
 # --------------------------------------------------------------------------------------------
 
 
-def _number(config: Mapping[str, Any], key: str, kind: type, minimum: float, default: Any) -> Any:
+def _number(
+    config: Mapping[str, Any],
+    key: str,
+    kind: type,
+    minimum: float,
+    default: Any,
+    *,
+    maximum: float = math.inf,
+    above: bool = False,
+) -> Any:
+    """``config[key]`` (or ``default``) as ``kind``, in ``[minimum, maximum]``, or in
+    ``(minimum, maximum]`` when ``above``; raises :class:`ConfigError` otherwise."""
     value = config.get(key, default)
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ConfigError(f"run config {key} must be a number, got {value!r}")
@@ -114,8 +131,12 @@ def _number(config: Mapping[str, Any], key: str, kind: type, minimum: float, def
         value = int(value)
     else:
         value = float(value)
+    if above and not (math.isfinite(value) and value > minimum):
+        raise ConfigError(f"run config {key} must be greater than {minimum}, got {value!r}")
     if not math.isfinite(value) or value < minimum:
         raise ConfigError(f"run config {key} must be at least {minimum}, got {value!r}")
+    if value > maximum:
+        raise ConfigError(f"run config {key} must be at most {maximum}, got {value!r}")
     return value
 
 
@@ -150,6 +171,12 @@ class Settings:
     round_timeout: float
     node_wait_timeout: float
     straggler_timeout: float = 0.0
+    # The partial-label objective (strategies fedavg_pl and fedbn_pl), as
+    # segviz_fed::partial_labels::PartialLabelConfig.
+    exclusion_weight: float = 1.0
+    distillation_weight: float = 1.0
+    distillation_start: float = 0.01
+    distillation_temperature: float = 2.0
 
     @classmethod
     def from_run_config(cls, config: Mapping[str, Any]) -> "Settings":
@@ -173,6 +200,23 @@ class Settings:
             round_timeout=_number(config, "round-timeout", float, 1.0, 600.0),
             node_wait_timeout=_number(config, "node-wait-timeout", float, 0.0, 300.0),
             straggler_timeout=_number(config, "straggler-timeout", float, 0.0, 0.0),
+            exclusion_weight=_number(config, "exclusion-weight", float, 0.0, 1.0),
+            distillation_weight=_number(config, "distillation-weight", float, 0.0, 1.0),
+            distillation_start=_number(config, "distillation-start", float, 0.0, 0.01, maximum=1.0),
+            distillation_temperature=_number(config, "distillation-temperature", float, 0.0, 2.0, above=True),
+        )
+
+    @property
+    def partial_labels(self) -> bool:
+        """Whether the strategy has the partial-label rule (every head to every node)."""
+        return is_partial_label(self.strategy)
+
+    def distillation_weight_at(self, server_round: int) -> float:
+        """The distillation weight sent with ``server_round``'s ``train`` instructions: ramped
+        linearly from ``distillation-start × distillation-weight`` in round 1 to
+        ``distillation-weight`` in round ``num-server-rounds``."""
+        return distillation_weight_at(
+            server_round, self.num_server_rounds, self.distillation_weight, self.distillation_start
         )
 
 
@@ -250,12 +294,15 @@ def _scalar_metrics(metrics: Mapping[str, Any]) -> dict[str, float]:
     }
 
 
-def parse_train_reply(content: RecordDict, global_state: Mapping[str, Tensor]) -> Update:
+def parse_train_reply(
+    content: RecordDict, global_state: Mapping[str, Tensor], *, every_head: bool = False
+) -> Update:
     """Checks a ``train`` reply against docs/flower.md and the global model.
 
     Raises :class:`MalformedReply` saying what is wrong: a missing record or key, a
-    classification that does not match the arrays or the global model, a tensor of the wrong
-    shape or dtype, or a non-finite value.
+    classification that does not match the arrays or the global model, a head of a task that
+    is not the node's (allowed with ``every_head``: under a partial-label strategy every node
+    trains every head), a tensor of the wrong shape or dtype, or a non-finite value.
     """
     for name, kind in (("arrays", "array_records"), ("metrics", "metric_records"), ("segviz", "config_records")):
         if name not in getattr(content, kind):
@@ -291,7 +338,7 @@ def parse_train_reply(content: RecordDict, global_state: Mapping[str, Tensor]) -
             raise MalformedReply(
                 f"client {client}: {path} is classified {cls.to_json()}, the global model says {g.cls.to_json()}"
             )
-        if cls.is_head and cls.task not in tasks:
+        if cls.is_head and not every_head and cls.task not in tasks:
             raise MalformedReply(f"client {client}: sent the head tensor {path} of task {cls.task}, not one of its tasks {tasks}")
         try:
             data = arrays[path].numpy()
@@ -412,6 +459,10 @@ class SegVizStrategy(FedAvg):
         s = self.settings
         log(INFO, "\t├──> SegViz: strategy %s, weighting %s%s", s.strategy, s.weighting,
             f", proximal-mu {s.proximal_mu:g}" if s.strategy == "fedprox" else "")
+        if s.partial_labels:
+            log(INFO, "\t├──> partial labels: exclusion-weight %g, distillation-weight %g (from %g × in "
+                "round 1), distillation-temperature %g", s.exclusion_weight, s.distillation_weight,
+                s.distillation_start, s.distillation_temperature)
         log(INFO, "\t├──> initial model %s (%d tensors)", s.initial_model, len(self.global_state))
         log(INFO, "\t├──> min-nodes %d, round-timeout %g s", s.min_nodes, s.round_timeout)
         log(INFO, "\t└──> results in %s", s.out_dir)
@@ -466,7 +517,8 @@ class SegVizStrategy(FedAvg):
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        """One ``train`` message per identified node, each with the heads of its own tasks."""
+        """One ``train`` message per identified node, each with the heads of its own tasks (every
+        head under a partial-label strategy)."""
         self._round_start = time.monotonic()
         self._grid = grid
         self._round = {"round": server_round, "aggregated": [], "failed": [], "train_loss": None, "metrics": {}}
@@ -492,6 +544,11 @@ class SegVizStrategy(FedAvg):
         )
         if self.settings.strategy == "fedprox":
             train_config["proximal-mu"] = float(self.settings.proximal_mu)
+        if self.settings.partial_labels:
+            train_config["partial-labels"] = 1
+            train_config["exclusion-weight"] = float(self.settings.exclusion_weight)
+            train_config["distillation-weight"] = float(self.settings.distillation_weight_at(server_round))
+            train_config["distillation-temperature"] = float(self.settings.distillation_temperature)
         log(INFO, "Round %d: training on %d node(s) %s", server_round, len(nodes), nodes)
         self._sent = self._per_node_messages(view, train_config, nodes, MessageType.TRAIN, server_round)
         return self._sent
@@ -505,7 +562,9 @@ class SegVizStrategy(FedAvg):
             if msg is None:
                 continue
             try:
-                update = parse_train_reply(msg.content, self.global_state)
+                update = parse_train_reply(
+                    msg.content, self.global_state, every_head=self.settings.partial_labels
+                )
                 identity = self.identities[node]
                 if update.client != identity.client or tuple(update.tasks) != identity.tasks:
                     raise MalformedReply(
@@ -592,11 +651,11 @@ class SegVizStrategy(FedAvg):
     def _per_node_messages(
         self, view: Mapping[str, Tensor], config: ConfigRecord, nodes: list[int], kind: str, server_round: int
     ) -> list[Message]:
-        """Each node gets the representation and the heads of its own tasks only."""
+        """Each node gets the representation and the heads of its own tasks only (every head
+        under a partial-label strategy): :func:`~segviz_flower.aggregate.node_view`."""
         messages: list[Message] = []
         for node in nodes:
-            tasks = self.identities[node].tasks
-            arrays = {p: t for p, t in view.items() if not t.cls.is_head or t.cls.task in tasks}
+            arrays = node_view(view, self.settings.strategy, self.identities[node].tasks)
             content = RecordDict({"arrays": to_array_record(arrays), "config": config})
             messages.extend(self._messages(content, [node], kind, server_round))
         return messages

@@ -77,13 +77,17 @@ def initial_model() -> Checkpoint:
 
 
 class FakeNode:
-    """A site: keeps its own state (representation and its heads), trains by adding a shift."""
+    """A site: keeps its own state (representation and its heads), trains by adding a shift.
 
-    def __init__(self, node_id, client, tasks, examples, shift, behaviour="ok"):
+    With ``every_head`` (a node of a partial-label federation) it keeps and trains every head.
+    """
+
+    def __init__(self, node_id, client, tasks, examples, shift, behaviour="ok", every_head=False):
         self.node_id, self.client, self.tasks = node_id, client, tasks
         self.examples, self.shift, self.behaviour = examples, shift, behaviour
         init = initial_model().tensors
-        self.state = {p: Tensor(t.data.copy(), t.cls) for p, t in init.items() if t.cls.task in (None, *tasks)}
+        self.state = {p: Tensor(t.data.copy(), t.cls) for p, t in init.items()
+                      if every_head or t.cls.task in (None, *tasks)}
         self.received = []
 
     def reply(self, ins: Message) -> Message | None:
@@ -353,6 +357,107 @@ class WholeRun(Base):
             self.run_app([], **{"initial-model": str(self.root / "absent.segviz")})
 
 
+class PartialLabels(Base):
+    """Strategies fedavg_pl and fedbn_pl: every head to every node, the PL train config."""
+
+    def nodes(self):
+        return [
+            FakeNode(11, "liver_site", ["liver"], 4, 1.0, every_head=True),
+            FakeNode(12, "spleen_site", ["spleen"], 2, 2.0, every_head=True),
+            FakeNode(13, "kidney_site", ["kidney", "liver"], 2, 4.0, every_head=True),
+        ]
+
+    def test_fedbn_pl_sends_every_head_to_every_node_and_averages_them_over_all(self):
+        nodes = self.nodes()
+        history, final = self.run_app(nodes, strategy="fedbn_pl", **{
+            "num-server-rounds": 3, "exclusion-weight": 0.5, "distillation-weight": 2.0,
+            "distillation-temperature": 3.0})
+        self.assertEqual([len(r["failed"]) for r in history], [0, 0, 0])
+        self.assertEqual([[a["client"] for a in r["aggregated"]] for r in history],
+                         [["kidney_site", "liver_site", "spleen_site"]] * 3)
+        every = {f"heads.{t}.{p}" for t in TASKS for p in ("conv.weight", "norm.gamma")}
+        for node in nodes:
+            sent = [m for m in node.received if m.metadata.message_type != "query"]
+            self.assertEqual(len(sent), 6)  # train and evaluate, 3 rounds
+            for m in sent:
+                keys = set(m.content.array_records["arrays"])
+                where = f"{node.client} {m.metadata.message_type} round {m.metadata.group_id}"
+                self.assertTrue(every <= keys, where)
+                # FedBN's view: the representation's BatchNorm in round 1's training only.
+                first_train = m.metadata.message_type == "train" and m.metadata.group_id == "1"
+                self.assertEqual("representation.norm.running_mean" in keys, first_train, where)
+        # The train config: the plain keys, then the partial-label ones with the ramp
+        # w · (s + (1 − s)(r − 1)/(R − 1)): 2·0.01, 2·0.505, 2.
+        trains = [m for m in nodes[0].received if m.metadata.message_type == "train"]
+        configs = [dict(m.content.config_records["config"]) for m in trains]
+        self.assertEqual(configs[0], {
+            "server-round": 1, "num-server-rounds": 3, "local-epochs": 1, "strategy": "fedbn_pl",
+            "partial-labels": 1, "exclusion-weight": 0.5, "distillation-weight": 0.02,
+            "distillation-temperature": 3.0})
+        self.assertEqual([c["distillation-weight"] for c in configs], [0.02, 2.0 * 0.505, 2.0])
+        self.assertTrue(all(isinstance(c["partial-labels"], int) for c in configs))
+        evaluation = next(m for m in nodes[0].received if m.metadata.message_type == "evaluate")
+        self.assertNotIn("partial-labels", evaluation.content.config_records["config"])
+        # Every head is the mean over every reply: the kidney head, owned by one site only,
+        # moved by the examples-weighted shift (4·1 + 2·2 + 2·4) / 8 = 2 per round.
+        g = initial_model().tensors
+        for t in TASKS:
+            np.testing.assert_allclose(final.tensors[f"heads.{t}.conv.weight"].data,
+                                       g[f"heads.{t}.conv.weight"].data + 6.0, rtol=0, atol=1e-5)
+        self.assertEqual(final.metadata["strategy"], "fedbn_pl")
+
+    def test_fedavg_pl_sends_the_representation_batchnorm_every_round(self):
+        nodes = self.nodes()
+        self.run_app(nodes, strategy="fedavg_pl", **{"num-server-rounds": 2})
+        for m in nodes[1].received[1:]:
+            keys = set(m.content.array_records["arrays"])
+            self.assertIn("representation.norm.running_mean", keys)
+            self.assertIn("heads.kidney.conv.weight", keys)
+        trains = [m for m in nodes[1].received if m.metadata.message_type == "train"]
+        self.assertEqual([m.content.config_records["config"]["distillation-weight"] for m in trains], [0.01, 1.0])
+        self.assertEqual(trains[0].content.config_records["config"]["exclusion-weight"], 1.0)
+        self.assertEqual(trains[0].content.config_records["config"]["distillation-temperature"], 2.0)
+
+    def test_plain_strategies_still_refuse_foreign_heads(self):
+        nodes = [FakeNode(11, "a", ["liver"], 1, 0.5, every_head=True), FakeNode(12, "b", ["spleen"], 1, 0.5)]
+        history, _ = self.run_app(nodes, **{"num-server-rounds": 1, "min-nodes": 1})
+        self.assertEqual([a["client"] for a in history[0]["aggregated"]], ["b"])
+        self.assertIn("not one of its tasks", history[0]["failed"][0]["reason"])
+        # No partial-label key travels with a plain strategy.
+        cfg = nodes[1].received[1].content.config_records["config"]
+        self.assertFalse({"partial-labels", "exclusion-weight", "distillation-weight",
+                          "distillation-temperature"} & set(cfg))
+
+    def test_bad_partial_label_settings_are_refused(self):
+        s = Settings.from_run_config(self.run_config(strategy="fedbn_pl"))
+        self.assertTrue(s.partial_labels)
+        self.assertEqual((s.exclusion_weight, s.distillation_weight, s.distillation_start, s.distillation_temperature),
+                         (1.0, 1.0, 0.01, 2.0))
+        self.assertFalse(Settings.from_run_config(self.run_config()).partial_labels)
+        for key, bad, words in (
+            ("exclusion-weight", -0.5, "exclusion-weight must be at least 0"),
+            ("distillation-weight", -1, "distillation-weight must be at least 0"),
+            ("distillation-weight", math.inf, "distillation-weight must be at least 0"),
+            ("distillation-start", 1.5, "distillation-start must be at most 1"),
+            ("distillation-start", -0.1, "distillation-start must be at least 0"),
+            ("distillation-temperature", 0, "distillation-temperature must be greater than 0"),
+            ("distillation-temperature", -2.0, "distillation-temperature must be greater than 0"),
+            ("exclusion-weight", "high", "exclusion-weight must be a number"),
+        ):
+            with self.subTest(key=key, value=bad):
+                with self.assertRaisesRegex(ConfigError, words):
+                    Settings.from_run_config(self.run_config(strategy="fedbn_pl", **{key: bad}))
+        # Zero weights turn a term off; a start of 1 means no ramp.
+        s = Settings.from_run_config(self.run_config(strategy="fedavg_pl", **{
+            "exclusion-weight": 0, "distillation-weight": 0.0, "distillation-start": 1}))
+        self.assertEqual((s.exclusion_weight, s.distillation_weight, s.distillation_start), (0.0, 0.0, 1.0))
+        # Through the ServerApp: the run fails before any node is asked anything.
+        with self.assertRaisesRegex(SegVizRunError, "cannot start: run config distillation-temperature must be greater"):
+            self.run_app([], strategy="fedbn_pl", **{"distillation-temperature": 0.0})
+        with self.assertRaisesRegex(SegVizRunError, "unknown strategy 'fedbn_pl_pl'"):
+            self.run_app([], strategy="fedbn_pl_pl")
+
+
 class Stragglers(Base):
     """Row 17 of issue 10: nodes killed while uploading their round-2 reply."""
 
@@ -429,6 +534,10 @@ class Replies(Base):
         content, node = self.good_content()
         content.config_records["segviz"]["tasks"] = ["spleen"]
         self.assert_malformed(content, "not one of its tasks")
+        # Under a partial-label strategy every node trains and returns every head.
+        u = parse_train_reply(content, initial_model().tensors, every_head=True)
+        self.assertEqual((u.client, u.tasks), ("a", ["spleen"]))
+        self.assertIn("heads.liver.conv.weight", u.tensors)
 
         content, node = self.good_content()
         content.config_records["segviz"]["format"] = "segviz-state/2"

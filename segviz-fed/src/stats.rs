@@ -173,6 +173,34 @@ fn beta_continued_fraction(x: f64, a: f64, b: f64) -> f64 {
     h
 }
 
+/// The two-sided 95 % confidence interval of the mean of `values` (Student's t with
+/// n − 1 degrees of freedom); `None` with fewer than two values.
+pub fn mean_ci95(values: &[f64]) -> Option<(f64, f64)> {
+    let n = values.len();
+    if n < 2 {
+        return None;
+    }
+    let mean = values.iter().sum::<f64>() / n as f64;
+    let var = values.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / (n - 1) as f64;
+    let half = student_t_quantile(0.975, (n - 1) as f64) * (var / n as f64).sqrt();
+    Some((mean - half, mean + half))
+}
+
+/// The `q` quantile of Student's t with `df` degrees of freedom (0 < q < 1), by bisection
+/// on [`student_t_cdf`].
+pub fn student_t_quantile(q: f64, df: f64) -> f64 {
+    let (mut lo, mut hi) = (-1e3, 1e3);
+    for _ in 0..200 {
+        let mid = 0.5 * (lo + hi);
+        if student_t_cdf(mid, df) < q {
+            lo = mid;
+        } else {
+            hi = mid;
+        }
+    }
+    0.5 * (lo + hi)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -239,5 +267,17 @@ mod tests {
         let with_nan = holm_adjust(&[0.01, f64::NAN, 0.02]);
         assert!(with_nan[1].is_nan());
         assert_eq!((with_nan[0], with_nan[2]), (0.02, 0.02));
+    }
+
+    #[test]
+    fn confidence_intervals_match_scipy() {
+        // scipy.stats.t.ppf(0.975, 4) = 2.7764451051977934; t.ppf(0.975, 29) = 2.045229642132703
+        assert!((student_t_quantile(0.975, 4.0) - 2.776_445_105_197_793_4).abs() < 1e-9);
+        assert!((student_t_quantile(0.975, 29.0) - 2.045_229_642_132_703).abs() < 1e-9);
+        // mean 3, sd sqrt(2.5), n 5: 3 ± 2.7764451 · sqrt(2.5 / 5)
+        let (lo, hi) = mean_ci95(&[1.0, 2.0, 3.0, 4.0, 5.0]).unwrap();
+        let half = 2.776_445_105_197_793_4 * (0.5f64).sqrt();
+        assert!((lo - (3.0 - half)).abs() < 1e-9 && (hi - (3.0 + half)).abs() < 1e-9);
+        assert!(mean_ci95(&[1.0]).is_none());
     }
 }
