@@ -460,9 +460,9 @@ class SegVizStrategy(FedAvg):
         log(INFO, "\t├──> SegViz: strategy %s, weighting %s%s", s.strategy, s.weighting,
             f", proximal-mu {s.proximal_mu:g}" if s.strategy == "fedprox" else "")
         if s.partial_labels:
-            log(INFO, "\t├──> partial labels: exclusion-weight %g, distillation-weight %g (from %g × in "
-                "round 1), distillation-temperature %g", s.exclusion_weight, s.distillation_weight,
-                s.distillation_start, s.distillation_temperature)
+            log(INFO, "\t├──> partial labels: exclusion-weight %g, distillation-weight %g (ramped from "
+                "%g in round 1), distillation-temperature %g", s.exclusion_weight, s.distillation_weight,
+                s.distillation_weight_at(1), s.distillation_temperature)
         log(INFO, "\t├──> initial model %s (%d tensors)", s.initial_model, len(self.global_state))
         log(INFO, "\t├──> min-nodes %d, round-timeout %g s", s.min_nodes, s.round_timeout)
         log(INFO, "\t└──> results in %s", s.out_dir)

@@ -10,7 +10,12 @@ from segviz_flower.aggregate import (
     Update,
     aggregate,
     aggregate_metrics,
+    base_strategy,
+    check_strategy,
     client_view,
+    distillation_weight_at,
+    is_partial_label,
+    node_view,
 )
 from segviz_flower.segviz_format import Tensor, TensorClass
 
@@ -174,6 +179,88 @@ class ClientView(unittest.TestCase):
                 np.testing.assert_array_equal(t.data, nxt[path].data)
         # Under FedBN the global still holds the BatchNorm mean (never sent): (2*10 + 40) / 3.
         self.assertEqual(value(aggregate(1, g, ups, "fedbn", "examples"), BN), [np.float32(20.0)])
+
+
+class PartialLabelRule(unittest.TestCase):
+    """fedavg_pl and fedbn_pl: every head to every node, the wrapped strategy's aggregation."""
+
+    def test_names(self):
+        for strategy, base in (("fedavg_pl", "fedavg"), ("fedbn_pl", "fedbn")):
+            self.assertEqual(check_strategy(strategy), strategy)
+            self.assertTrue(is_partial_label(strategy))
+            self.assertEqual(base_strategy(strategy), base)
+        for strategy in ("fedavg", "fedbn", "fedprox"):
+            self.assertFalse(is_partial_label(strategy))
+            self.assertEqual(base_strategy(strategy), strategy)
+        for bad in ("fedbn_pl_pl", "fedsgd_pl", "_pl"):
+            with self.assertRaisesRegex(ValueError, f"unknown strategy {bad!r}: expected one of .*fedbn_pl"):
+                check_strategy(bad)
+
+    def test_the_distillation_weight_ramps_linearly(self):
+        # As PartialLabelConfig::distillation_weight_at's test: 0.01 in round 1, 1 in the last.
+        self.assertEqual(distillation_weight_at(1, 11, 1.0, 0.01), 0.01)
+        self.assertAlmostEqual(distillation_weight_at(6, 11, 1.0, 0.01), 0.505, places=12)
+        self.assertEqual(distillation_weight_at(11, 11, 1.0, 0.01), 1.0)
+        self.assertEqual(distillation_weight_at(1, 1, 1.0, 0.01), 1.0)
+        # The midpoint of an odd ramp, and the weight scaling every value.
+        self.assertAlmostEqual(distillation_weight_at(2, 3, 1.0, 0.01), 0.505, places=12)
+        self.assertEqual(distillation_weight_at(1, 3, 4.0, 0.25), 1.0)
+        self.assertEqual(distillation_weight_at(3, 3, 4.0, 0.25), 4.0)
+        # Monotonic, and clamped outside 1..rounds.
+        ramp = [distillation_weight_at(r, 5, 1.0, 0.01) for r in range(1, 6)]
+        self.assertEqual(ramp, sorted(ramp))
+        self.assertEqual(distillation_weight_at(9, 5, 1.0, 0.01), 1.0)
+        self.assertEqual(distillation_weight_at(0, 5, 1.0, 0.01), 0.01)
+        # A weight of 0 turns distillation off in every round.
+        self.assertEqual({distillation_weight_at(r, 4, 0.0, 0.01) for r in range(1, 5)}, {0.0})
+
+    def test_every_head_goes_to_every_node_under_pl_only(self):
+        g = state(0, 0, {"liver": 0, "spleen": 0, "kidney": 0})
+        heads = {p for p, t in g.items() if t.cls.is_head}
+        for r in (1, 2):
+            for strategy, own_only in (("fedbn", True), ("fedavg", True), ("fedprox", True),
+                                       ("fedbn_pl", False), ("fedavg_pl", False)):
+                view = node_view(client_view(g, strategy, r), strategy, ["liver"])
+                got = {p for p in view if view[p].cls.is_head}
+                want = {head("liver"), head_bn("liver")} if own_only else heads
+                self.assertEqual(got, want, f"{strategy} round {r}")
+                self.assertIn(CONV, view)
+
+    def test_fedbn_pl_still_withholds_the_representation_batchnorm_after_round_one(self):
+        g = state(0, 0, {"liver": 0, "spleen": 0})
+        self.assertIn(BN, node_view(client_view(g, "fedbn_pl", 1), "fedbn_pl", ["spleen"]))
+        for r in (2, 3, 10):
+            view = node_view(client_view(g, "fedbn_pl", r), "fedbn_pl", ["spleen"])
+            self.assertFalse(any(t.cls.batch_norm and t.cls.is_representation for t in view.values()))
+            self.assertEqual(set(view), set(g) - {BN})
+            # Heads travel whole, their own BatchNorm included, every one of them.
+            self.assertIn(head_bn("liver"), view)
+        # fedavg_pl sends everything, every round.
+        for r in (1, 2):
+            self.assertEqual(set(node_view(client_view(g, "fedavg_pl", r), "fedavg_pl", ["liver"])), set(g))
+
+    def test_heads_are_averaged_over_every_reply(self):
+        g = state(0, 0, {"liver": 0.5, "spleen": 0.5, "kidney": 9})
+        every = {"liver": 0, "spleen": 0, "kidney": 0}
+        ups = []
+        for client, n, v in (("liver_site", 1, 2.0), ("spleen_site", 1, 3.0), ("liver_too", 2, 6.0)):
+            ups.append(Update(client, ["spleen" if client == "spleen_site" else "liver"], n,
+                              state(v, v, {t: v for t in every})))
+        for strategy, base in (("fedavg_pl", "fedavg"), ("fedbn_pl", "fedbn")):
+            nxt = aggregate(1, g, ups, strategy, "examples")
+            # (1·2 + 1·3 + 2·6) / 4 = 4.25 for every head, owned or not (kidney: nobody's).
+            for t in every:
+                self.assertEqual(value(nxt, head(t)), [4.25], f"{strategy} {t}")
+                self.assertEqual(value(nxt, head_bn(t)), [104.25], f"{strategy} {t}")
+            self.assertEqual(value(nxt, CONV), [4.25, 8.5])
+            # The wrapped strategy's aggregation, bit for bit.
+            plain = aggregate(1, g, ups, base, "examples")
+            self.assertEqual(set(nxt), set(plain))
+            for p in plain:
+                np.testing.assert_array_equal(nxt[p].data, plain[p].data)
+                self.assertEqual(nxt[p].cls, plain[p].cls)
+            uniform = aggregate(1, g, ups, strategy, "uniform")
+            self.assertEqual(value(uniform, head("kidney")), [np.float32((2.0 + 3.0 + 6.0) / 3.0)])
 
 
 class Metrics(unittest.TestCase):

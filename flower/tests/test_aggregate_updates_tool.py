@@ -65,6 +65,36 @@ class Tool(unittest.TestCase):
                     np.testing.assert_array_equal(got.tensors[p].data, t.data)
                     self.assertEqual(got.tensors[p].cls, t.cls)
 
+    def test_partial_label_strategies_aggregate_as_the_strategy_they_wrap(self):
+        # Under the partial-label rule every update carries every head; its metadata still
+        # names the client's own tasks.
+        rng = np.random.default_rng(2)
+        files, updates = [], []
+        for name, tasks, n in (("b_site", ["spleen"], 3), ("a_site", ["liver"], 5), ("c_site", ["liver"], 0)):
+            u = Update(name, tasks, n, tensors(rng, ["liver", "spleen"]))
+            path = self.root / f"pl-{name}.segviz"
+            write_checkpoint(path, Checkpoint(CONFIG, {"client": name, "tasks": tasks, "num_examples": n}, u.tensors))
+            files.append(str(path))
+            updates.append(u)
+        for strategy, base in (("fedavg_pl", "fedavg"), ("fedbn_pl", "fedbn")):
+            for weighting in ("examples", "uniform"):
+                out = self.root / f"out-{strategy}-{weighting}.segviz"
+                r = self.run_tool("--global", str(self.root / "g.segviz"), "--updates", *files,
+                                  "--strategy", strategy, "--weighting", weighting, "--round", "3", "--out", str(out))
+                self.assertEqual(r.returncode, 0, r.stderr)
+                got = read_checkpoint(out)
+                self.assertEqual(got.metadata, {"round": 3, "strategy": strategy, "weighting": weighting})
+                want = aggregate(3, self.global_tensors, updates, base, weighting)
+                self.assertEqual(set(got.tensors), set(want))
+                for p, t in want.items():
+                    np.testing.assert_array_equal(got.tensors[p].data, t.data)
+                    self.assertEqual(got.tensors[p].cls, t.cls)
+                # The spleen head is the mean over every update, not only its owner's.
+                if weighting == "examples":
+                    mean = (5 * updates[1].tensors["heads.spleen.conv.weight"].data.astype(np.float64)
+                            + 3 * updates[0].tensors["heads.spleen.conv.weight"].data.astype(np.float64)) / 8
+                    np.testing.assert_array_equal(got.tensors["heads.spleen.conv.weight"].data, mean.astype(np.float32))
+
     def test_bad_update_metadata_is_a_clear_error(self):
         write_checkpoint(self.root / "bad.segviz", Checkpoint(CONFIG, {"client": "x"}, {}))
         r = self.run_tool("--global", str(self.root / "g.segviz"), "--updates", str(self.root / "bad.segviz"),

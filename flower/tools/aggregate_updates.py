@@ -10,6 +10,10 @@ Each update file's metadata must hold ``{"client": str, "tasks": [str, ...],
 is the global model of ``--global`` with the aggregated tensors, written atomically with the
 global file's configuration and metadata ``{"round", "strategy", "weighting"}``.
 
+``--strategy`` is any SegViz strategy: ``fedavg``, ``fedbn``, ``fedprox``, or a partial-label one,
+``fedavg_pl`` or ``fedbn_pl``, aggregated as the strategy it wraps (its updates carry every
+head, each averaged over the updates carrying it, as for the plain strategies).
+
 Updates are aggregated in the order given on the command line (float64 sums in that order,
 as the Rust ``AggregationStrategy::aggregate_fit`` does with its slice); the ServerApp sorts
 them by client name first. Used by the Rust test that compares both implementations.
@@ -60,7 +64,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--global", dest="global_path", required=True, help="the global model before the round (.segviz)")
     parser.add_argument("--updates", nargs="+", required=True, help="client updates (.segviz), in aggregation order")
-    parser.add_argument("--strategy", choices=STRATEGIES, required=True)
+    parser.add_argument("--strategy", choices=STRATEGIES, required=True,
+                        help="a SegViz strategy; fedavg_pl and fedbn_pl aggregate as fedavg and fedbn")
     parser.add_argument("--weighting", choices=WEIGHTINGS, default="examples")
     parser.add_argument("--round", type=int, default=1, help="the round being aggregated (1-based)")
     parser.add_argument("--out", required=True, help="where to write the new global model (.segviz)")

@@ -41,6 +41,8 @@ pub struct SiteClient {
     trainer: Option<LocalTrainer>,
     /// A saved trainer state waiting for the trainer to be built (on the first fit).
     pending_trainer_state: Option<Vec<u8>>,
+    /// Validation volumes scored in each round's evaluation (`None`: all of them).
+    round_validation: Option<usize>,
 }
 
 impl SiteClient {
@@ -72,7 +74,15 @@ impl SiteClient {
             seed,
             trainer: None,
             pending_trainer_state: None,
+            round_validation: None,
         })
+    }
+
+    /// Scores only the first `volumes` validation volumes in each round's evaluation (the
+    /// per-round monitoring); `None` scores all of them. Training is not affected.
+    pub fn with_round_validation(mut self, volumes: Option<usize>) -> Self {
+        self.round_validation = volumes;
+        self
     }
 
     /// The client's current local model.
@@ -233,7 +243,11 @@ impl FederatedClient for SiteClient {
         let scores = evaluate_site(
             &Segmenter::Single(Box::new(eval_model)),
             &self.site,
-            &self.site.split.validation,
+            &self.site.split.validation[..self
+                .round_validation
+                .map_or(self.site.split.validation.len(), |n| {
+                    n.min(self.site.split.validation.len())
+                })],
             &organs,
             &self.window,
             &device,
