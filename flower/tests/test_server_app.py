@@ -371,7 +371,7 @@ class PartialLabels(Base):
         nodes = self.nodes()
         history, final = self.run_app(nodes, strategy="fedbn_pl", **{
             "num-server-rounds": 3, "exclusion-weight": 0.5, "distillation-weight": 2.0,
-            "distillation-temperature": 3.0})
+            "distillation-start": 0.01, "distillation-temperature": 3.0})
         self.assertEqual([len(r["failed"]) for r in history], [0, 0, 0])
         self.assertEqual([[a["client"] for a in r["aggregated"]] for r in history],
                          [["kidney_site", "liver_site", "spleen_site"]] * 3)
@@ -408,14 +408,14 @@ class PartialLabels(Base):
 
     def test_fedavg_pl_sends_the_representation_batchnorm_every_round(self):
         nodes = self.nodes()
-        self.run_app(nodes, strategy="fedavg_pl", **{"num-server-rounds": 2})
+        self.run_app(nodes, strategy="fedavg_pl", **{"num-server-rounds": 2, "distillation-start": 0.01})
         for m in nodes[1].received[1:]:
             keys = set(m.content.array_records["arrays"])
             self.assertIn("representation.norm.running_mean", keys)
             self.assertIn("heads.kidney.conv.weight", keys)
         trains = [m for m in nodes[1].received if m.metadata.message_type == "train"]
         self.assertEqual([m.content.config_records["config"]["distillation-weight"] for m in trains], [0.01, 1.0])
-        self.assertEqual(trains[0].content.config_records["config"]["exclusion-weight"], 1.0)
+        self.assertEqual(trains[0].content.config_records["config"]["exclusion-weight"], 0.5)
         self.assertEqual(trains[0].content.config_records["config"]["distillation-temperature"], 2.0)
 
     def test_plain_strategies_still_refuse_foreign_heads(self):
@@ -432,7 +432,7 @@ class PartialLabels(Base):
         s = Settings.from_run_config(self.run_config(strategy="fedbn_pl"))
         self.assertTrue(s.partial_labels)
         self.assertEqual((s.exclusion_weight, s.distillation_weight, s.distillation_start, s.distillation_temperature),
-                         (1.0, 1.0, 0.01, 2.0))
+                         (0.5, 1.0, 1.0, 2.0))
         self.assertFalse(Settings.from_run_config(self.run_config()).partial_labels)
         for key, bad, words in (
             ("exclusion-weight", -0.5, "exclusion-weight must be at least 0"),

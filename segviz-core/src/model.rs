@@ -264,6 +264,20 @@ impl SegVizModel {
         Tensor::cat(organs, 1)
     }
 
+    /// The organ probability (softmax channel 1) of the two-class head at `index` alone.
+    ///
+    /// # Shapes
+    /// - input: `[batch, in_channels, d, h, w]`
+    /// - output: `[batch, 1, d, h, w]`
+    ///
+    /// # Panics
+    /// If `index` is not a head of the model (see [`SegVizModel::task_index`]).
+    pub fn task_probability(&self, x: Tensor<5>, index: usize) -> Tensor<5> {
+        let logits = self.heads[index].forward(self.features(x));
+        let [b, _, d, h, w] = logits.dims();
+        softmax(logits, 1).slice([0..b, 1..2, 0..d, 0..h, 0..w])
+    }
+
     /// Adds a freshly initialised head for a new task, leaving every other tensor alone.
     pub fn add_task(mut self, task: &str, seed: u64) -> Result<Self> {
         validate_task_name(task)?;

@@ -109,11 +109,10 @@ impl Segmenter {
                 let mut all = Vec::with_capacity(list.len() * n);
                 for (organ, model) in list {
                     let index = model.task_index(organ.name())?;
+                    // Only this organ's head runs (a partial-label model holds every head).
                     let (probs, _) =
                         sliding_window_inference(&image.data, shape, window, device, |x| {
-                            let p = model.probabilities(x);
-                            let [b, _, d, h, w] = p.dims();
-                            p.slice([0..b, index..index + 1, 0..d, 0..h, 0..w])
+                            model.task_probability(x, index)
                         })?;
                     all.extend(probs);
                 }

@@ -240,8 +240,12 @@ impl FederatedClient for SiteClient {
             .filter_map(|t| Organ::from_name(t))
             .collect();
         let device = crate::local::model_device(&eval_model);
+        // The site's own heads, fused: under the partial-label rule the model also holds
+        // every other organ's head, which the experiment takes from that organ's owner.
+        let segmenter =
+            Segmenter::PerOrgan(organs.iter().map(|o| (*o, eval_model.clone())).collect());
         let scores = evaluate_site(
-            &Segmenter::Single(Box::new(eval_model)),
+            &segmenter,
             &self.site,
             &self.site.split.validation[..self
                 .round_validation

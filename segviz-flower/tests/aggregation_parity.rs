@@ -11,6 +11,8 @@ use std::process::Command;
 
 use segviz_core::checkpoint::{read_checkpoint, write_checkpoint, Checkpoint};
 use segviz_core::{ModelState, RepresentationConfig, SegVizConfig};
+use segviz_fed::partial_labels::PartialLabelConfig;
+use segviz_fed::strategy::PartialLabels;
 use segviz_fed::{AggregationStrategy, ClientUpdate, FedAvg, FedBn, Weighting};
 
 fn tempdir(name: &str) -> PathBuf {
@@ -199,6 +201,90 @@ fn python_and_rust_aggregate_saved_updates_identically() {
         println!(
             "{name}/{weighting_name}: {} tensors identical, {moved} moved",
             rust.tensors.len()
+        );
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn python_and_rust_apply_the_partial_label_rule_identically() {
+    let Some(python) = flower_python() else {
+        return;
+    };
+    let tool = Path::new(env!("CARGO_MANIFEST_DIR")).join("../flower/tools/aggregate_updates.py");
+    let dir = tempdir("aggregate-pl");
+    let config = config();
+    let global = config
+        .init(&burn::tensor::Device::flex(), 5)
+        .unwrap()
+        .state();
+    // Under the partial-label rule every site sends every head.
+    let every = ["liver", "spleen", "kidney"];
+    let updates = vec![
+        update(&global, "Task03_Liver", &every, 24, 1.0),
+        update(&global, "Task09_Spleen", &every, 8, 2.0),
+        update(&global, "kits19", &every, 40, 3.0),
+    ];
+    save(
+        &dir.join("global.segviz"),
+        &config,
+        &global,
+        serde_json::json!({}),
+    );
+    let mut files = Vec::new();
+    for u in &updates {
+        let path = dir.join(format!("{}.segviz", u.client));
+        save(
+            &path,
+            &config,
+            &u.state,
+            serde_json::json!({"client": u.client, "tasks": u.tasks, "num_examples": u.num_examples}),
+        );
+        files.push(path);
+    }
+    let rust = PartialLabels::new(
+        Box::new(FedBn {
+            weighting: Weighting::Examples,
+        }),
+        PartialLabelConfig::default(),
+        3,
+    )
+    .aggregate_fit(2, &global, &updates)
+    .unwrap();
+    let out = dir.join("python-fedbn_pl.segviz");
+    let status = Command::new(&python)
+        .arg(&tool)
+        .arg("--global")
+        .arg(dir.join("global.segviz"))
+        .arg("--updates")
+        .args(&files)
+        .args([
+            "--strategy",
+            "fedbn_pl",
+            "--weighting",
+            "examples",
+            "--round",
+            "2",
+            "--out",
+        ])
+        .arg(&out)
+        .status()
+        .expect("cannot run the Python aggregation tool");
+    assert!(status.success(), "fedbn_pl: the Python tool failed");
+    let python_state = read_checkpoint(&out).unwrap().state;
+    assert_eq!(
+        python_state.tensors.keys().collect::<Vec<_>>(),
+        rust.tensors.keys().collect::<Vec<_>>()
+    );
+    for task in every {
+        let head = rust.head(task);
+        assert!(!head.tensors.is_empty());
+        assert_ne!(head, global.head(task), "{task}: not averaged");
+    }
+    for (path, r) in &rust.tensors {
+        assert_eq!(
+            python_state.tensors[path].data, r.data,
+            "fedbn_pl: {path} differs"
         );
     }
     let _ = std::fs::remove_dir_all(&dir);

@@ -2,7 +2,6 @@
 
 use std::path::{Path, PathBuf};
 
-
 use crate::error::{FedError, Result};
 
 /// The data of an experiment: training sites and an optional external test site.

@@ -61,7 +61,7 @@ pub struct ExperimentConfig {
 
 impl ExperimentConfig {
     /// The quick preset: a small U-Net (channels 8–64, three levels) on 4×4×5 mm volumes,
-    /// 48×48×16 patches, 20 rounds of 2 local epochs, Dice + cross-entropy at lr 1e-3 —
+    /// 48×48×16 patches, 16 rounds of 2 local epochs, Dice + cross-entropy at lr 1e-3 —
     /// every method of the comparison in minutes on a 2-core CPU.
     pub fn quick() -> Self {
         ExperimentConfig {
@@ -89,7 +89,7 @@ impl ExperimentConfig {
                 optimizer_restart: OptimizerRestart::EveryRound,
             },
             window: SlidingWindowConfig::new([96, 96, 48]).with_sw_batch_size(1),
-            rounds: 20,
+            rounds: 16,
             local_epochs: 2,
             fine_tune_epochs: 5,
             fine_tune_learning_rate: None,

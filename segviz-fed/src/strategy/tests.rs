@@ -245,7 +245,11 @@ fn the_partial_label_rule_sends_and_averages_every_head() {
         0.0,
         &[("liver", 0.5), ("spleen", 0.5), ("kidney", 9.0)],
     );
-    let pl = PartialLabels::new(Box::new(FedBn::default()), PartialLabelConfig::default(), 5);
+    let ramped = PartialLabelConfig {
+        distillation_start: 0.01,
+        ..PartialLabelConfig::default()
+    };
+    let pl = PartialLabels::new(Box::new(FedBn::default()), ramped, 5);
     assert_eq!(pl.name(), "fedbn_pl");
     let info = ClientInfo {
         name: "liver_site".into(),
