@@ -395,7 +395,14 @@ fn write_outputs(
     let series: Vec<DiceSeries> = results
         .methods
         .iter()
-        .filter(|r| !r.rounds.is_empty() && !r.method.fine_tuned())
+        // One curve per federation (a method and its fine-tuned variant share one).
+        .filter(|r| {
+            !r.rounds.is_empty()
+                && !(r.method.fine_tuned()
+                    && results.methods.iter().any(|o| {
+                        !o.method.fine_tuned() && o.method.federation() == r.method.federation()
+                    }))
+        })
         .map(|r| {
             let mut per: BTreeMap<Organ, Vec<f64>> = BTreeMap::new();
             for report in &r.rounds {
@@ -405,7 +412,8 @@ fn write_outputs(
                     }
                 }
             }
-            (r.method.name().to_uppercase(), per.into_iter().collect())
+            let name = r.method.federation().unwrap_or(r.method.name());
+            (name.to_uppercase(), per.into_iter().collect())
         })
         .collect();
     if !series.is_empty() {

@@ -89,8 +89,9 @@ pub struct LocalTrainingConfig {
 #[serde(rename_all = "snake_case")]
 pub enum OptimizerRestart {
     /// A fresh Adam at the start of every round (every `local_epochs` epochs). The default:
-    /// on the tiny federation test it learned the external liver better than one Adam
-    /// kept across rounds, whose moments belong to the weights before averaging.
+    /// on the tiny federation test (one initial seed, 12 and 20 rounds) it learned the
+    /// external liver better than one Adam kept across rounds, whose moments belong to the
+    /// weights before averaging.
     #[default]
     EveryRound,
     /// One Adam for the whole run, moments kept across rounds.
