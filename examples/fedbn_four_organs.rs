@@ -397,11 +397,11 @@ fn write_outputs(
         .iter()
         // One curve per federation (a method and its fine-tuned variant share one).
         .filter(|r| {
-            !r.rounds.is_empty()
-                && !(r.method.fine_tuned()
-                    && results.methods.iter().any(|o| {
-                        !o.method.fine_tuned() && o.method.federation() == r.method.federation()
-                    }))
+            let plain_ran = results
+                .methods
+                .iter()
+                .any(|o| !o.method.fine_tuned() && o.method.federation() == r.method.federation());
+            !r.rounds.is_empty() && (!r.method.fine_tuned() || !plain_ran)
         })
         .map(|r| {
             let mut per: BTreeMap<Organ, Vec<f64>> = BTreeMap::new();
