@@ -698,27 +698,15 @@ fn the_trainer_keeps_its_optimiser_across_calls_and_across_a_save() {
     // …and a new trainer restored from the saved state continues the same way.
     let mut restored = LocalTrainer::new(options.clone());
     restored.restore_state(&saved).unwrap();
-    let (c, _) = restored
-        .train(
-            m.config().with_state(&device, &after_one).unwrap(),
-            site,
-            1,
-            &none,
-            |_| {},
-        )
-        .unwrap();
+    let one_more = |trainer: &mut LocalTrainer| {
+        let model = m.config().with_state(&device, &after_one).unwrap();
+        trainer.train(model, site, 1, &none, |_| {}).unwrap().0
+    };
+    let c = one_more(&mut restored);
     assert_same(&c.state(), &a.state(), "restored trainer");
     // A fresh optimiser for the second epoch (the old rule) gives other weights.
     let mut reset = LocalTrainer::new(options);
     reset.set_epoch(1);
-    let (d, _) = reset
-        .train(
-            m.config().with_state(&device, &after_one).unwrap(),
-            site,
-            1,
-            &none,
-            |_| {},
-        )
-        .unwrap();
+    let d = one_more(&mut reset);
     assert_ne!(d.state(), a.state(), "a reset optimiser must differ");
 }

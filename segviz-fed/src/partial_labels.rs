@@ -37,10 +37,8 @@ pub struct PartialLabelConfig {
     pub distillation_weight: f64,
     /// Fraction of the final distillation weight used in round 1; the weight then grows
     /// linearly to the full value in the last round. ConDistFL ramps from 0.01; our
-    /// default is 1 (no ramp): with a 0.01 start and exclusion weight 1, the spleen,
-    /// pancreas and kidney heads collapsed to background in the quick preset (external
-    /// Dice 0.06, 0.00, 0.00), because three sites of four pushed each head towards
-    /// background with nothing holding it near the global head.
+    /// default is 1 (no ramp). Neither keeps the spleen, pancreas and kidney heads from
+    /// collapsing to background in the quick preset (see `docs/partial_labels.md`).
     pub distillation_start: f64,
     /// Softmax temperature of the distillation (ConDistFL: 2).
     pub temperature: f64,

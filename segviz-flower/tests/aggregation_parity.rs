@@ -96,12 +96,63 @@ fn flower_python() -> Option<String> {
     Some(python)
 }
 
+/// Saves `global` and `updates` in `dir`, runs the Python aggregation tool on them with
+/// `strategy` and `weighting` for round 2, and reads back its global model.
+fn python_aggregate(
+    python: &str,
+    dir: &Path,
+    config: &SegVizConfig,
+    global: &ModelState,
+    updates: &[ClientUpdate],
+    strategy: &str,
+    weighting: &str,
+) -> ModelState {
+    let tool = Path::new(env!("CARGO_MANIFEST_DIR")).join("../flower/tools/aggregate_updates.py");
+    save(
+        &dir.join("global.segviz"),
+        config,
+        global,
+        serde_json::json!({}),
+    );
+    let mut files = Vec::new();
+    for u in updates {
+        let path = dir.join(format!("{}.segviz", u.client));
+        save(
+            &path,
+            config,
+            &u.state,
+            serde_json::json!({"client": u.client, "tasks": u.tasks, "num_examples": u.num_examples}),
+        );
+        files.push(path);
+    }
+    let out = dir.join(format!("python-{strategy}-{weighting}.segviz"));
+    let status = Command::new(python)
+        .arg(&tool)
+        .arg("--global")
+        .arg(dir.join("global.segviz"))
+        .arg("--updates")
+        .args(&files)
+        .args([
+            "--strategy",
+            strategy,
+            "--weighting",
+            weighting,
+            "--round",
+            "2",
+            "--out",
+        ])
+        .arg(&out)
+        .status()
+        .expect("cannot run the Python aggregation tool");
+    assert!(status.success(), "{strategy}: the Python tool failed");
+    read_checkpoint(&out).unwrap().state
+}
+
 #[test]
 fn python_and_rust_aggregate_saved_updates_identically() {
     let Some(python) = flower_python() else {
         return;
     };
-    let tool = Path::new(env!("CARGO_MANIFEST_DIR")).join("../flower/tools/aggregate_updates.py");
     let dir = tempdir("aggregate");
     let config = config();
     let global = config
@@ -114,23 +165,6 @@ fn python_and_rust_aggregate_saved_updates_identically() {
         update(&global, "kits19", &["kidney", "liver"], 40, 3.0),
         update(&global, "idle", &["spleen"], 0, 4.0),
     ];
-    save(
-        &dir.join("global.segviz"),
-        &config,
-        &global,
-        serde_json::json!({}),
-    );
-    let mut files = Vec::new();
-    for u in &updates {
-        let path = dir.join(format!("{}.segviz", u.client));
-        save(
-            &path,
-            &config,
-            &u.state,
-            serde_json::json!({"client": u.client, "tasks": u.tasks, "num_examples": u.num_examples}),
-        );
-        files.push(path);
-    }
 
     let strategies: Vec<(&str, Weighting, Box<dyn AggregationStrategy>)> = vec![
         (
@@ -157,31 +191,19 @@ fn python_and_rust_aggregate_saved_updates_identically() {
     ];
     for (name, weighting, strategy) in strategies {
         let rust = strategy.aggregate_fit(2, &global, &updates).unwrap();
-        let out = dir.join(format!("python-{name}-{weighting:?}.segviz"));
         let weighting_name = match weighting {
             Weighting::Examples => "examples",
             Weighting::Uniform => "uniform",
         };
-        let status = Command::new(&python)
-            .arg(&tool)
-            .arg("--global")
-            .arg(dir.join("global.segviz"))
-            .arg("--updates")
-            .args(&files)
-            .args([
-                "--strategy",
-                name,
-                "--weighting",
-                weighting_name,
-                "--round",
-                "2",
-                "--out",
-            ])
-            .arg(&out)
-            .status()
-            .expect("cannot run the Python aggregation tool");
-        assert!(status.success(), "{name}: the Python tool failed");
-        let python_state = read_checkpoint(&out).unwrap().state;
+        let python_state = python_aggregate(
+            &python,
+            &dir,
+            &config,
+            &global,
+            &updates,
+            name,
+            weighting_name,
+        );
         assert_eq!(
             python_state.tensors.keys().collect::<Vec<_>>(),
             rust.tensors.keys().collect::<Vec<_>>()
@@ -211,7 +233,6 @@ fn python_and_rust_apply_the_partial_label_rule_identically() {
     let Some(python) = flower_python() else {
         return;
     };
-    let tool = Path::new(env!("CARGO_MANIFEST_DIR")).join("../flower/tools/aggregate_updates.py");
     let dir = tempdir("aggregate-pl");
     let config = config();
     let global = config
@@ -225,23 +246,6 @@ fn python_and_rust_apply_the_partial_label_rule_identically() {
         update(&global, "Task09_Spleen", &every, 8, 2.0),
         update(&global, "kits19", &every, 40, 3.0),
     ];
-    save(
-        &dir.join("global.segviz"),
-        &config,
-        &global,
-        serde_json::json!({}),
-    );
-    let mut files = Vec::new();
-    for u in &updates {
-        let path = dir.join(format!("{}.segviz", u.client));
-        save(
-            &path,
-            &config,
-            &u.state,
-            serde_json::json!({"client": u.client, "tasks": u.tasks, "num_examples": u.num_examples}),
-        );
-        files.push(path);
-    }
     let rust = PartialLabels::new(
         Box::new(FedBn {
             weighting: Weighting::Examples,
@@ -251,27 +255,9 @@ fn python_and_rust_apply_the_partial_label_rule_identically() {
     )
     .aggregate_fit(2, &global, &updates)
     .unwrap();
-    let out = dir.join("python-fedbn_pl.segviz");
-    let status = Command::new(&python)
-        .arg(&tool)
-        .arg("--global")
-        .arg(dir.join("global.segviz"))
-        .arg("--updates")
-        .args(&files)
-        .args([
-            "--strategy",
-            "fedbn_pl",
-            "--weighting",
-            "examples",
-            "--round",
-            "2",
-            "--out",
-        ])
-        .arg(&out)
-        .status()
-        .expect("cannot run the Python aggregation tool");
-    assert!(status.success(), "fedbn_pl: the Python tool failed");
-    let python_state = read_checkpoint(&out).unwrap().state;
+    let python_state = python_aggregate(
+        &python, &dir, &config, &global, &updates, "fedbn_pl", "examples",
+    );
     assert_eq!(
         python_state.tensors.keys().collect::<Vec<_>>(),
         rust.tensors.keys().collect::<Vec<_>>()
