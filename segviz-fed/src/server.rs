@@ -173,9 +173,11 @@ impl Server {
                     round_dir.display()
                 )));
             }
-            let training = training_state_path(&round_dir, &name);
-            let training = if training.is_file() {
-                Some(std::fs::read(&training).map_err(|e| FedError::io(&training, e))?)
+            let training_path = training_state_path(&round_dir, &name);
+            let training = if training_path.is_file() {
+                let bytes =
+                    std::fs::read(&training_path).map_err(|e| FedError::io(&training_path, e))?;
+                Some((training_path, bytes))
             } else {
                 None
             };
@@ -183,8 +185,10 @@ impl Server {
         }
         for (client, (state, training)) in clients.iter_mut().zip(&states) {
             client.restore_local_state(state)?;
-            if let Some(bytes) = training {
-                client.restore_training_state(bytes)?;
+            if let Some((path, bytes)) = training {
+                client
+                    .restore_training_state(bytes)
+                    .map_err(|e| FedError::Config(format!("{}: {e}", path.display())))?;
             }
         }
         self.global = checkpoint.state;
