@@ -1,18 +1,24 @@
-"""Read and write SegViz model files (``.segviz``), byte for byte as ``segviz-core`` does.
+"""Read and write SegViz model files: safetensors files with SegViz metadata.
 
-The layout (see ``segviz-core/src/checkpoint.rs``)::
+Model files are read and written by the ``safetensors`` package; this module only adds what
+SegViz stores in the file's ``__metadata__`` (see ``segviz-core/src/checkpoint.rs``), each
+value a JSON string:
 
-    b"SEGVIZ\\0\\x01"        magic and format version 1
-    u64 little-endian         length of the JSON header
-    JSON header               {"config": ..., "metadata": ..., "tensors": [{"path", "shape",
-                              "role", "batch_norm", "trainable"}, ...]}
-    f32 little-endian values  every tensor in header order
-    u64 little-endian         FNV-1a-64 checksum of every byte above
+``format``          ``"segviz"``
+``format_version``  ``"2"``
+``config``          the model configuration (``SegVizConfig``)
+``tensors``         ``[{"path", "role", "batch_norm", "trainable", "crc32"}, ...]`` in path
+                    order: each tensor's classification and the CRC-32 of its bytes
+``metadata``        whatever the writer attached
+``preprocess``      a copy of ``metadata["preprocess"]`` when there is one
 
-Tensors are written sorted by path in byte order (the order of Rust's ``BTreeMap<String, _>``).
-A tensor's *role* is ``"representation"`` or ``{"head": "<task>"}``; together with
-``batch_norm`` and ``trainable`` it forms the tensor's *classification*, decided in Rust from
-the model's module structure and never guessed here from a name.
+Tensors are float32, named by their SegViz path. A tensor's *role* is ``"representation"``
+or ``{"head": "<task>"}``; together with ``batch_norm`` and ``trainable`` it forms the
+tensor's *classification*, decided in Rust from the model's module structure and never
+guessed here from a name.
+
+Files of the first SegViz format (magic ``SEGVIZ\\0\\x01``) are refused here with a pointer
+to ``cargo run --release --example upgrade_model``, which rewrites them in this format.
 
 Every error is a :class:`SegVizFormatError` whose message names the file.
 """
@@ -23,36 +29,32 @@ import json
 import os
 import struct
 import tempfile
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 import numpy as np
+import safetensors
+import safetensors.numpy
 
-MAGIC = b"SEGVIZ\0\x01"
-"""The first eight bytes of every SegViz model file (format version 1)."""
+FORMAT = "segviz"
+"""The ``format`` metadata value of SegViz model files."""
 
-FNV_OFFSET = 0xCBF29CE484222325
-FNV_PRIME = 0x100000001B3
-_MASK64 = (1 << 64) - 1
+FORMAT_VERSION = "2"
+"""The ``format_version`` metadata value this module reads and writes."""
+
+LEGACY_MAGIC = b"SEGVIZ\0\x01"
+"""The first eight bytes of a file of the first SegViz format (no longer read here)."""
 
 
 class SegVizFormatError(ValueError):
     """A SegViz model file (or a classification) that cannot be read or written."""
 
 
-def fnv1a64(data: bytes) -> int:
-    """FNV-1a 64-bit hash of ``data``, the checksum of ``.segviz`` files.
-
-    A plain byte loop with local names: about 60 ns per byte on CPython 3.11, so a model of a
-    million float32 values (4 MB) is checked in a quarter of a second.
-    """
-    h = FNV_OFFSET
-    prime = FNV_PRIME
-    mask = _MASK64
-    for byte in data:
-        h = ((h ^ byte) * prime) & mask
-    return h
+def _json(value: Any) -> str:
+    """Compact JSON, as serde_json writes it."""
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
 
 
 @dataclass(frozen=True)
@@ -82,6 +84,10 @@ class TensorClass:
         """The role as serde writes Rust's ``TensorRole``: ``"representation"`` or
         ``{"head": task}``."""
         return "representation" if self.task is None else {"head": self.task}
+
+    def to_json_entry(self, path: str) -> dict[str, Any]:
+        """The entry of this tensor in a model file's ``tensors`` list (without its CRC)."""
+        return {"path": path, **self.to_json()}
 
     def to_json(self) -> dict[str, Any]:
         """The classification entry of the Flower ``segviz`` record for this tensor."""
@@ -124,7 +130,7 @@ class Tensor:
 
 @dataclass
 class Checkpoint:
-    """The content of a ``.segviz`` file.
+    """The content of a SegViz model file.
 
     ``config`` is the model configuration (``SegVizConfig`` as JSON), kept as read and
     written back unchanged; ``metadata`` is whatever the writer attached; ``tensors`` maps
@@ -143,94 +149,97 @@ def sorted_paths(paths: Iterable[str]) -> list[str]:
 
 
 def encode_checkpoint(checkpoint: Checkpoint) -> bytes:
-    """The bytes of a ``.segviz`` file holding ``checkpoint``."""
-    paths = sorted_paths(checkpoint.tensors)
-    header = {
-        "config": checkpoint.config,
-        "metadata": checkpoint.metadata,
-        "tensors": [
-            {
-                "path": p,
-                "shape": [int(d) for d in checkpoint.tensors[p].data.shape],
-                "role": checkpoint.tensors[p].cls.role_json(),
-                "batch_norm": checkpoint.tensors[p].cls.batch_norm,
-                "trainable": checkpoint.tensors[p].cls.trainable,
-            }
-            for p in paths
-        ],
+    """The bytes of a SegViz model file holding ``checkpoint``."""
+    arrays = {}
+    entries = []
+    for p in sorted_paths(checkpoint.tensors):
+        t = checkpoint.tensors[p]
+        data = np.require(t.data, dtype="<f4", requirements="C")  # keeps 0-d shapes
+        arrays[p] = data
+        entries.append({**t.cls.to_json_entry(p), "crc32": zlib.crc32(data.tobytes())})
+    metadata = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "config": _json(checkpoint.config),
+        "tensors": _json(entries),
+        "metadata": _json(checkpoint.metadata),
     }
-    # serde_json's compact form: no spaces, non-ASCII kept as UTF-8.
-    header_bytes = json.dumps(header, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode(
-        "utf-8"
-    )
-    parts = [MAGIC, struct.pack("<Q", len(header_bytes)), header_bytes]
-    for p in paths:
-        parts.append(np.asarray(checkpoint.tensors[p].data, dtype="<f4", order="C").tobytes())
-    body = b"".join(parts)
-    return body + struct.pack("<Q", fnv1a64(body))
+    if isinstance(checkpoint.metadata, dict) and "preprocess" in checkpoint.metadata:
+        metadata["preprocess"] = _json(checkpoint.metadata["preprocess"])
+    return safetensors.numpy.save(arrays, metadata=metadata)
+
+
+def _metadata_of(data: bytes) -> dict[str, str] | None:
+    """The ``__metadata__`` of safetensors bytes that the ``safetensors`` package has already
+    accepted (an 8-byte little-endian length, then the JSON header)."""
+    (n,) = struct.unpack("<Q", data[:8])
+    return json.loads(data[8 : 8 + n].decode("utf-8")).get("__metadata__")
 
 
 def decode_checkpoint(data: bytes, name: str = "<bytes>") -> Checkpoint:
-    """Parses the bytes of a ``.segviz`` file; ``name`` identifies it in error messages."""
+    """Parses the bytes of a SegViz model file; ``name`` identifies it in error messages."""
 
     def bad(reason: str) -> SegVizFormatError:
         return SegVizFormatError(f"{name}: {reason}")
 
-    if len(data) < len(MAGIC) + 16 or data[: len(MAGIC)] != MAGIC:
-        raise bad("not a SegViz model file (bad magic or too short)")
-    body, tail = data[:-8], data[-8:]
-    (stored,) = struct.unpack("<Q", tail)
-    if fnv1a64(body) != stored:
-        raise bad("checksum mismatch: the file is truncated or corrupted")
-    (header_len,) = struct.unpack("<Q", body[8:16])
-    data_start = 16 + header_len
-    if data_start > len(body):
-        raise bad("header length runs past the end of the file")
+    if data[:8] == LEGACY_MAGIC:
+        raise bad(
+            "a model file of the first SegViz format; rewrite it as safetensors with "
+            "`cargo run --release --example upgrade_model -- FILE`"
+        )
     try:
-        header = json.loads(body[16:data_start].decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise bad(f"malformed header: {e}") from None
-    if not isinstance(header, dict) or not {"config", "metadata", "tensors"} <= header.keys():
-        raise bad("malformed header: expected an object with config, metadata and tensors")
-    if not isinstance(header["config"], dict):
-        raise bad("malformed header: config must be an object")
-    if not isinstance(header["tensors"], list):
-        raise bad("malformed header: tensors must be a list")
+        arrays = safetensors.numpy.load(data)
+    except Exception as e:  # the package raises SafetensorError and others
+        raise bad(f"not a SegViz model file (safetensors: {e}); is it truncated or corrupted?") from None
+    meta = _metadata_of(data) or {}
 
-    offset = data_start
+    def field_(key: str) -> str:
+        if key not in meta:
+            raise bad(f"a safetensors file without the SegViz metadata key {key!r}: not a SegViz model file")
+        return meta[key]
+
+    if field_("format") != FORMAT:
+        raise bad(f"metadata format is {field_('format')!r}, not {FORMAT!r}: not a SegViz model file")
+    if field_("format_version") != FORMAT_VERSION:
+        raise bad(f"SegViz format version {field_('format_version')!r}; this reads version {FORMAT_VERSION}")
+
+    def parse(key: str) -> Any:
+        try:
+            return json.loads(field_(key))
+        except json.JSONDecodeError as e:
+            raise bad(f"malformed metadata {key!r}: {e}") from None
+
+    config, entries, metadata = parse("config"), parse("tensors"), parse("metadata")
+    if not isinstance(config, dict):
+        raise bad("malformed metadata 'config': must be an object")
+    if not isinstance(entries, list):
+        raise bad("malformed metadata 'tensors': must be a list")
+    if len(entries) != len(arrays):
+        raise bad(f"the metadata lists {len(entries)} tensors but the file holds {len(arrays)}")
     tensors: dict[str, Tensor] = {}
-    for i, t in enumerate(header["tensors"]):
-        if not isinstance(t, dict) or not {"path", "shape", "role", "batch_norm", "trainable"} <= t.keys():
-            raise bad(f"malformed header: tensor entry {i} lacks path, shape, role, batch_norm or trainable")
-        path, shape = t["path"], t["shape"]
-        if not isinstance(path, str) or not path:
-            raise bad(f"malformed header: tensor entry {i} has no path")
+    for i, t in enumerate(entries):
+        if not isinstance(t, dict) or not {"path", "role", "batch_norm", "trainable", "crc32"} <= t.keys():
+            raise bad(f"malformed metadata: tensor entry {i} lacks path, role, batch_norm, trainable or crc32")
+        path = t["path"]
+        if not isinstance(path, str) or path not in arrays:
+            raise bad(f"tensor {path!r} is listed in the metadata but not stored")
         if path in tensors:
-            raise bad(f"tensor {path} appears twice in the header")
-        if not isinstance(shape, list) or not all(
-            isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape
-        ):
-            raise bad(f"tensor {path}: shape must be a list of non-negative integers, got {shape!r}")
+            raise bad(f"tensor {path} is listed twice in the metadata")
         try:
             cls = TensorClass.from_json(t["role"], t["batch_norm"], t["trainable"], f"tensor {path}")
         except SegVizFormatError as e:
             raise bad(str(e)) from None
-        n = 1
-        for d in shape:
-            n *= d
-        end = offset + 4 * n
-        if end > len(body):
-            raise bad(f"tensor {path} runs past the end of the file")
-        values = np.frombuffer(body, dtype="<f4", count=n, offset=offset).astype(np.float32)
-        tensors[path] = Tensor(values.reshape(shape), cls)
-        offset = end
-    if offset != len(body):
-        raise bad(f"{len(body) - offset} unexpected bytes after the last tensor")
-    return Checkpoint(config=header["config"], metadata=header["metadata"], tensors=tensors)
+        values = arrays[path]
+        if values.dtype != np.float32:
+            raise bad(f"tensor {path}: dtype {values.dtype}, float32 expected")
+        if zlib.crc32(np.require(values, dtype="<f4", requirements="C").tobytes()) != t["crc32"]:
+            raise bad(f"tensor {path}: CRC-32 mismatch: the file is corrupted")
+        tensors[path] = Tensor(values, cls)
+    return Checkpoint(config=config, metadata=metadata, tensors=tensors)
 
 
 def read_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
-    """Reads a ``.segviz`` file; a missing, truncated or corrupted file raises
+    """Reads a SegViz model file; a missing, truncated or corrupted file raises
     :class:`SegVizFormatError` naming it."""
     path = Path(path)
     try:
@@ -273,7 +282,7 @@ def write_atomically(path: str | os.PathLike[str], data: bytes) -> None:
 
 
 def write_checkpoint(path: str | os.PathLike[str], checkpoint: Checkpoint) -> None:
-    """Writes ``checkpoint`` to ``path`` atomically in the ``.segviz`` format."""
+    """Writes ``checkpoint`` to ``path`` atomically as a SegViz model file."""
     try:
         data = encode_checkpoint(checkpoint)
     except (TypeError, ValueError) as e:

@@ -350,8 +350,8 @@ class WholeRun(Base):
             self.run_app([], **{"out-dir": "relative/out"})
         with self.assertRaisesRegex(SegVizRunError, "unknown strategy"):
             self.run_app([], strategy="fedsgd")
-        (self.root / "bad.segviz").write_bytes(b"SEGVIZ\0\x01" + b"\0" * 30)
-        with self.assertRaisesRegex(SegVizRunError, "bad.segviz: checksum mismatch"):
+        (self.root / "bad.segviz").write_bytes(b"\x10" + b"\0" * 30)
+        with self.assertRaisesRegex(SegVizRunError, "bad.segviz: not a SegViz model file"):
             self.run_app([], **{"initial-model": str(self.root / "bad.segviz")})
         with self.assertRaisesRegex(SegVizRunError, "absent.segviz: initial-model does not exist"):
             self.run_app([], **{"initial-model": str(self.root / "absent.segviz")})

@@ -99,7 +99,10 @@ fn truncated_or_corrupted_model_files_are_errors() {
     let bad = dir.join("flipped.segviz");
     std::fs::write(&bad, &flipped).unwrap();
     let err = load_model(&bad, &dev).unwrap_err().to_string();
-    assert!(err.contains("checksum"), "{err}");
+    assert!(
+        err.contains("flipped.segviz") && err.contains("CRC-32 mismatch"),
+        "{err}"
+    );
     let err = load_model(&dir.join("missing.segviz"), &dev)
         .unwrap_err()
         .to_string();
