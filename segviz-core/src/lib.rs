@@ -25,6 +25,7 @@ pub mod monai;
 pub mod representation;
 pub mod sliding_window;
 pub mod state;
+pub mod torch_save;
 pub mod train;
 
 pub use error::{CoreError, Result};

@@ -20,6 +20,7 @@ use burn::tensor::Device;
 use crate::error::{CoreError, Result};
 use crate::model::{SegVizConfig, SegVizModel};
 use crate::state::{ModelState, StateTensor};
+use crate::torch_save::{save_state_dict, TorchTensor};
 
 /// The MONAI `state_dict` key of a SegViz tensor path, given the number of levels
 /// (`strides.len()`). Returns `None` for a path that is not part of the model.
@@ -167,6 +168,80 @@ pub fn load_monai_checkpoint(
         ));
     }
     model.load_state(&state)
+}
+
+/// The MONAI `UNet` `state_dict` of the representation block and the head of `task`, keys in
+/// SegViz path order: what `UNet(spatial_dims=3, in_channels, out_channels=head_out_channels,
+/// channels, strides, num_res_units, norm="batch")` loads with `strict=True`.
+///
+/// Every BatchNorm also gets its `num_batches_tracked` counter, which SegViz does not keep:
+/// it is written as 0 (MONAI's BatchNorm uses a fixed momentum, so the counter changes
+/// nothing in training or inference).
+///
+/// # Errors
+/// [`CoreError::Task`] when the state has no head `task`; [`CoreError::State`] for a tensor
+/// with no MONAI key.
+pub fn monai_state_dict(
+    state: &ModelState,
+    config: &SegVizConfig,
+    task: &str,
+) -> Result<Vec<(String, TorchTensor)>> {
+    if state.head(task).tensors.is_empty() {
+        return Err(CoreError::Task {
+            name: task.to_string(),
+            reason: format!("no such head in the model (heads: {:?})", state.tasks()),
+        });
+    }
+    let levels = config.representation.strides.len();
+    let mut entries = Vec::new();
+    let mut tensors = state.representation();
+    tensors.tensors.extend(state.head(task).tensors);
+    for (path, t) in tensors.tensors {
+        let key = monai_key(&path, levels)
+            .ok_or_else(|| CoreError::State(format!("no MONAI key for tensor {path:?}")))?;
+        if let Some(prefix) = key.strip_suffix(".running_mean") {
+            entries.push((
+                format!("{prefix}.num_batches_tracked"),
+                TorchTensor::I64 {
+                    shape: vec![],
+                    data: vec![0],
+                },
+            ));
+        }
+        entries.push((
+            key,
+            TorchTensor::F32 {
+                shape: t.shape,
+                data: t.data,
+            },
+        ));
+    }
+    Ok(entries)
+}
+
+/// Writes the head `task` of `model` (with the representation block) as a MONAI `UNet`
+/// `state_dict` (`.pt`) at `path`, atomically; see [`monai_state_dict`].
+///
+/// # Errors
+/// As [`monai_state_dict`], and any error writing the file.
+pub fn export_monai(model: &SegVizModel, task: &str, path: &Path) -> Result<()> {
+    let entries = monai_state_dict(&model.state(), model.config(), task)?;
+    save_state_dict(path, &entries)
+}
+
+/// The keyword arguments of MONAI's `UNet` constructor for a head of `config`, as JSON:
+/// `UNet(**kwargs)` builds the network [`export_monai`] files load into.
+pub fn monai_unet_kwargs(config: &SegVizConfig) -> serde_json::Value {
+    let r = &config.representation;
+    serde_json::json!({
+        "spatial_dims": 3,
+        "in_channels": r.in_channels,
+        "out_channels": config.head_out_channels,
+        "channels": r.channels,
+        "strides": r.strides,
+        "num_res_units": r.num_res_units,
+        "norm": "batch",
+    })
 }
 
 /// Top-level keys under which a checkpoint may hold the `state_dict`, tried in this order.

@@ -96,3 +96,97 @@ fn unused_checkpoint_keys_are_refused_and_named() {
     load_monai_checkpoint(&fixture("monai_small_res3.pt"), &res3, "organ", &device())
         .expect("num_res_units 3 matches");
 }
+
+#[test]
+fn an_exported_state_dict_has_monais_keys_and_values_and_imports_back() {
+    use burn::store::pytorch_reader::{DType, PytorchReader};
+    use segviz_core::monai::export_monai;
+    let dev = device();
+    let source = fixture("monai_small_state_dict.pt");
+    let model = load_monai_checkpoint(&source, &small_config(), "organ", &dev).unwrap();
+    let dir = std::env::temp_dir().join(format!("segviz-monai-export-{}", std::process::id()));
+    let out = dir.join("organ.pt");
+    export_monai(&model, "organ", &out).unwrap();
+
+    // The keys MONAI wrote, num_batches_tracked included, with the same shapes and values.
+    let original = PytorchReader::with_top_level_key(&source, "state_dict").unwrap();
+    let exported = PytorchReader::new(&out).unwrap();
+    let mut keys = original.keys();
+    keys.sort();
+    let mut ours = exported.keys();
+    ours.sort();
+    assert_eq!(ours, keys);
+    for key in &keys {
+        let (a, b) = (original.get(key).unwrap(), exported.get(key).unwrap());
+        assert_eq!(b.shape(), a.shape(), "{key}");
+        assert_eq!(b.dtype(), a.dtype(), "{key}");
+        if a.dtype() == DType::F32 {
+            assert_eq!(b.read().unwrap(), a.read().unwrap(), "{key}");
+        } else {
+            assert_eq!(b.read().unwrap(), 0i64.to_le_bytes().to_vec(), "{key}");
+        }
+    }
+    // Imported back, it gives MONAI's output.
+    let back = load_monai_checkpoint(&out, &small_config(), "organ", &dev).unwrap();
+    let x = Tensor::<5>::from_data(
+        TensorData::new(read_f32("monai_small_input.f32"), [1, 1, 8, 8, 8]),
+        &dev,
+    );
+    let diff = max_abs_diff(
+        &values(back.forward(x).remove(0)),
+        &read_f32("monai_small_output.f32"),
+    );
+    assert!(diff < 1e-4, "max |Δ| = {diff} against MONAI");
+    // The same model always gives the same file: the one MONAI itself loaded with
+    // strict=True and ran to MONAI's own output (fixtures/check_monai_export.py).
+    let bytes = std::fs::read(&out).unwrap();
+    let checked = fixture("monai_small_exported.pt");
+    if std::env::var_os("SEGVIZ_WRITE_FIXTURES").is_some() {
+        std::fs::write(&checked, &bytes).unwrap();
+    }
+    assert_eq!(bytes, std::fs::read(&checked).unwrap(), "export changed: rerun the check");
+    let report: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(fixture("monai_small_exported.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(report["bytes"].as_u64(), Some(bytes.len() as u64));
+    assert_eq!(report["strict_load"], true);
+    assert!(report["max_abs_diff_vs_monai_output"].as_f64().unwrap() < 1e-4);
+
+    let err = export_monai(&model, "spleen", &dir.join("spleen.pt"))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("spleen") && err.contains("organ"), "{err}");
+    assert!(!dir.join("spleen.pt").exists());
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn each_head_of_a_multi_head_model_exports_as_its_own_monai_unet() {
+    use segviz_core::monai::export_monai;
+    let dev = device();
+    let config = SegVizConfig::new(
+        RepresentationConfig::new()
+            .with_channels(vec![2, 4, 8])
+            .with_strides(vec![2, 2]),
+        vec!["liver".into(), "spleen".into()],
+    );
+    let model = config.init(&dev, 5).unwrap();
+    let dir = std::env::temp_dir().join(format!("segviz-monai-heads-{}", std::process::id()));
+    let x = Tensor::<5>::from_data(
+        TensorData::new(read_f32("monai_small_input.f32"), [1, 1, 8, 8, 8]),
+        &dev,
+    );
+    let outputs = model.forward(x.clone());
+    for (i, task) in ["liver", "spleen"].into_iter().enumerate() {
+        let pt = dir.join(format!("{task}.pt"));
+        export_monai(&model, task, &pt).unwrap();
+        let single = load_monai_checkpoint(&pt, &config, task, &dev).unwrap();
+        let diff = max_abs_diff(
+            &values(single.forward(x.clone()).remove(0)),
+            &values(outputs[i].clone()),
+        );
+        assert!(diff < 1e-6, "{task}: max |Δ| = {diff}");
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}
