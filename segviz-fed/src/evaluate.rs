@@ -282,9 +282,9 @@ pub fn mean_dice(scores: &[VolumeScore]) -> BTreeMap<String, f64> {
         .collect()
 }
 
-/// Segments a CT file end to end: reads it, applies the training preprocessing, runs the
+/// Segments a CT scan end to end (a NIfTI file or a DICOM series folder): reads it, applies the training preprocessing, runs the
 /// sliding window and head fusion, and returns the label map resampled (nearest) back onto
-/// the file's own grid, so it overlays the scan in a viewer — with the file's geometry
+/// the scan's own grid, so it overlays the scan in a viewer — with the file's geometry
 /// warnings (an orientation guessed from `pixdim`, a negative `pixdim`, a broken sform…),
 /// which a caller should show: the label map is only as right as the geometry.
 pub fn segment_file(
@@ -294,8 +294,7 @@ pub fn segment_file(
     window: &SlidingWindowConfig,
     device: &Device,
 ) -> Result<(Volume<u8>, Vec<String>)> {
-    let warnings = segviz_data::read_header(image_path)?.warnings;
-    let original = segviz_data::read_volume(image_path)?;
+    let (original, warnings) = segviz_data::read_scan(image_path)?;
     // The pipeline prepares an image with its label; an empty label goes along.
     let empty = Volume::filled(original.geometry.clone(), 0u8);
     let (image, _) = segviz_data::preprocess_pair(&original, &empty, preprocess)?;
