@@ -389,7 +389,7 @@ fn write_outputs(
                 }
             }
         }
-        let fig = comparison_figure(&image, &truth, &columns, &organs, 3);
+        let fig = comparison_figure(&image, &truth, &columns, &organs, 3)?;
         save_png(&fig, &out.join("figures").join("fig3_comparison.png"))?;
     }
     let series: Vec<DiceSeries> = results
@@ -417,7 +417,7 @@ fn write_outputs(
         })
         .collect();
     if !series.is_empty() {
-        let fig = dice_per_round_figure(&series);
+        let fig = dice_per_round_figure(&series)?;
         save_png(&fig, &out.join("figures").join("dice_per_round.png"))?;
     }
     Ok(())

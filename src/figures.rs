@@ -1,14 +1,46 @@
 //! PNG figures of an experiment: the paper's Fig. 3 (ground truth vs baseline vs central vs
 //! SegViz on one axial slice per organ) and validation Dice per round.
 //!
-//! Drawn pixel by pixel with the `image` crate and a built-in 3×5 pixel font, so no system
-//! font or plotting backend is needed on a headless machine.
+//! Plots, axes, tick labels, legends and titles are drawn by `plotters` into an in-memory
+//! bitmap, with the DejaVu Sans font bundled in `assets/fonts/` (no system font or font
+//! library is needed on a headless machine); PNG encoding is the `image` crate's.
 
 use std::path::Path;
+use std::sync::OnceLock;
 
 use image::{Rgb, RgbImage};
+use plotters::prelude::*;
+use plotters::style::FontStyle;
 use segviz_core::checkpoint::write_atomically;
 use segviz_data::{Organ, Volume};
+
+/// DejaVu Sans (Bitstream Vera licence, see `assets/fonts/DejaVuSans-LICENSE.txt`).
+static FONT: &[u8] = include_bytes!("../assets/fonts/DejaVuSans.ttf");
+/// The family name the bundled font is registered under.
+const FAMILY: &str = "sans-serif";
+
+/// An error drawing a figure.
+fn figure_error(e: impl std::fmt::Display) -> segviz_core::CoreError {
+    segviz_core::CoreError::Config(format!("cannot draw the figure: {e}"))
+}
+
+/// Registers the bundled font with plotters, once.
+fn register_font() -> segviz_core::Result<()> {
+    static REGISTERED: OnceLock<bool> = OnceLock::new();
+    let ok = *REGISTERED.get_or_init(|| {
+        plotters::style::register_font(FAMILY, FontStyle::Normal, FONT).is_ok()
+            && plotters::style::register_font(FAMILY, FontStyle::Bold, FONT).is_ok()
+    });
+    if ok {
+        Ok(())
+    } else {
+        Err(figure_error("the bundled font does not load"))
+    }
+}
+
+fn rgb(c: Rgb<u8>) -> RGBColor {
+    RGBColor(c[0], c[1], c[2])
+}
 
 /// Colour of each organ's overlay (liver, spleen, pancreas, kidney).
 pub fn organ_colour(organ: Organ) -> Rgb<u8> {
@@ -17,100 +49,6 @@ pub fn organ_colour(organ: Organ) -> Rgb<u8> {
         Organ::Spleen => Rgb([70, 140, 240]),
         Organ::Pancreas => Rgb([240, 200, 40]),
         Organ::Kidney => Rgb([80, 200, 100]),
-    }
-}
-
-/// Glyphs of the 3×5 font: five rows of three bits, most significant bit on the left.
-fn glyph(c: char) -> [u8; 5] {
-    match c.to_ascii_uppercase() {
-        '0' => [7, 5, 5, 5, 7],
-        '1' => [2, 6, 2, 2, 7],
-        '2' => [7, 1, 7, 4, 7],
-        '3' => [7, 1, 7, 1, 7],
-        '4' => [5, 5, 7, 1, 1],
-        '5' => [7, 4, 7, 1, 7],
-        '6' => [7, 4, 7, 5, 7],
-        '7' => [7, 1, 1, 2, 2],
-        '8' => [7, 5, 7, 5, 7],
-        '9' => [7, 5, 7, 1, 7],
-        'A' => [2, 5, 7, 5, 5],
-        'B' => [6, 5, 6, 5, 6],
-        'C' => [3, 4, 4, 4, 3],
-        'D' => [6, 5, 5, 5, 6],
-        'E' => [7, 4, 6, 4, 7],
-        'F' => [7, 4, 6, 4, 4],
-        'G' => [3, 4, 5, 5, 3],
-        'H' => [5, 5, 7, 5, 5],
-        'I' => [7, 2, 2, 2, 7],
-        'J' => [1, 1, 1, 5, 2],
-        'K' => [5, 5, 6, 5, 5],
-        'L' => [4, 4, 4, 4, 7],
-        'M' => [5, 7, 7, 5, 5],
-        'N' => [6, 5, 5, 5, 5],
-        'O' => [2, 5, 5, 5, 2],
-        'P' => [6, 5, 6, 4, 4],
-        'Q' => [2, 5, 5, 6, 3],
-        'R' => [6, 5, 6, 5, 5],
-        'S' => [3, 4, 2, 1, 6],
-        'T' => [7, 2, 2, 2, 2],
-        'U' => [5, 5, 5, 5, 7],
-        'V' => [5, 5, 5, 5, 2],
-        'W' => [5, 5, 7, 7, 5],
-        'X' => [5, 5, 2, 5, 5],
-        'Y' => [5, 5, 2, 2, 2],
-        'Z' => [7, 1, 2, 4, 7],
-        '.' => [0, 0, 0, 0, 2],
-        '-' => [0, 0, 7, 0, 0],
-        '+' => [0, 2, 7, 2, 0],
-        '/' => [1, 1, 2, 4, 4],
-        ':' => [0, 2, 0, 2, 0],
-        '(' => [1, 2, 2, 2, 1],
-        ')' => [4, 2, 2, 2, 4],
-        _ => [0, 0, 0, 0, 0],
-    }
-}
-
-/// Draws `text` with its top-left corner at `(x, y)`, each font pixel `scale` pixels wide.
-pub fn draw_text(img: &mut RgbImage, x: u32, y: u32, text: &str, scale: u32, colour: Rgb<u8>) {
-    for (i, c) in text.chars().enumerate() {
-        let g = glyph(c);
-        let x0 = x + i as u32 * 4 * scale;
-        for (row, bits) in g.iter().enumerate() {
-            for col in 0..3u32 {
-                if bits & (4 >> col) != 0 {
-                    for dy in 0..scale {
-                        for dx in 0..scale {
-                            let (px, py) = (x0 + col * scale + dx, y + row as u32 * scale + dy);
-                            if px < img.width() && py < img.height() {
-                                img.put_pixel(px, py, colour);
-                            }
-                        }
-                    }
-                }
-            }
-        }
-    }
-}
-
-fn fill_rect(img: &mut RgbImage, x: u32, y: u32, w: u32, h: u32, colour: Rgb<u8>) {
-    for py in y..(y + h).min(img.height()) {
-        for px in x..(x + w).min(img.width()) {
-            img.put_pixel(px, py, colour);
-        }
-    }
-}
-
-fn line(img: &mut RgbImage, (x0, y0): (f64, f64), (x1, y1): (f64, f64), colour: Rgb<u8>) {
-    let steps = ((x1 - x0).abs().max((y1 - y0).abs()) * 2.0).ceil().max(1.0) as usize;
-    for s in 0..=steps {
-        let t = s as f64 / steps as f64;
-        let (x, y) = (x0 + (x1 - x0) * t, y0 + (y1 - y0) * t);
-        for (dx, dy) in [(0, 0), (1, 0), (0, 1)] {
-            let (px, py) = (x as i64 + dx, y as i64 + dy);
-            if px >= 0 && py >= 0 && (px as u32) < img.width() && (py as u32) < img.height() {
-                img.put_pixel(px as u32, py as u32, colour);
-            }
-        }
     }
 }
 
@@ -150,7 +88,9 @@ fn panel(image: &Volume<f32>, labels: &[u8], organ: Organ, k: usize, zoom: u32) 
             // RAS: i grows towards the patient's right, shown on the left of the
             // picture; j grows anteriorly, shown upwards.
             let (x, y) = ((ni - 1 - i) as u32, (nj - 1 - j) as u32);
-            fill_rect(&mut img, x * zoom, y * zoom, zoom, zoom, px);
+            for (dx, dy) in (0..zoom).flat_map(|dx| (0..zoom).map(move |dy| (dx, dy))) {
+                img.put_pixel(x * zoom + dx, y * zoom + dy, px);
+            }
         }
     }
     img
@@ -173,30 +113,25 @@ pub fn best_slice(labels: &Volume<u8>, organ: Organ) -> usize {
 }
 
 /// Fig. 3: one row per organ (its best slice in the ground truth), one column per label
-/// map (`columns[0]` is usually the ground truth), titles on top.
+/// map (`columns[0]` is usually the ground truth), column titles on top, the organ's name and
+/// overlay colour on the left of each row.
+///
+/// # Errors
+/// When the bundled font cannot be loaded or plotters fails to draw.
 pub fn comparison_figure(
     image: &Volume<f32>,
     truth: &Volume<u8>,
     columns: &[(&str, &[u8])],
     organs: &[Organ],
     zoom: u32,
-) -> RgbImage {
+) -> segviz_core::Result<RgbImage> {
+    register_font()?;
     let [ni, nj, _] = image.geometry.shape;
     let (pw, ph) = (ni as u32 * zoom, nj as u32 * zoom);
-    let (gap, title) = (6u32, 20u32);
-    let width = columns.len() as u32 * (pw + gap) + gap;
+    let (gap, title, side) = (6u32, 28u32, 90u32);
+    let width = side + columns.len() as u32 * (pw + gap) + gap;
     let height = title + organs.len() as u32 * (ph + gap) + gap;
     let mut img = RgbImage::from_pixel(width, height, Rgb([255, 255, 255]));
-    for (c, (name, _)) in columns.iter().enumerate() {
-        draw_text(
-            &mut img,
-            gap + c as u32 * (pw + gap),
-            6,
-            name,
-            2,
-            Rgb([0, 0, 0]),
-        );
-    }
     for (r, organ) in organs.iter().enumerate() {
         let k = best_slice(truth, *organ);
         for (c, (_, labels)) in columns.iter().enumerate() {
@@ -204,101 +139,106 @@ pub fn comparison_figure(
             image::imageops::overlay(
                 &mut img,
                 &p,
-                (gap + c as u32 * (pw + gap)) as i64,
+                (side + gap + c as u32 * (pw + gap)) as i64,
                 (title + gap + r as u32 * (ph + gap)) as i64,
             );
         }
     }
-    img
+    let mut buf = img.into_raw();
+    {
+        let root = BitMapBackend::with_buffer(&mut buf, (width, height)).into_drawing_area();
+        let heading = (FAMILY, 16).into_font().style(FontStyle::Bold).color(&BLACK);
+        for (c, (name, _)) in columns.iter().enumerate() {
+            let x = (side + gap + c as u32 * (pw + gap)) as i32;
+            root.draw_text(name, &heading, (x, 6))
+                .map_err(figure_error)?;
+        }
+        let label = (FAMILY, 14).into_font().color(&BLACK);
+        for (r, organ) in organs.iter().enumerate() {
+            let y = (title + gap + r as u32 * (ph + gap) + ph / 2) as i32;
+            root.draw(&Rectangle::new(
+                [(gap as i32, y - 6), (gap as i32 + 12, y + 6)],
+                rgb(organ_colour(*organ)).filled(),
+            ))
+            .map_err(figure_error)?;
+            root.draw_text(organ.name(), &label, (gap as i32 + 18, y - 7))
+                .map_err(figure_error)?;
+        }
+        root.present().map_err(figure_error)?;
+    }
+    RgbImage::from_raw(width, height, buf).ok_or_else(|| figure_error("buffer size"))
 }
 
 /// One panel of [`dice_per_round_figure`]: a title and, per organ, the Dice of each round.
 pub type DiceSeries = (String, Vec<(Organ, Vec<f64>)>);
 
-/// A line plot of validation Dice per round: one panel per series, one line per organ, y
-/// from 0 to 1.
-pub fn dice_per_round_figure(series: &[DiceSeries]) -> RgbImage {
+/// A line plot of validation Dice per round: one panel per series (titled with its name),
+/// one line per organ in its overlay colour, rounds on x from 1, Dice on y from 0 to 1, with
+/// axis labels, tick labels, a grid and a legend.
+///
+/// # Errors
+/// When the bundled font cannot be loaded or plotters fails to draw.
+pub fn dice_per_round_figure(series: &[DiceSeries]) -> segviz_core::Result<RgbImage> {
+    register_font()?;
     let panels = series.len().max(1) as u32;
-    let (pw, ph, margin) = (360u32, 240u32, 40u32);
-    let width = panels * (pw + margin) + margin;
-    let height = ph + 2 * margin + 30;
-    let mut img = RgbImage::from_pixel(width, height, Rgb([255, 255, 255]));
-    for (p, (name, organs)) in series.iter().enumerate() {
-        let x0 = margin + p as u32 * (pw + margin);
-        let y0 = margin;
-        draw_text(
-            &mut img,
-            x0,
-            10,
-            &format!("{name}: VAL DICE PER ROUND"),
-            2,
-            Rgb([0, 0, 0]),
-        );
-        // Axes and grid at 0.2 steps.
-        for g in 0..=5 {
-            let y = y0 + ph - g * ph / 5;
-            let shade = if g == 0 {
-                Rgb([0, 0, 0])
-            } else {
-                Rgb([220, 220, 220])
-            };
-            line(
-                &mut img,
-                (x0 as f64, y as f64),
-                ((x0 + pw) as f64, y as f64),
-                shade,
-            );
-            draw_text(
-                &mut img,
-                x0.saturating_sub(26),
-                y.saturating_sub(2),
-                &format!("{:.1}", g as f64 / 5.0),
-                1,
-                Rgb([0, 0, 0]),
-            );
-        }
-        line(
-            &mut img,
-            (x0 as f64, y0 as f64),
-            (x0 as f64, (y0 + ph) as f64),
-            Rgb([0, 0, 0]),
-        );
-        let rounds = organs.iter().map(|(_, v)| v.len()).max().unwrap_or(0);
-        draw_text(
-            &mut img,
-            x0 + pw - 60,
-            y0 + ph + 8,
-            &format!("ROUNDS 1-{rounds}"),
-            1,
-            Rgb([0, 0, 0]),
-        );
-        for (o, (organ, values)) in organs.iter().enumerate() {
-            let colour = organ_colour(*organ);
-            let to_xy = |r: usize, v: f64| {
-                let x = x0 as f64
-                    + if rounds > 1 {
-                        r as f64 * pw as f64 / (rounds - 1) as f64
-                    } else {
-                        0.0
-                    };
-                (x, y0 as f64 + ph as f64 * (1.0 - v.clamp(0.0, 1.0)))
-            };
-            for r in 1..values.len() {
-                line(
-                    &mut img,
-                    to_xy(r - 1, values[r - 1]),
-                    to_xy(r, values[r]),
-                    colour,
-                );
+    let (pw, ph) = (480u32, 340u32);
+    let (width, height) = (panels * pw, ph);
+    let mut buf = vec![255u8; (width * height * 3) as usize];
+    {
+        let root = BitMapBackend::with_buffer(&mut buf, (width, height)).into_drawing_area();
+        root.fill(&WHITE).map_err(figure_error)?;
+        let areas = root.split_evenly((1, panels as usize));
+        for (area, (name, organs)) in areas.iter().zip(series) {
+            let rounds = organs.iter().map(|(_, v)| v.len()).max().unwrap_or(0);
+            let mut chart = ChartBuilder::on(area)
+                .caption(
+                    format!("{name}: validation Dice per round"),
+                    (FAMILY, 17).into_font().style(FontStyle::Bold),
+                )
+                .margin(12)
+                .x_label_area_size(40)
+                .y_label_area_size(48)
+                .build_cartesian_2d(1f64..rounds.max(2) as f64, 0f64..1f64)
+                .map_err(figure_error)?;
+            chart
+                .configure_mesh()
+                .x_desc("round")
+                .y_desc("Dice")
+                .label_style((FAMILY, 13))
+                .axis_desc_style((FAMILY, 14))
+                .x_label_formatter(&|x| format!("{x:.0}"))
+                .y_label_formatter(&|y| format!("{y:.1}"))
+                .light_line_style(RGBColor(238, 238, 238))
+                .draw()
+                .map_err(figure_error)?;
+            for (organ, values) in organs {
+                let colour = rgb(organ_colour(*organ));
+                chart
+                    .draw_series(LineSeries::new(
+                        values
+                            .iter()
+                            .enumerate()
+                            .map(|(r, v)| ((r + 1) as f64, v.clamp(0.0, 1.0))),
+                        colour.stroke_width(2),
+                    ))
+                    .map_err(figure_error)?
+                    .label(organ.name())
+                    .legend(move |(x, y)| {
+                        PathElement::new(vec![(x, y), (x + 18, y)], colour.stroke_width(3))
+                    });
             }
-            // Legend.
-            let ly = y0 + ph + 20;
-            let lx = x0 + o as u32 * 90;
-            fill_rect(&mut img, lx, ly, 10, 10, colour);
-            draw_text(&mut img, lx + 14, ly + 2, organ.name(), 1, Rgb([0, 0, 0]));
+            chart
+                .configure_series_labels()
+                .label_font((FAMILY, 13))
+                .background_style(WHITE.mix(0.85))
+                .border_style(RGBColor(160, 160, 160))
+                .position(SeriesLabelPosition::UpperLeft)
+                .draw()
+                .map_err(figure_error)?;
         }
+        root.present().map_err(figure_error)?;
     }
-    img
+    RgbImage::from_raw(width, height, buf).ok_or_else(|| figure_error("buffer size"))
 }
 
 #[cfg(test)]
@@ -313,21 +253,41 @@ mod tests {
         let mut truth = Volume::filled(g, 0u8);
         truth.data[truth.geometry.index(2, 3, 1)] = Organ::Liver.label();
         let cols: Vec<(&str, &[u8])> = vec![("GT", &truth.data), ("B", &truth.data)];
-        let img = comparison_figure(&image, &truth, &cols, &[Organ::Liver, Organ::Spleen], 2);
-        assert_eq!(img.width(), 2 * (16 + 6) + 6);
-        assert_eq!(img.height(), 20 + 2 * (12 + 6) + 6);
+        let img =
+            comparison_figure(&image, &truth, &cols, &[Organ::Liver, Organ::Spleen], 2).unwrap();
+        assert_eq!(img.width(), 90 + 2 * (16 + 6) + 6);
+        assert_eq!(img.height(), 28 + 2 * (12 + 6) + 6);
         assert_eq!(best_slice(&truth, Organ::Liver), 1);
         // The liver voxel is coloured, not grey.
-        let (x, y) = (6 + (8 - 1 - 2) * 2, 20 + 6 + (6 - 1 - 3) * 2);
+        let (x, y) = (90 + 6 + (8 - 1 - 2) * 2, 28 + 6 + (6 - 1 - 3) * 2);
         let px = img.get_pixel(x, y);
         assert!(px[0] != px[1], "{px:?}");
+        // Titles and row names are text: dark pixels above the panels and left of them.
+        let dark = |x0: u32, x1: u32, y0: u32, y1: u32| {
+            (x0..x1)
+                .flat_map(|x| (y0..y1).map(move |y| (x, y)))
+                .filter(|&(x, y)| img.get_pixel(x, y)[0] < 100)
+                .count()
+        };
+        assert!(dark(96, img.width(), 0, 28) > 20, "no column titles");
+        assert!(dark(24, 90, 28, img.height()) > 20, "no organ names");
     }
 
     #[test]
     fn dice_plot_draws_lines_in_organ_colours() {
-        let img =
-            dice_per_round_figure(&[("FEDBN".into(), vec![(Organ::Spleen, vec![0.1, 0.5, 0.9])])]);
+        let img = dice_per_round_figure(&[
+            ("FedBN".into(), vec![(Organ::Spleen, vec![0.1, 0.5, 0.9])]),
+            ("FedBN + PL".into(), vec![(Organ::Liver, vec![0.2, 0.4])]),
+        ])
+        .unwrap();
+        assert_eq!((img.width(), img.height()), (960, 340));
         let blue = organ_colour(Organ::Spleen);
-        assert!(img.pixels().filter(|p| **p == blue).count() > 100);
+        let red = organ_colour(Organ::Liver);
+        let left = |p: &Rgb<u8>, x: u32| x < 480 && p == &blue;
+        assert!(img.enumerate_pixels().filter(|(x, _, p)| left(p, *x)).count() > 100);
+        assert!(img.enumerate_pixels().filter(|(x, _, p)| *x >= 480 && **p == red).count() > 100);
+        // Text (title, tick labels, axis names, legend) is drawn in black antialiased glyphs.
+        let black = img.pixels().filter(|p| p[0] < 60 && p[1] < 60 && p[2] < 60).count();
+        assert!(black > 1000, "{black} dark pixels");
     }
 }
