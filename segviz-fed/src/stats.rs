@@ -1,12 +1,11 @@
 //! Statistics for comparing methods: the paired Student t-test with its p-value, and Holm's
 //! step-down correction for a family of tests.
 //!
-//! The Student-t CDF is computed from the regularised incomplete beta function
-//! `I_x(a, b)` by its continued fraction (Lentz's method), with `ln Γ` by the Lanczos
-//! approximation — textbook numerics, written here because no small, well-kept crate does
-//! only this.
+//! The Student-t distribution comes from `statrs`; the tests hold reference values from
+//! scipy and statsmodels.
 
 use serde::{Deserialize, Serialize};
+use statrs::distribution::{ContinuousCDF, StudentsT};
 
 /// Result of a paired t-test.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
@@ -72,105 +71,24 @@ pub fn holm_adjust(p: &[f64]) -> Vec<f64> {
     adjusted
 }
 
-/// Two-sided p-value of a t statistic: `P(|T| ≥ |t|) = I_{ν/(ν+t²)}(ν/2, 1/2)`.
+/// Student's t distribution (location 0, scale 1) with `df` degrees of freedom; `None` for
+/// `df` that is not positive.
+fn student_t(df: f64) -> Option<StudentsT> {
+    StudentsT::new(0.0, 1.0, df).ok()
+}
+
+/// Two-sided p-value of a t statistic, `P(|T| ≥ |t|)`; NaN for `df` that is not positive.
 pub fn two_sided_p(t: f64, df: f64) -> f64 {
     if !t.is_finite() {
         return 0.0;
     }
-    regularized_incomplete_beta(df / (df + t * t), df / 2.0, 0.5).clamp(0.0, 1.0)
+    student_t(df).map_or(f64::NAN, |d| (2.0 * d.sf(t.abs())).clamp(0.0, 1.0))
 }
 
-/// CDF of Student's t distribution with `df` degrees of freedom.
+/// CDF of Student's t distribution with `df` degrees of freedom; NaN for `df` that is not
+/// positive.
 pub fn student_t_cdf(t: f64, df: f64) -> f64 {
-    let tail = 0.5 * two_sided_p(t, df);
-    if t >= 0.0 {
-        1.0 - tail
-    } else {
-        tail
-    }
-}
-
-/// `ln Γ(x)` for `x > 0` (Lanczos, g = 7, n = 9; ~15 significant digits).
-fn ln_gamma(x: f64) -> f64 {
-    const G: f64 = 7.0;
-    const C: [f64; 9] = [
-        0.999_999_999_999_809_9,
-        676.520_368_121_885_1,
-        -1_259.139_216_722_402_8,
-        771.323_428_777_653_1,
-        -176.615_029_162_140_6,
-        12.507_343_278_686_905,
-        -0.138_571_095_265_720_12,
-        9.984_369_578_019_572e-6,
-        1.505_632_735_149_311_6e-7,
-    ];
-    if x < 0.5 {
-        // Reflection formula.
-        let pi = std::f64::consts::PI;
-        return (pi / (pi * x).sin()).ln() - ln_gamma(1.0 - x);
-    }
-    let x = x - 1.0;
-    let mut a = C[0];
-    let t = x + G + 0.5;
-    for (i, c) in C.iter().enumerate().skip(1) {
-        a += c / (x + i as f64);
-    }
-    0.5 * (2.0 * std::f64::consts::PI).ln() + (x + 0.5) * t.ln() - t + a.ln()
-}
-
-/// Regularised incomplete beta `I_x(a, b)`.
-pub fn regularized_incomplete_beta(x: f64, a: f64, b: f64) -> f64 {
-    if x <= 0.0 {
-        return 0.0;
-    }
-    if x >= 1.0 {
-        return 1.0;
-    }
-    let ln_front = ln_gamma(a + b) - ln_gamma(a) - ln_gamma(b) + a * x.ln() + b * (1.0 - x).ln();
-    // The continued fraction converges fast for x < (a + 1) / (a + b + 2); use the symmetry
-    // I_x(a, b) = 1 − I_{1−x}(b, a) otherwise.
-    if x < (a + 1.0) / (a + b + 2.0) {
-        ln_front.exp() * beta_continued_fraction(x, a, b) / a
-    } else {
-        1.0 - ln_front.exp() * beta_continued_fraction(1.0 - x, b, a) / b
-    }
-}
-
-/// The continued fraction of the incomplete beta function (modified Lentz).
-fn beta_continued_fraction(x: f64, a: f64, b: f64) -> f64 {
-    const TINY: f64 = 1e-300;
-    const EPS: f64 = 1e-15;
-    let mut c = 1.0;
-    let mut d = 1.0 - (a + b) * x / (a + 1.0);
-    if d.abs() < TINY {
-        d = TINY;
-    }
-    d = 1.0 / d;
-    let mut h = d;
-    for m in 1..500 {
-        let m = m as f64;
-        // Even step.
-        let num = m * (b - m) * x / ((a + 2.0 * m - 1.0) * (a + 2.0 * m));
-        d = 1.0 + num * d;
-        d = if d.abs() < TINY { TINY } else { d };
-        c = 1.0 + num / c;
-        c = if c.abs() < TINY { TINY } else { c };
-        d = 1.0 / d;
-        h *= d * c;
-        // Odd step.
-        let num = -(a + m) * (a + b + m) * x / ((a + 2.0 * m) * (a + 2.0 * m + 1.0));
-        d = 1.0 + num * d;
-        d = if d.abs() < TINY { TINY } else { d };
-        c = 1.0 + num / c;
-        c = if c.abs() < TINY { TINY } else { c };
-        d = 1.0 / d;
-        let delta = d * c;
-        h *= delta;
-        if (delta - 1.0).abs() < EPS {
-            break;
-        }
-    }
-    h
+    student_t(df).map_or(f64::NAN, |d| d.cdf(t))
 }
 
 /// The two-sided 95 % confidence interval of the mean of `values` (Student's t with
@@ -186,19 +104,10 @@ pub fn mean_ci95(values: &[f64]) -> Option<(f64, f64)> {
     Some((mean - half, mean + half))
 }
 
-/// The `q` quantile of Student's t with `df` degrees of freedom (0 < q < 1), by bisection
-/// on [`student_t_cdf`].
+/// The `q` quantile of Student's t with `df` degrees of freedom (0 < q < 1); NaN for `df`
+/// that is not positive.
 pub fn student_t_quantile(q: f64, df: f64) -> f64 {
-    let (mut lo, mut hi) = (-1e3, 1e3);
-    for _ in 0..200 {
-        let mid = 0.5 * (lo + hi);
-        if student_t_cdf(mid, df) < q {
-            lo = mid;
-        } else {
-            hi = mid;
-        }
-    }
-    0.5 * (lo + hi)
+    student_t(df).map_or(f64::NAN, |d| d.inverse_cdf(q))
 }
 
 #[cfg(test)]
