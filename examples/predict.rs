@@ -2,8 +2,16 @@
 //! imported from MONAI):
 //!
 //! ```text
-//! cargo run --release --example predict -- --model MODEL.segviz --input CT.nii.gz --output SEG.nii.gz
+//! cargo run --release --example predict -- --model MODEL.segviz -i CT.nii.gz -o SEG.nii.gz
+//! cargo run --release --example predict -- --model MODEL.segviz -i SCANS/ -o LABELS/
 //! ```
+//!
+//! The input may be a NIfTI file or a DICOM series folder (the label map is then written as
+//! NIfTI in the series' geometry). With a folder of scans as input, every `.nii` / `.nii.gz`
+//! file and every DICOM series folder in it is segmented into the output folder (same name,
+//! `.nii.gz`), with a progress bar. Nothing is skipped silently: every other
+//! entry of the folder is listed with the reason it was not segmented, a scan that fails is
+//! reported and the others still run, and the exit status is non-zero if any failed.
 //!
 //! The scan gets the training preprocessing (stored in the model file by the experiment,
 //! or given with `--pixdim`/`--a-min`/`--a-max`), sliding-window inference and head fusion;
@@ -11,15 +19,17 @@
 //! in the scan's own geometry so it overlays the scan in 3D Slicer or ITK-SNAP.
 //! Several `--model` files (e.g. each site's fine-tuned model) are fused organ by organ.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use burn::module::Module;
 use clap::Parser;
+use indicatif::{ProgressBar, ProgressStyle};
 use segviz::core::checkpoint::load_model;
 use segviz::core::sliding_window::SlidingWindowConfig;
-use segviz::data::{refuse_overwriting_inputs, write_labels, Organ, PreprocessConfig};
-use segviz::fed::evaluate::{segment_file, Segmenter};
+use segviz::data::{refuse_overwriting_inputs, Organ, PreprocessConfig};
+use segviz::fed::evaluate::Segmenter;
+use segviz::predict::{plan_folder, segment_to_file};
 
 /// Segment a CT scan with saved SegViz model(s).
 #[derive(Parser, Debug)]
@@ -28,11 +38,11 @@ struct Args {
     /// Model file(s) written by SegViz (`.segviz`); repeat to fuse per-site models.
     #[arg(long, required = true)]
     model: Vec<PathBuf>,
-    /// CT scan (`.nii` or `.nii.gz`).
-    #[arg(long)]
+    /// CT scan (`.nii`, `.nii.gz` or a DICOM series folder), or a folder of scans.
+    #[arg(short, long)]
     input: PathBuf,
-    /// Output label map (`.nii.gz`).
-    #[arg(long)]
+    /// Output label map (`.nii.gz`), or a folder when the input is one.
+    #[arg(short, long)]
     output: PathBuf,
     /// Target spacing in mm, overriding the model file's (e.g. `1.5,1.5,2`).
     #[arg(long, value_delimiter = ',')]
@@ -61,11 +71,33 @@ fn main() -> ExitCode {
 }
 
 fn run(args: &Args) -> AnyResult<()> {
-    // Before anything is read or written: the label map must not replace the scan or a model.
-    let inputs: Vec<&std::path::Path> = std::iter::once(args.input.as_path())
-        .chain(args.model.iter().map(PathBuf::as_path))
-        .collect();
-    refuse_overwriting_inputs(&args.output, &inputs)?;
+    let folder = args.input.is_dir() && !segviz::data::dicom::is_dicom_folder(&args.input);
+    let (cases, skipped) = if folder {
+        if args.output.exists() && !args.output.is_dir() {
+            return Err(format!(
+                "{}: the input is a folder, so the output must be a folder too",
+                args.output.display()
+            )
+            .into());
+        }
+        let plan = plan_folder(&args.input, &args.output)?;
+        (plan.cases, plan.skipped)
+    } else {
+        (vec![(args.input.clone(), args.output.clone())], Vec::new())
+    };
+    for s in &skipped {
+        eprintln!("skipped: {s}");
+    }
+    if folder && cases.is_empty() {
+        return Err(format!("{}: no NIfTI scan in this folder", args.input.display()).into());
+    }
+    // Before anything is read or written: no label map may replace a scan or a model.
+    for (input, output) in &cases {
+        let inputs: Vec<&Path> = std::iter::once(input.as_path())
+            .chain(args.model.iter().map(PathBuf::as_path))
+            .collect();
+        refuse_overwriting_inputs(output, &inputs)?;
+    }
     let device = segviz::default_device();
     let mut models = Vec::new();
     let mut metadata = serde_json::Value::Null;
@@ -113,25 +145,38 @@ fn run(args: &Args) -> AnyResult<()> {
         }
         Segmenter::PerOrgan(list)
     };
-    let (labels, warnings) = segment_file(&segmenter, &args.input, &preprocess, &window, &device)?;
-    for w in &warnings {
-        eprintln!("warning: {}: {w}", args.input.display());
+    if !folder {
+        let (input, output) = &cases[0];
+        let summary = segment_to_file(&segmenter, input, output, &preprocess, &window, &device)?;
+        println!("{summary}");
+        return Ok(());
     }
-    write_labels(&args.output, &labels)?;
-    let mut counts = [0usize; 5];
-    for &v in &labels.data {
-        if let Some(c) = counts.get_mut(v as usize) {
-            *c += 1;
-        }
-    }
-    println!(
-        "wrote {} ({:?} voxels): liver {}, spleen {}, pancreas {}, kidney {} voxels",
-        args.output.display(),
-        labels.geometry.shape,
-        counts[1],
-        counts[2],
-        counts[3],
-        counts[4]
+    let bar = ProgressBar::new(cases.len() as u64).with_style(
+        ProgressStyle::with_template("{bar:30} {pos}/{len} scans, {elapsed} elapsed, ~{eta} left: {msg}")
+            .map_err(|e| e.to_string())?,
     );
+    let mut failed = Vec::new();
+    for (input, output) in &cases {
+        bar.set_message(input.display().to_string());
+        match segment_to_file(&segmenter, input, output, &preprocess, &window, &device) {
+            Ok(summary) => bar.println(summary),
+            Err(e) => {
+                bar.println(format!("error: {}: {e}", input.display()));
+                failed.push(input.display().to_string());
+            }
+        }
+        bar.inc(1);
+    }
+    bar.finish_and_clear();
+    println!(
+        "{} of {} scan(s) segmented into {}; {} other entries skipped (listed above)",
+        cases.len() - failed.len(),
+        cases.len(),
+        args.output.display(),
+        skipped.len()
+    );
+    if !failed.is_empty() {
+        return Err(format!("{} scan(s) failed: {}", failed.len(), failed.join(", ")).into());
+    }
     Ok(())
 }

@@ -19,6 +19,7 @@
 //! [`default_device`] picks the most capable enabled one.
 
 pub mod figures;
+pub mod predict;
 
 pub use segviz_core as core;
 pub use segviz_data as data;
