@@ -70,9 +70,14 @@ impl PreprocessCache {
     pub fn key(&self, sources: &[&Path], config: &PreprocessConfig) -> Result<String> {
         let mut hasher = Sha256::new();
         hasher.update(KEY_TAG);
-        for source in sources {
-            let absolute = std::fs::canonicalize(source).map_err(|e| DataError::io(*source, e))?;
-            let meta = std::fs::metadata(&absolute).map_err(|e| DataError::io(*source, e))?;
+        // A DICOM series is a folder: every file of it counts.
+        let files: Vec<PathBuf> = sources
+            .iter()
+            .flat_map(|s| crate::dicom::scan_files(s))
+            .collect();
+        for source in &files {
+            let absolute = std::fs::canonicalize(source).map_err(|e| DataError::io(source, e))?;
+            let meta = std::fs::metadata(&absolute).map_err(|e| DataError::io(source, e))?;
             let modified = meta
                 .modified()
                 .ok()

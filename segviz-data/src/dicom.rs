@@ -85,6 +85,24 @@ pub fn is_dicom_folder(dir: &Path) -> bool {
         })
 }
 
+/// The files of a scan: the file itself, or every regular file of a DICOM series folder
+/// (sorted). Used to fingerprint scans for caches and resume checks.
+pub fn scan_files(path: &Path) -> Vec<PathBuf> {
+    if !path.is_dir() {
+        return vec![path.to_path_buf()];
+    }
+    let mut files: Vec<PathBuf> = std::fs::read_dir(path)
+        .map(|entries| {
+            entries
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|p| p.is_file())
+                .collect()
+        })
+        .unwrap_or_default();
+    files.sort();
+    files
+}
+
 fn has_dicom_marker(path: &Path) -> bool {
     use std::io::Read;
     let mut head = [0u8; 132];

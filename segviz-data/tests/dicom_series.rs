@@ -113,3 +113,50 @@ fn damaged_or_foreign_files_are_named() {
     assert!(err.contains("IM0002.dcm"), "{err}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn the_generic_layout_takes_dicom_series_folders_with_nifti_labels() {
+    use segviz_data::{write_labels, Organ, SiteDataset, Volume};
+    let dir = std::env::temp_dir().join(format!("segviz-dicom-site-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let series = dir.join("images/case_dicom");
+    std::fs::create_dir_all(&series).unwrap();
+    std::fs::create_dir_all(dir.join("labels")).unwrap();
+    for f in std::fs::read_dir(fixture("ct_j2k")).unwrap() {
+        let f = f.unwrap().path();
+        std::fs::copy(&f, series.join(f.file_name().unwrap())).unwrap();
+    }
+    // A NIfTI case beside it, and labels in each scan's geometry.
+    std::fs::copy(
+        fixture("ct_expected.nii.gz"),
+        dir.join("images/case_nifti.nii.gz"),
+    )
+    .unwrap();
+    let expected = read_volume(fixture("ct_expected.nii.gz")).unwrap();
+    let mut label = Volume::filled(expected.geometry.clone(), 0u8);
+    for v in label.data.iter_mut().take(100) {
+        *v = 1;
+    }
+    write_labels(dir.join("labels/case_dicom.nii.gz"), &label).unwrap();
+    write_labels(dir.join("labels/case_nifti.nii.gz"), &label).unwrap();
+    std::fs::write(dir.join("labels.json"), r#"{"1": "liver"}"#).unwrap();
+
+    let site = SiteDataset::detect(&dir).unwrap();
+    let ids: Vec<&str> = site.cases.iter().map(|c| c.id.as_str()).collect();
+    assert_eq!(ids, ["case_dicom", "case_nifti"]);
+    assert!(site.cases[0].image.is_dir());
+    let a = site.load_case(0).unwrap();
+    let b = site.load_case(1).unwrap();
+    assert_eq!(a.image.data, b.image.data);
+    assert_eq!(a.annotated.contains(Organ::Liver), true);
+
+    // A folder in images/ that is no series, or a series without its label, is named.
+    std::fs::create_dir_all(dir.join("images/empty")).unwrap();
+    let err = SiteDataset::detect(&dir).unwrap_err().to_string();
+    assert!(err.contains("empty") && err.contains("without DICOM"), "{err}");
+    std::fs::remove_dir_all(dir.join("images/empty")).unwrap();
+    std::fs::remove_file(dir.join("labels/case_dicom.nii.gz")).unwrap();
+    let err = SiteDataset::detect(&dir).unwrap_err().to_string();
+    assert!(err.contains("case_dicom"), "{err}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -2,10 +2,12 @@
 //!
 //! ```text
 //! site/
-//!   images/  case_a.nii.gz  case_b.nii.gz
-//!   labels/  case_a.nii.gz  case_b.nii.gz      (same file names)
+//!   images/  case_a.nii.gz  case_b.nii.gz  case_c/      (case_c/: a DICOM series folder)
+//!   labels/  case_a.nii.gz  case_b.nii.gz  case_c.nii.gz (same names; NIfTI labels)
 //!   segviz.toml   or   labels.json
 //! ```
+//! A DICOM series' label map is a NIfTI file in the series' geometry (as `predict` writes
+//! them and dcm2niix converts the series).
 //!
 //! `segviz.toml`:
 //! ```toml
@@ -160,7 +162,22 @@ fn interpret(config: &Value, path: &Path) -> Result<(Option<String>, LabelMap)> 
     Ok((name, map))
 }
 
-/// Pairs `images/X` with `labels/X`; a file without a partner is an error naming it.
+/// The non-hidden sub-folders of `dir`, sorted.
+fn list_folders(dir: &Path) -> Result<Vec<PathBuf>> {
+    let mut folders = Vec::new();
+    for entry in std::fs::read_dir(dir).map_err(|e| DataError::io(dir, e))? {
+        let entry = entry.map_err(|e| DataError::io(dir, e))?;
+        let hidden = entry.file_name().to_string_lossy().starts_with('.');
+        if !hidden && entry.path().is_dir() {
+            folders.push(entry.path());
+        }
+    }
+    folders.sort();
+    Ok(folders)
+}
+
+/// Pairs `images/X` with `labels/X` (and a DICOM series folder `images/X/` with
+/// `labels/X.nii.gz`); a file without a partner is an error naming it.
 fn pair_files(dir: &Path) -> Result<Vec<CaseRef>> {
     let images_dir = dir.join(IMAGE_DIR);
     let labels_dir = dir.join(LABEL_DIR);
@@ -176,6 +193,31 @@ fn pair_files(dir: &Path) -> Result<Vec<CaseRef>> {
     let labels = list_nifti(&labels_dir)?;
     let mut unmatched: Vec<String> = Vec::new();
     let mut cases = Vec::with_capacity(images.len());
+    // DICOM series folders, each paired with the NIfTI label of the folder's name.
+    let mut series_names = Vec::new();
+    for folder in list_folders(&images_dir)? {
+        let name = folder
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        if !crate::dicom::is_dicom_folder(&folder) {
+            unmatched.push(format!("{} (a folder without DICOM files)", folder.display()));
+            continue;
+        }
+        let label = [".nii.gz", ".nii"]
+            .iter()
+            .map(|ext| labels_dir.join(format!("{name}{ext}")))
+            .find(|p| p.is_file());
+        match label {
+            Some(label) => cases.push(CaseRef {
+                id: name.clone(),
+                image: folder.clone(),
+                label,
+            }),
+            None => unmatched.push(folder.display().to_string()),
+        }
+        series_names.push(name);
+    }
     for image in &images {
         let Some(file_name) = image.file_name() else {
             continue;
@@ -194,11 +236,13 @@ fn pair_files(dir: &Path) -> Result<Vec<CaseRef>> {
     }
     for label in &labels {
         if let Some(file_name) = label.file_name() {
-            if !images_dir.join(file_name).is_file() {
+            let of_series = super::nifti_stem(label).is_some_and(|s| series_names.contains(&s));
+            if !images_dir.join(file_name).is_file() && !of_series {
                 unmatched.push(label.display().to_string());
             }
         }
     }
+    cases.sort_by(|a, b| a.id.cmp(&b.id));
     if !unmatched.is_empty() {
         return Err(DataError::Layout {
             path: dir.to_path_buf(),

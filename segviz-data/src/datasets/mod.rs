@@ -22,7 +22,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{DataError, Result};
 use crate::labels::{LabelMap, OrganSet};
-use crate::nifti_io::{read_labels, read_volume};
+use crate::nifti_io::read_labels;
 use crate::volume::{Geometry, Volume};
 
 /// The folder layout a dataset was recognised as.
@@ -196,7 +196,7 @@ impl SiteDataset {
                 self.cases.len()
             ))
         })?;
-        let image = read_volume(&case.image)?;
+        let (image, _) = crate::dicom::read_scan(&case.image)?;
         let raw_label = read_labels(&case.label)?;
         check_same_grid(
             &image.geometry,
@@ -257,10 +257,11 @@ pub(crate) fn list_nifti(dir: &Path) -> Result<Vec<PathBuf>> {
     Ok(files)
 }
 
-/// Errors naming the first file of `case` that does not exist.
+/// Errors naming the first file of `case` that does not exist (an image may be a DICOM
+/// series folder).
 pub(crate) fn require_files(case: &CaseRef) -> Result<()> {
     for path in [&case.image, &case.label] {
-        if !path.is_file() {
+        if !(path.is_file() || (path == &case.image && path.is_dir())) {
             return Err(DataError::io(
                 path.clone(),
                 std::io::Error::new(std::io::ErrorKind::NotFound, "file not found"),

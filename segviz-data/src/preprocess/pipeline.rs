@@ -10,7 +10,7 @@ use super::resample::{
     resample_image_to_spacing, resample_labels_to_spacing, resize_image, resize_labels,
 };
 use crate::error::{DataError, Result};
-use crate::nifti_io::{read_labels, read_volume};
+use crate::nifti_io::read_labels;
 use crate::volume::{Geometry, Volume};
 
 /// Largest element-wise affine difference (mm) still treated as "the same grid".
@@ -100,7 +100,7 @@ pub fn preprocess_files(
     config: &PreprocessConfig,
 ) -> Result<(Volume<f32>, Volume<u8>)> {
     config.validate()?;
-    let image = read_volume(image_path)?;
+    let (image, _) = crate::dicom::read_scan(image_path)?;
     let label = read_labels(label_path)?;
     check_pair(image_path, &image.geometry, label_path, &label.geometry)?;
     preprocess_checked(&image, &label, config)

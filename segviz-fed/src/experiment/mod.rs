@@ -261,7 +261,13 @@ impl Experiment {
         for site in self.sites.iter().chain(&self.test_site) {
             text.push_str(&format!("site {} {}\n", site.name(), site.dataset.layout));
             for case in &site.dataset.cases {
-                let size = |p: &Path| std::fs::metadata(p).map_or(0, |m| m.len());
+                // A DICOM series is a folder: the sizes of its files.
+                let size = |p: &Path| -> u64 {
+                    segviz_data::dicom::scan_files(p)
+                        .iter()
+                        .map(|f| std::fs::metadata(f).map_or(0, |m| m.len()))
+                        .sum()
+                };
                 text.push_str(&format!(
                     "{} {} {}\n",
                     case.id,
