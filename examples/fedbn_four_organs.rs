@@ -374,13 +374,13 @@ fn write_outputs(
             .iter()
             .filter_map(|o| Organ::from_name(o))
             .collect();
-        let mut columns: Vec<(&str, &[u8])> = vec![("GROUND TRUTH", &truth.data)];
+        let mut columns: Vec<(&str, &[u8])> = vec![("Ground truth", &truth.data)];
         let wanted = [
-            (Method::Baseline, "BASELINE"),
-            (Method::Central, "CENTRAL"),
-            (Method::FedbnFt, "SEGVIZ FEDBN+FT"),
-            (Method::FedbnPlFt, "FEDBN+PL+FT"),
-            (Method::FedbnPl, "FEDBN+PL"),
+            (Method::Baseline, "Baseline"),
+            (Method::Central, "Central"),
+            (Method::FedbnFt, "FedBN + FT"),
+            (Method::FedbnPlFt, "FedBN + PL + FT"),
+            (Method::FedbnPl, "FedBN + PL"),
         ];
         for (method, title) in wanted {
             if let Some(t) = trained.iter().find(|t| t.method == method) {
@@ -412,8 +412,9 @@ fn write_outputs(
                     }
                 }
             }
-            let name = r.method.federation().unwrap_or(r.method.name());
-            (name.to_uppercase(), per.into_iter().collect())
+            // The rounds are the federation's: its label without the fine-tuning.
+            let name = r.method.label().trim_end_matches(" + FT");
+            (name.to_string(), per.into_iter().collect())
         })
         .collect();
     if !series.is_empty() {

@@ -147,10 +147,22 @@ pub fn comparison_figure(
     let mut buf = img.into_raw();
     {
         let root = BitMapBackend::with_buffer(&mut buf, (width, height)).into_drawing_area();
-        let heading = (FAMILY, 16).into_font().style(FontStyle::Bold).color(&BLACK);
         for (c, (name, _)) in columns.iter().enumerate() {
-            let x = (side + gap + c as u32 * (pw + gap)) as i32;
-            root.draw_text(name, &heading, (x, 6))
+            // The largest size (16 down to 8 px) at which the title fits over its panel,
+            // centred.
+            let fits = |size: u32| {
+                let font = (FAMILY, size)
+                    .into_font()
+                    .style(FontStyle::Bold)
+                    .color(&BLACK);
+                root.estimate_text_size(name, &font)
+                    .map(|(w, _)| (w, font))
+                    .ok()
+                    .filter(|(w, _)| *w <= pw + gap / 2 || size == 8)
+            };
+            let (w, font) = (8..=16).rev().find_map(fits).ok_or_else(|| figure_error("font"))?;
+            let x = (side + gap + c as u32 * (pw + gap)) as i32 + (pw as i32 - w as i32) / 2;
+            root.draw_text(name, &font, (x.max(0), 8))
                 .map_err(figure_error)?;
         }
         let label = (FAMILY, 14).into_font().color(&BLACK);
@@ -198,7 +210,7 @@ pub fn dice_per_round_figure(series: &[DiceSeries]) -> segviz_core::Result<RgbIm
                 .margin(12)
                 .x_label_area_size(40)
                 .y_label_area_size(48)
-                .build_cartesian_2d(1f64..rounds.max(2) as f64, 0f64..1f64)
+                .build_cartesian_2d(1i32..rounds.max(2) as i32, 0f64..1f64)
                 .map_err(figure_error)?;
             chart
                 .configure_mesh()
@@ -206,7 +218,7 @@ pub fn dice_per_round_figure(series: &[DiceSeries]) -> segviz_core::Result<RgbIm
                 .y_desc("Dice")
                 .label_style((FAMILY, 13))
                 .axis_desc_style((FAMILY, 14))
-                .x_label_formatter(&|x| format!("{x:.0}"))
+                .x_labels(rounds.clamp(2, 10))
                 .y_label_formatter(&|y| format!("{y:.1}"))
                 .light_line_style(RGBColor(238, 238, 238))
                 .draw()
@@ -218,7 +230,7 @@ pub fn dice_per_round_figure(series: &[DiceSeries]) -> segviz_core::Result<RgbIm
                         values
                             .iter()
                             .enumerate()
-                            .map(|(r, v)| ((r + 1) as f64, v.clamp(0.0, 1.0))),
+                            .map(|(r, v)| (r as i32 + 1, v.clamp(0.0, 1.0))),
                         colour.stroke_width(2),
                     ))
                     .map_err(figure_error)?
