@@ -871,3 +871,43 @@ fn round_line(strategy: &str, report: &RoundReport) -> String {
         report.seconds
     )
 }
+
+#[cfg(test)]
+mod csv_tests {
+    use super::*;
+
+    #[test]
+    fn results_csv_quotes_fields_that_need_it() {
+        let score = VolumeScore {
+            site: "Hospital \"A\", ward 3".into(),
+            case: "case,1".into(),
+            dice: [("liver".to_string(), 0.5)].into_iter().collect(),
+            head_dice: [("liver".to_string(), 0.25)].into_iter().collect(),
+            hd95: [("liver".to_string(), None)].into_iter().collect(),
+            hd95_penalised: vec![],
+        };
+        let results = ExperimentResults {
+            config: ExperimentConfig::tiny(),
+            organs: vec!["liver".into()],
+            methods: vec![MethodResult {
+                method: Method::Baseline,
+                validation: vec![score.clone()],
+                test: vec![],
+                rounds: vec![],
+                train_seconds: 0.0,
+                eval_seconds: 0.0,
+            }],
+            table_validation: Default::default(),
+            table_test: Default::default(),
+        };
+        let bytes = results_csv(&results).unwrap();
+        let text = String::from_utf8(bytes.clone()).unwrap();
+        assert!(text.contains(r#""Hospital ""A"", ward 3","case,1""#), "{text}");
+        let mut reader = csv::Reader::from_reader(bytes.as_slice());
+        let row = reader.records().next().unwrap().unwrap();
+        assert_eq!(&row[2], score.site.as_str());
+        assert_eq!(&row[3], "case,1");
+        assert_eq!(&row[5], "0.50000");
+        assert_eq!(&row[6], "");
+    }
+}
