@@ -132,7 +132,10 @@ pub fn read_dicom_series(dir: &Path) -> Result<(Volume<f32>, DicomSeriesInfo)> {
     });
     files.sort();
     if files.is_empty() {
-        return Err(DataError::invalid(dir, "no file in this DICOM series folder"));
+        return Err(DataError::invalid(
+            dir,
+            "no file in this DICOM series folder",
+        ));
     }
     let mut slices = files
         .iter()
@@ -384,7 +387,11 @@ fn read_slice_header(path: &Path) -> Result<Slice> {
         .map(|s| s.trim_end_matches(['\0', ' ']).to_string())
         .unwrap_or_default();
     let position = floats(tags::IMAGE_POSITION_PATIENT, "ImagePositionPatient", 3)?;
-    let orientation = floats(tags::IMAGE_ORIENTATION_PATIENT, "ImageOrientationPatient", 6)?;
+    let orientation = floats(
+        tags::IMAGE_ORIENTATION_PATIENT,
+        "ImageOrientationPatient",
+        6,
+    )?;
     let spacing = floats(tags::PIXEL_SPACING, "PixelSpacing", 2)?;
     if spacing.iter().any(|&s| s <= 0.0) {
         return Err(DataError::invalid(
@@ -421,10 +428,12 @@ fn read_slice_pixels(path: &Path, rows: usize, columns: usize) -> Result<(Vec<f3
         .transfer_syntax()
         .trim_end_matches(['\0', ' '])
         .to_string();
-    let pixels = object.decode_pixel_data().map_err(|e| DataError::Unsupported {
-        path: path.to_path_buf(),
-        reason: format!("pixel data (transfer syntax {ts}) cannot be decoded: {e}"),
-    })?;
+    let pixels = object
+        .decode_pixel_data()
+        .map_err(|e| DataError::Unsupported {
+            path: path.to_path_buf(),
+            reason: format!("pixel data (transfer syntax {ts}) cannot be decoded: {e}"),
+        })?;
     // The default conversion applies the modality LUT: RescaleSlope and RescaleIntercept.
     let values: Vec<f32> = pixels
         .to_vec()

@@ -36,8 +36,8 @@ pub use volume::{Geometry, Volume};
 
 pub use augment::{AugmentConfig, Augmenter};
 pub use cache::{CacheOutcome, PreprocessCache};
-pub use inspect::inspect_file;
 pub use dicom::{read_dicom_series, read_scan};
+pub use inspect::inspect_file;
 pub use nifti_io::{read_header, read_labels, read_volume, write_labels, write_volume, VoxelType};
 pub use orientation::{from_ras, orientation_code};
 pub use output::refuse_overwriting_inputs;

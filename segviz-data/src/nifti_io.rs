@@ -1,8 +1,15 @@
 //! Reading and writing single-file NIfTI-1 volumes (`.nii`, `.nii.gz`).
 //!
-//! The header is parsed by the `nifti` crate; the voxel bytes are decoded here, from a
-//! buffer whose length has been checked against the header first, so a truncated or
-//! corrupt file is an error and never a panic or a huge allocation.
+//! The header is parsed by the `nifti` crate, and the stored values are typed by it
+//! (datatype and byte order), from a buffer whose length has been checked against the header
+//! first, so a truncated or corrupt file is an error and never a panic or a huge allocation.
+//! Scaling and the affine stay here: nibabel applies `scl_slope`/`scl_inter` in floating
+//! point (the crate rescales in the stored type), and the affine needs nibabel's fallbacks
+//! and our warnings.
+//!
+//! The writer is ours too: the `nifti` crate's writer takes `ndarray` arrays and always sets
+//! `scl_slope` 1 and `scl_inter` 0, so it cannot write the scaled int16 CT files that
+//! [`write_volume_scaled`] writes.
 //!
 //! Conventions (the NIfTI-1 standard, as nibabel and ITK read it):
 //! - voxels on disk are in Fortran order (`i` fastest); [`Volume`] is C order (`k` fastest),
@@ -25,6 +32,7 @@ use std::path::{Path, PathBuf};
 use flate2::read::MultiGzDecoder;
 use flate2::write::GzEncoder;
 use flate2::Compression;
+use nifti::volume::InMemNiftiVolume;
 
 use crate::affine::{self, Affine};
 use crate::atomic_write::write_bytes as write_atomically;
@@ -403,7 +411,8 @@ fn read_decompressed(path: &Path) -> Result<Vec<u8>> {
 /// A checked header: what the decoder needs plus the public facts.
 struct Header {
     info: NiftiInfo,
-    big_endian: bool,
+    endianness: nifti::Endianness,
+    nifti_type: nifti::NiftiType,
     vox_offset: usize,
 }
 
@@ -467,6 +476,9 @@ fn parse_header(path: &Path, bytes: &[u8]) -> Result<Header> {
             ),
         ));
     }
+    let nifti_type = h
+        .data_type()
+        .map_err(|e| DataError::invalid(path, format!("datatype: {e}")))?;
     let (affine, affine_source, warnings) = header_affine(path, &h)?;
     Ok(Header {
         info: NiftiInfo {
@@ -478,7 +490,8 @@ fn parse_header(path: &Path, bytes: &[u8]) -> Result<Header> {
             affine_source,
             warnings,
         },
-        big_endian: h.endianness == nifti::Endianness::Big,
+        endianness: h.endianness,
+        nifti_type,
         vox_offset: h.vox_offset as usize,
     })
 }
@@ -762,53 +775,70 @@ fn decode_voxels(path: &Path, bytes: &[u8], header: &Header) -> Result<Vec<f32>>
             ),
         ));
     }
-    let block = &bytes[header.vox_offset..needed];
+    let block = bytes[header.vox_offset..needed].to_vec();
+    // nibabel's rule: a zero (or non-finite) slope means unscaled values.
     let scaled = info.scl_slope != 0.0 && info.scl_slope.is_finite() && info.scl_inter.is_finite();
     let (slope, inter) = if scaled {
         (info.scl_slope as f64, info.scl_inter as f64)
     } else {
         (1.0, 0.0)
     };
-    let big = header.big_endian;
-    let dtype = info.datatype;
-    let mut out = vec![0.0f32; count];
-    // Walk the file in its own (Fortran) order and scatter into C order.
+    // The nifti crate types the stored values (datatype and byte order); scaling is applied
+    // here in f64, as nibabel does, rather than in the stored integer type.
+    let dim =
+        |n: usize| u16::try_from(n).map_err(|_| DataError::invalid(path, "dimension over 65535"));
+    let volume = InMemNiftiVolume::from_raw_fields(
+        [3, dim(nx)?, dim(ny)?, dim(nz)?, 1, 1, 1, 1],
+        header.nifti_type,
+        1.0,
+        0.0,
+        block,
+        header.endianness,
+    )
+    .map_err(|e| DataError::invalid(path, format!("voxel data: {e}")))?;
+    let shape = [nx, ny, nz];
+    let bad = |e: nifti::NiftiError| DataError::invalid(path, format!("voxel data: {e}"));
+    macro_rules! scatter {
+        ($t:ty) => {
+            scatter_fortran(
+                &volume.into_nifti_typed_data::<$t>().map_err(bad)?,
+                shape,
+                |v| (v as f64 * slope + inter) as f32,
+            )
+        };
+    }
+    Ok(match info.datatype {
+        VoxelType::UInt8 => scatter!(u8),
+        VoxelType::Int8 => scatter!(i8),
+        VoxelType::Int16 => scatter!(i16),
+        VoxelType::UInt16 => scatter!(u16),
+        VoxelType::Int32 => scatter!(i32),
+        VoxelType::UInt32 => scatter!(u32),
+        VoxelType::Int64 => scatter!(i64),
+        VoxelType::UInt64 => scatter!(u64),
+        VoxelType::Float32 => scatter!(f32),
+        VoxelType::Float64 => scatter!(f64),
+    })
+}
+
+/// Values stored in NIfTI's Fortran order (`i` fastest) into C order (`k` fastest), each
+/// through `convert`.
+fn scatter_fortran<T: Copy>(
+    values: &[T],
+    [nx, ny, nz]: [usize; 3],
+    convert: impl Fn(T) -> f32,
+) -> Vec<f32> {
+    let mut out = vec![0.0f32; values.len()];
     let mut f = 0usize;
     for k in 0..nz {
         for j in 0..ny {
             for i in 0..nx {
-                let raw = &block[f * size..(f + 1) * size];
-                let v = decode_one(raw, dtype, big);
-                out[(i * ny + j) * nz + k] = (v * slope + inter) as f32;
+                out[(i * ny + j) * nz + k] = convert(values[f]);
                 f += 1;
             }
         }
     }
-    Ok(out)
-}
-
-/// One stored value as `f64`. `raw` has exactly `dtype.size()` bytes.
-#[inline]
-fn decode_one(raw: &[u8], dtype: VoxelType, big_endian: bool) -> f64 {
-    let mut buf = [0u8; 8];
-    buf[..raw.len()].copy_from_slice(raw);
-    if big_endian {
-        buf[..raw.len()].reverse();
-    }
-    let b2 = [buf[0], buf[1]];
-    let b4 = [buf[0], buf[1], buf[2], buf[3]];
-    match dtype {
-        VoxelType::UInt8 => buf[0] as f64,
-        VoxelType::Int8 => buf[0] as i8 as f64,
-        VoxelType::Int16 => i16::from_le_bytes(b2) as f64,
-        VoxelType::UInt16 => u16::from_le_bytes(b2) as f64,
-        VoxelType::Int32 => i32::from_le_bytes(b4) as f64,
-        VoxelType::UInt32 => u32::from_le_bytes(b4) as f64,
-        VoxelType::Int64 => i64::from_le_bytes(buf) as f64,
-        VoxelType::UInt64 => u64::from_le_bytes(buf) as f64,
-        VoxelType::Float32 => f32::from_le_bytes(b4) as f64,
-        VoxelType::Float64 => f64::from_le_bytes(buf),
-    }
+    out
 }
 
 /// Appends one value in `dtype` (little-endian), rounding and clamping integer types.

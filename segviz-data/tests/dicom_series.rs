@@ -13,8 +13,7 @@ fn fixture(name: &str) -> PathBuf {
 }
 
 fn manifest() -> serde_json::Value {
-    serde_json::from_str(&std::fs::read_to_string(fixture("dicom_fixtures.json")).unwrap())
-        .unwrap()
+    serde_json::from_str(&std::fs::read_to_string(fixture("dicom_fixtures.json")).unwrap()).unwrap()
 }
 
 fn max_affine_diff(a: &[[f64; 4]; 4], b: &[[f64; 4]; 4]) -> f64 {
@@ -79,7 +78,10 @@ fn refusal(dir: &Path) -> String {
 #[test]
 fn tilted_gapped_and_mixed_series_are_refused_by_name() {
     let err = refusal(&fixture("ct_tilted"));
-    assert!(err.contains("ct_tilted") && err.contains("gantry tilt"), "{err}");
+    assert!(
+        err.contains("ct_tilted") && err.contains("gantry tilt"),
+        "{err}"
+    );
     let err = refusal(&fixture("ct_missing"));
     assert!(
         err.contains("ct_missing") && err.contains("uneven slice spacing"),
@@ -153,7 +155,10 @@ fn the_generic_layout_takes_dicom_series_folders_with_nifti_labels() {
     // A folder in images/ that is no series, or a series without its label, is named.
     std::fs::create_dir_all(dir.join("images/empty")).unwrap();
     let err = SiteDataset::detect(&dir).unwrap_err().to_string();
-    assert!(err.contains("empty") && err.contains("without DICOM"), "{err}");
+    assert!(
+        err.contains("empty") && err.contains("without DICOM"),
+        "{err}"
+    );
     std::fs::remove_dir_all(dir.join("images/empty")).unwrap();
     std::fs::remove_file(dir.join("labels/case_dicom.nii.gz")).unwrap();
     let err = SiteDataset::detect(&dir).unwrap_err().to_string();

@@ -201,7 +201,10 @@ fn pair_files(dir: &Path) -> Result<Vec<CaseRef>> {
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_default();
         if !crate::dicom::is_dicom_folder(&folder) {
-            unmatched.push(format!("{} (a folder without DICOM files)", folder.display()));
+            unmatched.push(format!(
+                "{} (a folder without DICOM files)",
+                folder.display()
+            ));
             continue;
         }
         let label = [".nii.gz", ".nii"]
