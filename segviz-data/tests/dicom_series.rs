@@ -150,7 +150,7 @@ fn the_generic_layout_takes_dicom_series_folders_with_nifti_labels() {
     let a = site.load_case(0).unwrap();
     let b = site.load_case(1).unwrap();
     assert_eq!(a.image.data, b.image.data);
-    assert_eq!(a.annotated.contains(Organ::Liver), true);
+    assert!(a.annotated.contains(Organ::Liver));
 
     // A folder in images/ that is no series, or a series without its label, is named.
     std::fs::create_dir_all(dir.join("images/empty")).unwrap();
