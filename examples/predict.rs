@@ -152,16 +152,19 @@ fn run(args: &Args) -> AnyResult<()> {
         return Ok(());
     }
     let bar = ProgressBar::new(cases.len() as u64).with_style(
-        ProgressStyle::with_template("{bar:30} {pos}/{len} scans, {elapsed} elapsed, ~{eta} left: {msg}")
-            .map_err(|e| e.to_string())?,
+        ProgressStyle::with_template(
+            "{bar:30} {pos}/{len} scans, {elapsed} elapsed, ~{eta} left: {msg}",
+        )
+        .map_err(|e| e.to_string())?,
     );
     let mut failed = Vec::new();
     for (input, output) in &cases {
         bar.set_message(input.display().to_string());
         match segment_to_file(&segmenter, input, output, &preprocess, &window, &device) {
-            Ok(summary) => bar.println(summary),
+            // suspend, not println: a hidden bar (output not a terminal) swallows println.
+            Ok(summary) => bar.suspend(|| println!("{summary}")),
             Err(e) => {
-                bar.println(format!("error: {}: {e}", input.display()));
+                bar.suspend(|| eprintln!("error: {}: {e}", input.display()));
                 failed.push(input.display().to_string());
             }
         }
