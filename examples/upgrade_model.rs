@@ -57,7 +57,11 @@ fn upgrade(file: &std::path::Path) -> Result<bool, Box<dyn std::error::Error>> {
     }
     write_checkpoint(file, &checkpoint)?;
     if read_checkpoint(file)? != checkpoint {
-        return Err(format!("{}: the rewritten file does not read back the same", file.display()).into());
+        return Err(format!(
+            "{}: the rewritten file does not read back the same",
+            file.display()
+        )
+        .into());
     }
     Ok(true)
 }

@@ -160,7 +160,10 @@ pub fn comparison_figure(
                     .ok()
                     .filter(|(w, _)| *w <= pw + gap / 2 || size == 8)
             };
-            let (w, font) = (8..=16).rev().find_map(fits).ok_or_else(|| figure_error("font"))?;
+            let (w, font) = (8..=16)
+                .rev()
+                .find_map(fits)
+                .ok_or_else(|| figure_error("font"))?;
             let x = (side + gap + c as u32 * (pw + gap)) as i32 + (pw as i32 - w as i32) / 2;
             root.draw_text(name, &font, (x.max(0), 8))
                 .map_err(figure_error)?;
@@ -296,10 +299,23 @@ mod tests {
         let blue = organ_colour(Organ::Spleen);
         let red = organ_colour(Organ::Liver);
         let left = |p: &Rgb<u8>, x: u32| x < 480 && p == &blue;
-        assert!(img.enumerate_pixels().filter(|(x, _, p)| left(p, *x)).count() > 100);
-        assert!(img.enumerate_pixels().filter(|(x, _, p)| *x >= 480 && **p == red).count() > 100);
+        assert!(
+            img.enumerate_pixels()
+                .filter(|(x, _, p)| left(p, *x))
+                .count()
+                > 100
+        );
+        assert!(
+            img.enumerate_pixels()
+                .filter(|(x, _, p)| *x >= 480 && **p == red)
+                .count()
+                > 100
+        );
         // Text (title, tick labels, axis names, legend) is drawn in black antialiased glyphs.
-        let black = img.pixels().filter(|p| p[0] < 60 && p[1] < 60 && p[2] < 60).count();
+        let black = img
+            .pixels()
+            .filter(|p| p[0] < 60 && p[1] < 60 && p[2] < 60)
+            .count();
         assert!(black > 1000, "{black} dark pixels");
     }
 }

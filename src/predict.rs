@@ -42,7 +42,8 @@ pub fn plan_folder(input: &Path, output: &Path) -> Result<FolderPlan, String> {
             "a hidden entry"
         } else if path.is_dir() {
             if segviz_data::dicom::is_dicom_folder(&path) {
-                plan.cases.push((path, output.join(format!("{name}.nii.gz"))));
+                plan.cases
+                    .push((path, output.join(format!("{name}.nii.gz"))));
                 continue;
             }
             "a folder without DICOM files"

@@ -93,8 +93,8 @@ fn a_folder_of_scans_is_segmented_and_nothing_is_skipped_silently() {
 
 #[test]
 fn a_dicom_series_segments_into_nifti_in_the_series_geometry() {
-    let fixtures = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("segviz-data/tests/fixtures/dicom");
+    let fixtures =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("segviz-data/tests/fixtures/dicom");
     let dir = tempdir("dicom");
     let scans = dir.join("scans");
     std::fs::create_dir_all(&scans).unwrap();

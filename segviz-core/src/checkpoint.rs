@@ -155,9 +155,15 @@ fn encode_checkpoint(checkpoint: &Checkpoint) -> std::result::Result<Vec<u8>, St
     let mut meta = HashMap::new();
     meta.insert("format".to_string(), FORMAT.to_string());
     meta.insert("format_version".to_string(), FORMAT_VERSION.to_string());
-    meta.insert("config".to_string(), json("configuration", &checkpoint.config)?);
+    meta.insert(
+        "config".to_string(),
+        json("configuration", &checkpoint.config)?,
+    );
     meta.insert("tensors".to_string(), json("tensor list", &entries)?);
-    meta.insert("metadata".to_string(), json("metadata", &checkpoint.metadata)?);
+    meta.insert(
+        "metadata".to_string(),
+        json("metadata", &checkpoint.metadata)?,
+    );
     if let Some(pre) = checkpoint.metadata.get("preprocess") {
         meta.insert("preprocess".to_string(), json("preprocessing", pre)?);
     }

@@ -143,7 +143,8 @@ struct Pickle(Vec<u8>);
 impl Pickle {
     fn global(&mut self, module: &str, name: &str) {
         self.0.push(op::GLOBAL);
-        self.0.extend_from_slice(format!("{module}\n{name}\n").as_bytes());
+        self.0
+            .extend_from_slice(format!("{module}\n{name}\n").as_bytes());
     }
 
     fn string(&mut self, s: &str) {

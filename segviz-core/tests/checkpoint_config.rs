@@ -73,7 +73,10 @@ fn a_configuration_that_does_not_match_the_tensors_is_refused_before_building() 
     });
     std::fs::write(&path, &overflow).unwrap();
     let err = read_checkpoint(&path).unwrap_err().to_string();
-    assert!(err.contains("model.segviz") && err.contains("safetensors"), "{err}");
+    assert!(
+        err.contains("model.segviz") && err.contains("safetensors"),
+        "{err}"
+    );
 
     // The untouched file still loads.
     std::fs::write(&path, &good).unwrap();
@@ -165,7 +168,9 @@ fn model_files_are_safetensors_and_files_of_the_first_format_still_load() {
     let dir = std::env::temp_dir().join(format!("segviz-core-legacy-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let path = dir.join("model.segviz");
-    let model = tiny_config(&["liver", "spleen"]).init(&device(), 3).unwrap();
+    let model = tiny_config(&["liver", "spleen"])
+        .init(&device(), 3)
+        .unwrap();
     let meta = serde_json::json!({"round": 4, "preprocess": {"a_min": -175.0}});
     save_model(&path, &model, meta.clone()).unwrap();
     let bytes = std::fs::read(&path).unwrap();
@@ -201,14 +206,21 @@ fn model_files_are_safetensors_and_files_of_the_first_format_still_load() {
     corrupted[mid] ^= 1;
     std::fs::write(&old, &corrupted).unwrap();
     let err = read_checkpoint(&old).unwrap_err().to_string();
-    assert!(err.contains("old.segviz") && err.contains("checksum"), "{err}");
+    assert!(
+        err.contains("old.segviz") && err.contains("checksum"),
+        "{err}"
+    );
 
     // A safetensors file that is not ours (no SegViz metadata) is named as such.
     let foreign = dir.join("foreign.safetensors");
     let data = [0u8; 8];
-    let view = safetensors::tensor::TensorView::new(safetensors::Dtype::F32, vec![2], &data)
-        .unwrap();
-    std::fs::write(&foreign, safetensors::serialize([("w", view)], None).unwrap()).unwrap();
+    let view =
+        safetensors::tensor::TensorView::new(safetensors::Dtype::F32, vec![2], &data).unwrap();
+    std::fs::write(
+        &foreign,
+        safetensors::serialize([("w", view)], None).unwrap(),
+    )
+    .unwrap();
     let err = read_checkpoint(&foreign).unwrap_err().to_string();
     assert!(
         err.contains("foreign.safetensors") && err.contains("not a SegViz model file"),

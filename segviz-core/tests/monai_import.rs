@@ -144,7 +144,11 @@ fn an_exported_state_dict_has_monais_keys_and_values_and_imports_back() {
     if std::env::var_os("SEGVIZ_WRITE_FIXTURES").is_some() {
         std::fs::write(&checked, &bytes).unwrap();
     }
-    assert_eq!(bytes, std::fs::read(&checked).unwrap(), "export changed: rerun the check");
+    assert_eq!(
+        bytes,
+        std::fs::read(&checked).unwrap(),
+        "export changed: rerun the check"
+    );
     let report: serde_json::Value = serde_json::from_str(
         &std::fs::read_to_string(fixture("monai_small_exported.json")).unwrap(),
     )

@@ -902,7 +902,10 @@ mod csv_tests {
         };
         let bytes = results_csv(&results).unwrap();
         let text = String::from_utf8(bytes.clone()).unwrap();
-        assert!(text.contains(r#""Hospital ""A"", ward 3","case,1""#), "{text}");
+        assert!(
+            text.contains(r#""Hospital ""A"", ward 3","case,1""#),
+            "{text}"
+        );
         let mut reader = csv::Reader::from_reader(bytes.as_slice());
         let row = reader.records().next().unwrap().unwrap();
         assert_eq!(&row[2], score.site.as_str());
