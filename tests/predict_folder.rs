@@ -8,13 +8,42 @@ use segviz::data::phantom::{write_sites, PhantomConfig};
 use segviz::data::{read_labels, read_volume, SiteDataset};
 use segviz::fed::evaluate::Segmenter;
 use segviz::fed::experiment::ExperimentConfig;
-use segviz::predict::{plan_folder, segment_to_file};
+use segviz::predict::{plan_folder, segment_to_file, FolderPlan};
 
 fn tempdir(name: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("segviz-predict-{name}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
     dir
+}
+
+/// Segments every case of `plan` with an untrained tiny liver model (tiny preset), returning
+/// for each the output path or the error.
+fn segment_plan(plan: &FolderPlan) -> Vec<Result<PathBuf, String>> {
+    let config = ExperimentConfig::tiny();
+    let device = segviz::default_device();
+    let model = SegVizConfig::new(config.representation.clone(), vec!["liver".into()])
+        .init(&device, 1)
+        .unwrap();
+    let segmenter = Segmenter::Single(Box::new(model));
+    plan.cases
+        .iter()
+        .map(|(input, output)| {
+            segment_to_file(
+                &segmenter,
+                input,
+                output,
+                &config.preprocess,
+                &config.window,
+                &device,
+            )
+            .map(|line| {
+                assert!(line.contains("liver"), "{line}");
+                output.clone()
+            })
+            .map_err(|e| e.to_string())
+        })
+        .collect()
 }
 
 #[test]
@@ -58,26 +87,10 @@ fn a_folder_of_scans_is_segmented_and_nothing_is_skipped_silently() {
         );
     }
 
-    let config = ExperimentConfig::tiny();
-    let device = segviz::default_device();
-    let model = SegVizConfig::new(config.representation.clone(), vec!["liver".into()])
-        .init(&device, 1)
-        .unwrap();
-    let segmenter = Segmenter::Single(Box::new(model));
-    let mut failed = Vec::new();
-    for (input, output) in &plan.cases {
-        match segment_to_file(
-            &segmenter,
-            input,
-            output,
-            &config.preprocess,
-            &config.window,
-            &device,
-        ) {
-            Ok(line) => assert!(line.contains("liver"), "{line}"),
-            Err(e) => failed.push(e.to_string()),
-        }
-    }
+    let failed: Vec<String> = segment_plan(&plan)
+        .into_iter()
+        .filter_map(Result::err)
+        .collect();
     assert_eq!(failed.len(), 1, "{failed:?}");
     assert!(failed[0].contains("ab_truncated.nii.gz"), "{}", failed[0]);
     for name in ["a.nii.gz", "b.nii.gz"] {
@@ -111,25 +124,12 @@ fn a_dicom_series_segments_into_nifti_in_the_series_geometry() {
     assert_eq!(plan.cases.len(), 3, "{plan:?}");
     assert!(plan.skipped.is_empty(), "{plan:?}");
 
-    let config = ExperimentConfig::tiny();
-    let device = segviz::default_device();
-    let model = SegVizConfig::new(config.representation.clone(), vec!["liver".into()])
-        .init(&device, 1)
-        .unwrap();
-    let segmenter = Segmenter::Single(Box::new(model));
     let expected = read_volume(fixtures.join("ct_expected.nii.gz")).unwrap();
     let mut errors = Vec::new();
-    for (input, output) in &plan.cases {
-        match segment_to_file(
-            &segmenter,
-            input,
-            output,
-            &config.preprocess,
-            &config.window,
-            &device,
-        ) {
-            Ok(_) => {
-                let labels = read_labels(output).unwrap();
+    for result in segment_plan(&plan) {
+        match result {
+            Ok(output) => {
+                let labels = read_labels(&output).unwrap();
                 assert_eq!(labels.geometry.shape, expected.geometry.shape);
                 let d = labels
                     .geometry
@@ -141,7 +141,7 @@ fn a_dicom_series_segments_into_nifti_in_the_series_geometry() {
                     .fold(0.0, f64::max);
                 assert!(d < 1e-5, "{}: affine differs by {d}", output.display());
             }
-            Err(e) => errors.push(e.to_string()),
+            Err(e) => errors.push(e),
         }
     }
     // The tilted series is refused, by name; the other two are written.
