@@ -161,7 +161,8 @@ pub fn resample_trilinear(
     let map = IndexMap::new(&volume.geometry, target)?;
     let shape = volume.geometry.shape;
     if let Some(axes) = map.per_axis(target.shape) {
-        // The same arithmetic as `trilinear_at`, with each axis' taps computed once.
+        // Trilinear weights as in `trilinear_at`, with each axis' taps computed once and
+        // the (i, j) rows of the source and their weights once per target (i, j).
         let taps = [0, 1, 2].map(|a| {
             axes[a]
                 .iter()
@@ -170,31 +171,43 @@ pub fn resample_trilinear(
         });
         let src = &volume.data;
         let mut data = Vec::with_capacity(target.len());
+        let mut rows: Vec<(usize, f64)> = Vec::with_capacity(4);
         for a in &taps[0] {
             for b in &taps[1] {
+                if !(a.inside && b.inside) {
+                    data.extend(std::iter::repeat_n(fill, target.shape[2]));
+                    continue;
+                }
+                rows.clear();
+                for (i, w0) in [(a.lo, 1.0 - a.t), (a.hi, a.t)] {
+                    for (j, w1) in [(b.lo, 1.0 - b.t), (b.hi, b.t)] {
+                        if w0 != 0.0 && w1 != 0.0 {
+                            rows.push(((i * shape[1] + j) * shape[2], w0 * w1));
+                        }
+                    }
+                }
                 for c in &taps[2] {
-                    if !(a.inside && b.inside && c.inside) {
+                    if !c.inside {
                         data.push(fill);
                         continue;
                     }
-                    let mut value = 0.0f64;
-                    for (i, w0) in [(a.lo, 1.0 - a.t), (a.hi, a.t)] {
-                        if w0 == 0.0 {
-                            continue;
-                        }
-                        for (j, w1) in [(b.lo, 1.0 - b.t), (b.hi, b.t)] {
-                            if w1 == 0.0 {
-                                continue;
-                            }
-                            let row = (i * shape[1] + j) * shape[2];
-                            for (k, w2) in [(c.lo, 1.0 - c.t), (c.hi, c.t)] {
-                                if w2 == 0.0 {
-                                    continue;
-                                }
-                                value += w0 * w1 * w2 * src[row + k] as f64;
-                            }
-                        }
-                    }
+                    let (lo, hi, t) = (c.lo, c.hi, c.t);
+                    let value: f64 = rows
+                        .iter()
+                        .map(|&(row, w)| {
+                            let low = if t == 1.0 {
+                                0.0
+                            } else {
+                                (1.0 - t) * src[row + lo] as f64
+                            };
+                            let high = if t == 0.0 {
+                                0.0
+                            } else {
+                                t * src[row + hi] as f64
+                            };
+                            w * (low + high)
+                        })
+                        .sum();
                     data.push(value as f32);
                 }
             }
