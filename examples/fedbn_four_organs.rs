@@ -62,6 +62,16 @@ struct Args {
     /// 95 % confidence intervals and Holm-corrected paired tests over (seed, volume) pairs.
     #[arg(long, value_delimiter = ',', conflicts_with = "seed")]
     seeds: Option<Vec<u64>>,
+    /// "+ PL" methods: the share of each head's average taken from the sites that own its
+    /// organ, in [0, 1] (default 0.75), or "plain" for one mean over every site.
+    #[arg(long)]
+    head_owner_weight: Option<String>,
+    /// "+ PL" methods: weight of the exclusion term (default 0.5).
+    #[arg(long)]
+    exclusion_weight: Option<f64>,
+    /// "+ PL" methods: weight of the distillation term (default 1).
+    #[arg(long)]
+    distillation_weight: Option<f64>,
     /// Weight clients uniformly instead of by their number of examples.
     #[arg(long)]
     uniform_weights: bool,
@@ -314,6 +324,21 @@ fn build_config(args: &Args) -> AnyResult<ExperimentConfig> {
     }
     if args.uniform_weights {
         config.weighting = Weighting::Uniform;
+    }
+    let pl = &mut config.partial_labels;
+    if let Some(a) = &args.head_owner_weight {
+        pl.owner_weight = match a.as_str() {
+            "plain" => None,
+            a => Some(a.parse().map_err(|_| {
+                format!("--head-owner-weight: expected a number in [0, 1] or \"plain\", got {a:?}")
+            })?),
+        };
+    }
+    if let Some(w) = args.exclusion_weight {
+        pl.exclusion_weight = w;
+    }
+    if let Some(w) = args.distillation_weight {
+        pl.distillation_weight = w;
     }
     config.validate()?;
     Ok(config)

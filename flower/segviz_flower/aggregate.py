@@ -22,7 +22,9 @@ FedAvg, FedBN and FedProx therefore aggregate identically; they differ in what a
 The partial-label rule ("+ PL", ``segviz-fed/src/strategy/partial_labels.rs``) on top of FedAvg
 or FedBN (``fedavg_pl``, ``fedbn_pl``) sends *every* head to *every* node (:func:`node_view`)
 and aggregates as the wrapped strategy: since every reply then carries every head, each head
-becomes the mean over all updates. The representation follows the wrapped strategy (FedBN:
+becomes the mean over all updates; with an owner weight ``a`` (``head-owner-weight``, default
+0.75) each head is instead ``a`` times the mean over its owners plus ``1 - a`` times the mean
+over the others (:func:`owner_weighted_head`). The representation follows the wrapped strategy (FedBN:
 its BatchNorm withheld after round 1). The nodes train the heads of the tasks they did not
 annotate with the exclusion and distillation terms, whose settings travel in the ``train``
 config (:func:`distillation_weight_at`).
@@ -31,7 +33,7 @@ config (:func:`distillation_weight_at`).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -116,20 +118,25 @@ def average(
     round_: int,
     updates: Sequence[Update],
     weighting: str,
+    weight: Callable[[Update], float] | None = None,
+    select: Callable[[str, Tensor], bool] | None = None,
 ) -> dict[str, Tensor]:
     """Weighted mean, over the updates that carry it, of every tensor of ``updates``.
 
-    Mirrors ``aggregate::average`` (with a selection accepting every tensor): float64 sums in
-    the order of ``updates``, one rounding to float32. The classification of each result is
-    that of the first update carrying the tensor. Updates that disagree on a tensor's shape
-    raise :class:`AggregationError` naming the client and the path.
+    Mirrors ``aggregate::average`` (``aggregate::average_by`` when ``weight`` is given, and
+    only the tensors ``select`` accepts when it is given): float64 sums in the order of
+    ``updates``, one rounding to float32. The classification of each result is that of the
+    first update carrying the tensor. Updates that disagree on a tensor's shape raise
+    :class:`AggregationError` naming the client and the path.
     """
     sums: dict[str, tuple[np.ndarray, float, Tensor]] = {}
     for u in updates:
-        w = update_weight(u, weighting)
-        if w <= 0.0:
+        w = update_weight(u, weighting) if weight is None else weight(u)
+        if not w > 0.0:
             continue
         for path, t in u.tensors.items():
+            if select is not None and not select(path, t):
+                continue
             entry = sums.get(path)
             if entry is None:
                 acc = np.zeros(t.data.shape, dtype=np.float64)
@@ -149,17 +156,62 @@ def average(
     }
 
 
+def owner_weighted_head(
+    round_: int,
+    updates: Sequence[Update],
+    weighting: str,
+    task: str,
+    owner_weight: float,
+) -> dict[str, Tensor]:
+    """The head of ``task`` as ``owner_weight`` times the mean over its owners' updates plus
+    ``1 - owner_weight`` times the mean over the other updates carrying it, each mean weighted
+    by ``weighting``; the plain mean when only owners or only others carry it. Mirrors
+    ``strategy::partial_labels::owner_weighted_head``: one float64 weighted mean with weights
+    ``owner_weight * w / W_owners`` and ``(1 - owner_weight) * w / W_others``.
+    """
+
+    def is_head(t: Tensor) -> bool:
+        return t.cls.is_head and t.cls.task == task
+
+    def carries(u: Update) -> bool:
+        return any(is_head(t) for t in u.tensors.values())
+
+    def owns(u: Update) -> bool:
+        return task in u.tasks
+
+    def total(owner: bool) -> float:
+        s = 0.0
+        for u in updates:
+            if carries(u) and owns(u) == owner:
+                w = update_weight(u, weighting)
+                if w > 0.0:
+                    s += w
+        return s
+
+    owners, others = total(True), total(False)
+
+    def weight(u: Update) -> float:
+        w = update_weight(u, weighting)
+        if owners > 0.0 and others > 0.0:
+            return owner_weight * w / owners if owns(u) else (1.0 - owner_weight) * w / others
+        return w
+
+    return average(round_, updates, weighting, weight=weight, select=lambda _p, t: is_head(t))
+
+
 def aggregate(
     round_: int,
     global_state: State,
     updates: Sequence[Update],
     strategy: str,
     weighting: str,
+    owner_weight: float | None = None,
 ) -> dict[str, Tensor]:
     """The new global state after ``round_`` (1-based) from ``updates``, in their order.
 
     Mirrors ``AggregationStrategy::aggregate_fit`` of the Rust ``FedAvg``, ``FedBn`` and
-    ``FedProx``, and of ``PartialLabels`` around them (the wrapped strategy's aggregation):
+    ``FedProx``, and of ``PartialLabels`` around them (the wrapped strategy's aggregation,
+    then, when ``owner_weight`` is given, each head re-averaged by :func:`owner_weighted_head`):
     see the module documentation. Beyond the Rust checks, an update whose tensor
     shape differs from the global tensor's is refused too (the Rust code would silently
     replace the global shape). No update at all raises :class:`AggregationError`.
@@ -182,6 +234,9 @@ def aggregate(
                 f"round {round_}: client {client} sent {path} with shape "
                 f"{list(t.data.shape)}, the global model has {list(g.data.shape)}"
             )
+    if owner_weight is not None and is_partial_label(strategy):
+        for task in head_tasks(global_state):
+            averaged.update(owner_weighted_head(round_, updates, weighting, task, owner_weight))
     next_state = dict(global_state)
     next_state.update(averaged)
     return next_state

@@ -140,6 +140,14 @@ def _number(
     return value
 
 
+def _owner_weight(config: Mapping[str, Any]) -> float | None:
+    """``head-owner-weight``: a number in [0, 1] (default 0.75), or ``"plain"`` for one plain
+    mean of each head over every node."""
+    if config.get("head-owner-weight") == "plain":
+        return None
+    return _number(config, "head-owner-weight", float, 0.0, 0.75, maximum=1.0)
+
+
 def _absolute_path(config: Mapping[str, Any], key: str) -> Path:
     value = config.get(key, "")
     if not isinstance(value, str) or not value.strip():
@@ -177,6 +185,9 @@ class Settings:
     distillation_weight: float = 1.0
     distillation_start: float = 1.0
     distillation_temperature: float = 2.0
+    # Share of each head's average taken from its owners (segviz_fed's
+    # PartialLabelConfig::owner_weight); None: one plain mean over every node.
+    head_owner_weight: float | None = 0.75
 
     @classmethod
     def from_run_config(cls, config: Mapping[str, Any]) -> "Settings":
@@ -204,6 +215,7 @@ class Settings:
             distillation_weight=_number(config, "distillation-weight", float, 0.0, 1.0),
             distillation_start=_number(config, "distillation-start", float, 0.0, 1.0, maximum=1.0),
             distillation_temperature=_number(config, "distillation-temperature", float, 0.0, 2.0, above=True),
+            head_owner_weight=_owner_weight(config),
         )
 
     @property
@@ -463,6 +475,8 @@ class SegVizStrategy(FedAvg):
             log(INFO, "\t├──> partial labels: exclusion-weight %g, distillation-weight %g (ramped from "
                 "%g in round 1), distillation-temperature %g", s.exclusion_weight, s.distillation_weight,
                 s.distillation_weight_at(1), s.distillation_temperature)
+            log(INFO, "\t├──> head-owner-weight %s",
+                "plain" if s.head_owner_weight is None else f"{s.head_owner_weight:g}")
         log(INFO, "\t├──> initial model %s (%d tensors)", s.initial_model, len(self.global_state))
         log(INFO, "\t├──> min-nodes %d, round-timeout %g s", s.min_nodes, s.round_timeout)
         log(INFO, "\t└──> results in %s", s.out_dir)
@@ -588,7 +602,12 @@ class SegVizStrategy(FedAvg):
         updates = [u for _, u in accepted]
         try:
             self.global_state = aggregate(
-                server_round, self.global_state, updates, self.settings.strategy, self.settings.weighting
+                server_round,
+                self.global_state,
+                updates,
+                self.settings.strategy,
+                self.settings.weighting,
+                owner_weight=self.settings.head_owner_weight,
             )
         except AggregationError as e:
             self.history.append(self._close_round())

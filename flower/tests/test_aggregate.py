@@ -262,6 +262,32 @@ class PartialLabelRule(unittest.TestCase):
             uniform = aggregate(1, g, ups, strategy, "uniform")
             self.assertEqual(value(uniform, head("kidney")), [np.float32((2.0 + 3.0 + 6.0) / 3.0)])
 
+    def test_an_owner_weight_takes_that_share_of_each_head_from_its_owners(self):
+        g = state(0, 0, {"liver": 0.5, "spleen": 0.5, "kidney": 9})
+        every = {"liver": 0, "spleen": 0, "kidney": 0}
+        ups = []
+        for client, n, v in (("liver_site", 1, 2.0), ("spleen_site", 1, 3.0), ("liver_too", 2, 6.0)):
+            ups.append(Update(client, ["spleen" if client == "spleen_site" else "liver"], n,
+                              state(v, v, {t: v for t in every})))
+        nxt = aggregate(1, g, ups, "fedbn_pl", "examples", owner_weight=0.75)
+        # liver: owners (1·2 + 2·6)/3 = 14/3, other 3 → 0.75·14/3 + 0.25·3 = 4.25 (as plain).
+        self.assertAlmostEqual(float(value(nxt, head("liver"))[0]), 0.75 * 14 / 3 + 0.25 * 3, places=5)
+        # spleen: owner 3, others 14/3 → 0.75·3 + 0.25·14/3.
+        self.assertAlmostEqual(float(value(nxt, head("spleen"))[0]), 0.75 * 3 + 0.25 * 14 / 3, places=5)
+        self.assertAlmostEqual(float(value(nxt, head_bn("spleen"))[0]), 0.75 * 103 + 0.25 * (100 + 14 / 3), places=4)
+        # kidney: nobody owns it, so the plain mean.
+        self.assertEqual(value(nxt, head("kidney")), [4.25])
+        # The representation is untouched by the owner weight.
+        self.assertEqual(value(nxt, CONV), [4.25, 8.5])
+        # 1: the owners' mean only; 0: the others' only.
+        self.assertEqual(value(aggregate(1, g, ups, "fedbn_pl", "examples", owner_weight=1.0), head("spleen")), [3.0])
+        self.assertAlmostEqual(
+            float(value(aggregate(1, g, ups, "fedbn_pl", "examples", owner_weight=0.0), head("spleen"))[0]),
+            14 / 3, places=5)
+        # Without the partial-label rule it changes nothing.
+        plain = aggregate(1, g, ups[:1], "fedbn", "examples", owner_weight=0.75)
+        self.assertEqual(value(plain, head("liver")), [2.0])
+
 
 class Metrics(unittest.TestCase):
     def test_weighted_by_examples(self):

@@ -398,13 +398,26 @@ class PartialLabels(Base):
         self.assertTrue(all(isinstance(c["partial-labels"], int) for c in configs))
         evaluation = next(m for m in nodes[0].received if m.metadata.message_type == "evaluate")
         self.assertNotIn("partial-labels", evaluation.content.config_records["config"])
-        # Every head is the mean over every reply: the kidney head, owned by one site only,
-        # moved by the examples-weighted shift (4·1 + 2·2 + 2·4) / 8 = 2 per round.
+        # Every head is averaged over every reply, 0.75 of it from its owners (the default
+        # head-owner-weight). Liver: owners (4·1 + 2·4) / 6 = 2, the other 2: 2 per round;
+        # spleen: owner 2, others 2; kidney: owner 4, others (4·1 + 2·2) / 6.
+        g = initial_model().tensors
+        per_round = {"liver": 2.0, "spleen": 2.0, "kidney": 0.75 * 4.0 + 0.25 * 8.0 / 6.0}
+        for t in TASKS:
+            np.testing.assert_allclose(final.tensors[f"heads.{t}.conv.weight"].data,
+                                       g[f"heads.{t}.conv.weight"].data + 3 * per_round[t], rtol=0, atol=1e-5)
+        self.assertEqual(final.metadata["strategy"], "fedbn_pl")
+
+    def test_head_owner_weight_plain_averages_each_head_over_every_reply(self):
+        nodes = self.nodes()
+        _, final = self.run_app(nodes, strategy="fedbn_pl", **{
+            "num-server-rounds": 2, "head-owner-weight": "plain"})
+        # The kidney head, owned by one site only, moves by the examples-weighted shift
+        # (4·1 + 2·2 + 2·4) / 8 = 2 per round, as every other head.
         g = initial_model().tensors
         for t in TASKS:
             np.testing.assert_allclose(final.tensors[f"heads.{t}.conv.weight"].data,
-                                       g[f"heads.{t}.conv.weight"].data + 6.0, rtol=0, atol=1e-5)
-        self.assertEqual(final.metadata["strategy"], "fedbn_pl")
+                                       g[f"heads.{t}.conv.weight"].data + 4.0, rtol=0, atol=1e-5)
 
     def test_fedavg_pl_sends_the_representation_batchnorm_every_round(self):
         nodes = self.nodes()
@@ -443,6 +456,9 @@ class PartialLabels(Base):
             ("distillation-temperature", 0, "distillation-temperature must be greater than 0"),
             ("distillation-temperature", -2.0, "distillation-temperature must be greater than 0"),
             ("exclusion-weight", "high", "exclusion-weight must be a number"),
+            ("head-owner-weight", 1.5, "head-owner-weight must be at most 1"),
+            ("head-owner-weight", -0.1, "head-owner-weight must be at least 0"),
+            ("head-owner-weight", "owners", "head-owner-weight must be a number"),
         ):
             with self.subTest(key=key, value=bad):
                 with self.assertRaisesRegex(ConfigError, words):

@@ -68,12 +68,18 @@ def main(argv: list[str] | None = None) -> int:
                         help="a SegViz strategy; fedavg_pl and fedbn_pl aggregate as fedavg and fedbn")
     parser.add_argument("--weighting", choices=WEIGHTINGS, default="examples")
     parser.add_argument("--round", type=int, default=1, help="the round being aggregated (1-based)")
+    parser.add_argument("--owner-weight", default="plain",
+                        help="partial-label strategies: the share of each head taken from its owners, "
+                             "in [0, 1], or 'plain' for one mean over every update (default)")
     parser.add_argument("--out", required=True, help="where to write the new global model (.segviz)")
     args = parser.parse_args(argv)
     try:
         global_model = read_checkpoint(args.global_path)
         updates = [update_from_file(p) for p in args.updates]
-        state = aggregate(args.round, global_model.tensors, updates, args.strategy, args.weighting)
+        owner_weight = None if args.owner_weight == "plain" else float(args.owner_weight)
+        state = aggregate(
+            args.round, global_model.tensors, updates, args.strategy, args.weighting, owner_weight=owner_weight
+        )
         write_checkpoint(
             args.out,
             Checkpoint(

@@ -28,6 +28,9 @@ pub const KEY_DISTILLATION_WEIGHT: &str = "distillation_weight";
 /// Fit-configuration key: the distillation temperature.
 pub const KEY_DISTILLATION_TEMPERATURE: &str = "distillation_temperature";
 
+/// The default [`PartialLabelConfig::owner_weight`].
+pub const DEFAULT_OWNER_WEIGHT: f64 = 0.75;
+
 /// Settings of the partial-label objective.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct PartialLabelConfig {
@@ -42,6 +45,12 @@ pub struct PartialLabelConfig {
     pub distillation_start: f64,
     /// Softmax temperature of the distillation (ConDistFL: 2).
     pub temperature: f64,
+    /// Share of each head's average that comes from the sites owning its organ; the other
+    /// sites share the rest (each group averaged by the strategy's weighting). `None`: one
+    /// plain average over every site, so a head with one owner among four sites gets about
+    /// a quarter of its update from the only site that has its positives.
+    #[serde(default)]
+    pub owner_weight: Option<f64>,
 }
 
 impl Default for PartialLabelConfig {
@@ -51,6 +60,7 @@ impl Default for PartialLabelConfig {
             distillation_weight: 1.0,
             distillation_start: 1.0,
             temperature: 2.0,
+            owner_weight: Some(DEFAULT_OWNER_WEIGHT),
         }
     }
 }
@@ -76,11 +86,14 @@ impl PartialLabelConfig {
             && ok(self.distillation_start)
             && self.distillation_start <= 1.0
             && self.temperature.is_finite()
-            && self.temperature > 0.0;
+            && self.temperature > 0.0
+            && self
+                .owner_weight
+                .is_none_or(|a| a.is_finite() && (0.0..=1.0).contains(&a));
         if !valid {
             return Err(FedError::Config(format!(
-                "partial-label settings out of range: {self:?} (weights ≥ 0, start in [0, 1], \
-                 temperature > 0)"
+                "partial-label settings out of range: {self:?} (weights ≥ 0, start and owner \
+                 weight in [0, 1], temperature > 0)"
             )));
         }
         Ok(())

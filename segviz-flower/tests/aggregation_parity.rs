@@ -98,6 +98,7 @@ fn flower_python() -> Option<String> {
 
 /// Saves `global` and `updates` in `dir`, runs the Python aggregation tool on them with
 /// `strategy` and `weighting` for round 2, and reads back its global model.
+#[allow(clippy::too_many_arguments)] // the tool's own arguments, one for one
 fn python_aggregate(
     python: &str,
     dir: &Path,
@@ -106,6 +107,7 @@ fn python_aggregate(
     updates: &[ClientUpdate],
     strategy: &str,
     weighting: &str,
+    owner_weight: &str,
 ) -> ModelState {
     let tool = Path::new(env!("CARGO_MANIFEST_DIR")).join("../flower/tools/aggregate_updates.py");
     save(
@@ -125,7 +127,9 @@ fn python_aggregate(
         );
         files.push(path);
     }
-    let out = dir.join(format!("python-{strategy}-{weighting}.segviz"));
+    let out = dir.join(format!(
+        "python-{strategy}-{weighting}-{owner_weight}.segviz"
+    ));
     let status = Command::new(python)
         .arg(&tool)
         .arg("--global")
@@ -139,6 +143,8 @@ fn python_aggregate(
             weighting,
             "--round",
             "2",
+            "--owner-weight",
+            owner_weight,
             "--out",
         ])
         .arg(&out)
@@ -203,6 +209,7 @@ fn python_and_rust_aggregate_saved_updates_identically() {
             &updates,
             name,
             weighting_name,
+            "plain",
         );
         assert_eq!(
             python_state.tensors.keys().collect::<Vec<_>>(),
@@ -239,39 +246,51 @@ fn python_and_rust_apply_the_partial_label_rule_identically() {
         .init(&burn::tensor::Device::flex(), 5)
         .unwrap()
         .state();
-    // Under the partial-label rule every site sends every head.
+    // Under the partial-label rule every site sends every head, and owns one organ (two
+    // sites the liver, so that the owners' mean is a weighted one too).
     let every = ["liver", "spleen", "kidney"];
+    let site = |name: &str, owns: &str, n: usize, k: f32| ClientUpdate {
+        tasks: vec![owns.to_string()],
+        ..update(&global, name, &every, n, k)
+    };
     let updates = vec![
-        update(&global, "Task03_Liver", &every, 24, 1.0),
-        update(&global, "Task09_Spleen", &every, 8, 2.0),
-        update(&global, "kits19", &every, 40, 3.0),
+        site("Task03_Liver", "liver", 24, 1.0),
+        site("Task09_Spleen", "spleen", 8, 2.0),
+        site("kits19", "kidney", 40, 3.0),
+        site("liver_too", "liver", 16, 4.0),
     ];
-    let rust = PartialLabels::new(
-        Box::new(FedBn {
-            weighting: Weighting::Examples,
-        }),
-        PartialLabelConfig::default(),
-        3,
-    )
-    .aggregate_fit(2, &global, &updates)
-    .unwrap();
-    let python_state = python_aggregate(
-        &python, &dir, &config, &global, &updates, "fedbn_pl", "examples",
-    );
-    assert_eq!(
-        python_state.tensors.keys().collect::<Vec<_>>(),
-        rust.tensors.keys().collect::<Vec<_>>()
-    );
-    for task in every {
-        let head = rust.head(task);
-        assert!(!head.tensors.is_empty());
-        assert_ne!(head, global.head(task), "{task}: not averaged");
-    }
-    for (path, r) in &rust.tensors {
-        assert_eq!(
-            python_state.tensors[path].data, r.data,
-            "fedbn_pl: {path} differs"
+    for (owner_weight, name) in [(None, "plain"), (Some(0.75), "0.75"), (Some(0.3), "0.3")] {
+        let rust = PartialLabels::new(
+            Box::new(FedBn {
+                weighting: Weighting::Examples,
+            }),
+            PartialLabelConfig {
+                owner_weight,
+                ..PartialLabelConfig::default()
+            },
+            3,
+            Weighting::Examples,
+        )
+        .aggregate_fit(2, &global, &updates)
+        .unwrap();
+        let python_state = python_aggregate(
+            &python, &dir, &config, &global, &updates, "fedbn_pl", "examples", name,
         );
+        assert_eq!(
+            python_state.tensors.keys().collect::<Vec<_>>(),
+            rust.tensors.keys().collect::<Vec<_>>()
+        );
+        for task in every {
+            let head = rust.head(task);
+            assert!(!head.tensors.is_empty());
+            assert_ne!(head, global.head(task), "{task}: not averaged");
+        }
+        for (path, r) in &rust.tensors {
+            assert_eq!(
+                python_state.tensors[path].data, r.data,
+                "fedbn_pl, owner weight {name}: {path} differs"
+            );
+        }
     }
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -171,7 +171,7 @@ pub(super) fn federation_strategy(
         )
         .ok_or_else(unknown)?;
         return Ok(Box::new(
-            PartialLabels::new(inner, pl, config.rounds).named(federation),
+            PartialLabels::new(inner, pl, config.rounds, config.weighting).named(federation),
         ));
     }
     strategy_by_name(

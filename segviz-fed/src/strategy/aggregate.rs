@@ -18,16 +18,24 @@ pub fn average(
     weighting: Weighting,
     select: impl Fn(&str, &StateTensor) -> bool,
 ) -> Result<ModelState> {
+    average_by(round, updates, |u| weighting.weight(u), select)
+}
+
+/// Like [`average`], with the weight of each update given by `weight` (an update whose
+/// weight is not positive contributes nothing).
+pub fn average_by(
+    round: usize,
+    updates: &[ClientUpdate],
+    weight: impl Fn(&ClientUpdate) -> f64,
+    select: impl Fn(&str, &StateTensor) -> bool,
+) -> Result<ModelState> {
     // Sums in f64 and rounds once to f32 at the end, so the only rounding error is that
     // last one; the Flower server app (flower/) does the same and gets the same bits.
     let mut sums: BTreeMap<String, (Vec<f64>, f64)> = BTreeMap::new();
     let mut out = ModelState::default();
     for u in updates {
-        let w = match weighting {
-            Weighting::Examples => u.num_examples as f64,
-            Weighting::Uniform => 1.0,
-        };
-        if w <= 0.0 {
+        let w = weight(u);
+        if w.is_nan() || w <= 0.0 {
             continue;
         }
         for (path, t) in &u.state.tensors {

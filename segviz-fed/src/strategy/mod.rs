@@ -29,7 +29,7 @@ use crate::error::Result;
 use crate::messages::{ClientUpdate, EvaluateResult};
 use crate::partial_labels::PartialLabelConfig;
 
-pub use aggregate::{average, route_heads};
+pub use aggregate::{average, average_by, route_heads};
 pub use fedavg::FedAvg;
 pub use fedbn::FedBn;
 pub use fedprox::FedProx;
@@ -44,6 +44,16 @@ pub enum Weighting {
     Examples,
     /// Every client counts the same (the authors' notebooks).
     Uniform,
+}
+
+impl Weighting {
+    /// The weight of `update` in every mean: its examples, or 1.
+    pub fn weight(self, update: &ClientUpdate) -> f64 {
+        match self {
+            Weighting::Examples => update.num_examples as f64,
+            Weighting::Uniform => 1.0,
+        }
+    }
 }
 
 /// What the server knows about a client: its name and its tasks. Never its data.
@@ -113,7 +123,12 @@ pub fn strategy_by_name(
             return None;
         }
         let inner = strategy_by_name(inner, weighting, proximal_mu, partial_labels, rounds)?;
-        return Some(Box::new(PartialLabels::new(inner, partial_labels, rounds)));
+        return Some(Box::new(PartialLabels::new(
+            inner,
+            partial_labels,
+            rounds,
+            weighting,
+        )));
     }
     match name {
         "fedavg" => Some(Box::new(FedAvg { weighting })),

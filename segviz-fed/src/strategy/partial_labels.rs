@@ -5,9 +5,9 @@
 
 use std::collections::BTreeMap;
 
-use segviz_core::ModelState;
+use segviz_core::{ModelState, StateTensor, TensorRole};
 
-use super::{AggregationStrategy, ClientInfo};
+use super::{average_by, AggregationStrategy, ClientInfo, Weighting};
 use crate::error::Result;
 use crate::messages::ClientUpdate;
 use crate::partial_labels::{
@@ -21,15 +21,19 @@ pub struct PartialLabels {
     name: String,
     config: PartialLabelConfig,
     rounds: usize,
+    weighting: Weighting,
 }
 
 impl PartialLabels {
     /// `inner` with the partial-label rule, for a federation of `rounds` rounds (the
-    /// distillation weight ramps over them).
+    /// distillation weight ramps over them). `weighting` must be the one of `inner`: it
+    /// weights the sites within the owners and within the others when
+    /// [`PartialLabelConfig::owner_weight`] is set.
     pub fn new(
         inner: Box<dyn AggregationStrategy>,
         config: PartialLabelConfig,
         rounds: usize,
+        weighting: Weighting,
     ) -> Self {
         let name = format!("{}_pl", inner.name());
         PartialLabels {
@@ -37,6 +41,7 @@ impl PartialLabels {
             name,
             config,
             rounds,
+            weighting,
         }
     }
 }
@@ -81,6 +86,53 @@ impl AggregationStrategy for PartialLabels {
         updates: &[ClientUpdate],
     ) -> Result<ModelState> {
         // Heads are averaged over the updates that carry them: here, every update.
-        self.inner.aggregate_fit(round, global, updates)
+        let mut next = self.inner.aggregate_fit(round, global, updates)?;
+        if let Some(alpha) = self.config.owner_weight {
+            for task in global.tasks() {
+                next.merge(owner_weighted_head(
+                    round,
+                    updates,
+                    self.weighting,
+                    &task,
+                    alpha,
+                )?);
+            }
+        }
+        Ok(next)
     }
+}
+
+/// The head of `task` as `alpha` × the mean over the updates of its owners plus
+/// (1 − `alpha`) × the mean over the other updates carrying it, each mean weighted by
+/// `weighting`. Computed as one weighted mean (weights `alpha·w/W_owners` and
+/// `(1 − alpha)·w/W_others`), so the Flower server app gets the same bits. Empty when no
+/// update carries the head; the plain mean when only owners or only others carry it.
+pub(crate) fn owner_weighted_head(
+    round: usize,
+    updates: &[ClientUpdate],
+    weighting: Weighting,
+    task: &str,
+    alpha: f64,
+) -> Result<ModelState> {
+    let is_head = |t: &StateTensor| matches!(&t.role, TensorRole::Head(h) if h == task);
+    let carries = |u: &ClientUpdate| u.state.tensors.values().any(is_head);
+    let owns = |u: &ClientUpdate| u.tasks.iter().any(|t| t == task);
+    let total = |owner: bool| -> f64 {
+        updates
+            .iter()
+            .filter(|u| carries(u) && owns(u) == owner)
+            .map(|u| weighting.weight(u))
+            .filter(|w| *w > 0.0)
+            .sum()
+    };
+    let (owners, others) = (total(true), total(false));
+    let weight = |u: &ClientUpdate| {
+        let w = weighting.weight(u);
+        match (owners > 0.0, others > 0.0) {
+            (true, true) if owns(u) => alpha * w / owners,
+            (true, true) => (1.0 - alpha) * w / others,
+            _ => w,
+        }
+    };
+    average_by(round, updates, weight, |_, t| is_head(t))
 }

@@ -249,7 +249,7 @@ fn the_partial_label_rule_sends_and_averages_every_head() {
         distillation_start: 0.01,
         ..PartialLabelConfig::default()
     };
-    let pl = PartialLabels::new(Box::new(FedBn::default()), ramped, 5);
+    let pl = PartialLabels::new(Box::new(FedBn::default()), ramped, 5, Weighting::Examples);
     assert_eq!(pl.name(), "fedbn_pl");
     let info = ClientInfo {
         name: "liver_site".into(),
@@ -294,4 +294,54 @@ fn the_partial_label_rule_sends_and_averages_every_head() {
         value(&next, "heads.kidney.block.upsample.weight"),
         vec![3.0]
     );
+}
+
+#[test]
+fn an_owner_weight_takes_that_share_of_each_head_from_its_owners() {
+    let global = state(
+        0.0,
+        0.0,
+        &[("liver", 0.5), ("spleen", 0.5), ("kidney", 9.0)],
+    );
+    let every = [("liver", 0.0), ("spleen", 0.0), ("kidney", 0.0)];
+    let site = |name: &str, task: &str, n: usize, v: f32| {
+        let heads: Vec<(&str, f32)> = every.iter().map(|(t, _)| (*t, v)).collect();
+        ClientUpdate {
+            tasks: vec![task.to_string()],
+            ..update(name, n, state(v, v, &heads))
+        }
+    };
+    let updates = [
+        site("liver_site", "liver", 1, 2.0),
+        site("spleen_site", "spleen", 1, 3.0),
+        site("liver_too", "liver", 2, 6.0),
+    ];
+    let pl = |owner_weight| {
+        PartialLabels::new(
+            Box::new(FedBn::default()),
+            PartialLabelConfig {
+                owner_weight,
+                ..PartialLabelConfig::default()
+            },
+            5,
+            Weighting::Examples,
+        )
+        .aggregate_fit(2, &global, &updates)
+        .unwrap()
+    };
+    let head = |s: &ModelState, task: &str| {
+        f64::from(s.tensors[&format!("heads.{task}.block.upsample.weight")].data[0])
+    };
+    let weighted = pl(Some(0.75));
+    // Spleen: its owner's 3 at 0.75, the others' (1·2 + 2·6)/3 at 0.25.
+    assert!((head(&weighted, "spleen") - (0.75 * 3.0 + 0.25 * 14.0 / 3.0)).abs() < 1e-6);
+    assert!((head(&weighted, "liver") - (0.75 * 14.0 / 3.0 + 0.25 * 3.0)).abs() < 1e-6);
+    // Nobody owns the kidney: the plain mean (1·2 + 1·3 + 2·6) / 4.
+    assert_eq!(head(&weighted, "kidney"), 4.25);
+    // The representation does not change with the owner weight.
+    assert_eq!(value(&weighted, CONV), vec![4.25, 8.5]);
+    assert_eq!(head(&pl(Some(1.0)), "spleen"), 3.0);
+    assert!((head(&pl(Some(0.0)), "spleen") - 14.0 / 3.0).abs() < 1e-6);
+    // None: one plain mean over every site.
+    assert_eq!(head(&pl(None), "spleen"), 4.25);
 }
