@@ -70,7 +70,7 @@ impl ConvUnit {
     /// - input: `[batch, in_channels, d, h, w]`
     /// - output: `[batch, out_channels, d / stride, h / stride, w / stride]`
     pub fn forward(&self, x: Tensor<5>) -> Tensor<5> {
-        let y = self.conv.forward(x);
+        let y = crate::fast_conv::conv3d(&self.conv, x);
         match &self.adn {
             Some(adn) => adn.forward(y),
             None => y,
@@ -132,7 +132,7 @@ impl ResidualUnit {
     /// - output: `[batch, out_channels, d / stride, h / stride, w / stride]`
     pub fn forward(&self, x: Tensor<5>) -> Tensor<5> {
         let shortcut = match &self.residual {
-            Some(conv) => conv.forward(x.clone()),
+            Some(conv) => crate::fast_conv::conv3d(conv, x.clone()),
             None => x.clone(),
         };
         let mut y = x;
@@ -181,7 +181,9 @@ impl UpBlock {
     /// - input: `[batch, in_channels, d, h, w]`
     /// - output: `[batch, out_channels, d·stride, h·stride, w·stride]`
     pub fn forward(&self, x: Tensor<5>) -> Tensor<5> {
-        let y = self.upsample_adn.forward(self.upsample.forward(x));
+        let y = self
+            .upsample_adn
+            .forward(crate::fast_conv::conv_transpose3d(&self.upsample, x));
         self.refine.forward(y)
     }
 }

@@ -15,6 +15,7 @@
 pub mod blocks;
 pub mod checkpoint;
 pub mod error;
+pub mod fast_conv;
 pub mod fusion;
 pub mod head;
 pub mod init;
