@@ -584,6 +584,7 @@ fn partial_labels(rounds: usize) -> Box<dyn segviz::fed::AggregationStrategy> {
         Box::new(FedBn::default()),
         PartialLabelConfig::default(),
         rounds,
+        segviz::fed::Weighting::Examples,
     ))
 }
 
@@ -709,4 +710,51 @@ fn the_trainer_keeps_its_optimiser_across_calls_and_across_a_save() {
     reset.set_epoch(1);
     let d = one_more(&mut reset);
     assert_ne!(d.state(), a.state(), "a reset optimiser must differ");
+}
+
+#[test]
+fn batch_norm_recalibration_replaces_stale_statistics_and_changes_no_weight() {
+    let dir = tempdir("recalibrate");
+    let (sites, _) = sites(&dir);
+    let device = burn::tensor::Device::flex().autodiff();
+    let model = model_config(&[Organ::Liver]).init(&device, 4).unwrap();
+    // Stale statistics, as a FedBN site holds after the server averaged its weights: here,
+    // running means far from any activation.
+    let mut stale = model.state();
+    for (path, t) in stale.tensors.iter_mut() {
+        if path.ends_with("running_mean") {
+            t.data.iter_mut().for_each(|v| *v = 50.0);
+        }
+    }
+    let model = model.load_state(&stale).unwrap();
+    let recalibrated =
+        segviz::fed::local::recalibrate_batch_norm(model, &sites[..1], &training(), 5, 11)
+            .unwrap()
+            .state();
+    let mut means = 0;
+    for (path, before) in &stale.tensors {
+        let after = &recalibrated.tensors[path];
+        if path.ends_with("running_mean") {
+            means += 1;
+            // Each batch moves a statistic 10 % of the way (momentum 0.1); the tiny site
+            // gives at least 6 batches an epoch, so after 5 epochs at most 0.9³⁰ ≈ 4 % of
+            // the stale 50 is left.
+            assert!(
+                after.data.iter().all(|v| v.abs() < 10.0),
+                "{path}: {:?} still near the stale 50",
+                &after.data[..after.data.len().min(4)]
+            );
+        } else if !path.ends_with("running_var") {
+            assert_eq!(after.data, before.data, "{path}: a weight changed");
+        }
+    }
+    assert!(means > 0, "the model has no BatchNorm");
+    // Without an autodiff device there is no training mode to re-estimate with.
+    let inference = model_config(&[Organ::Liver])
+        .init(&burn::tensor::Device::flex(), 4)
+        .unwrap();
+    let err = segviz::fed::local::recalibrate_batch_norm(inference, &sites[..1], &training(), 1, 0)
+        .unwrap_err();
+    assert!(err.to_string().contains("autodiff"), "{err}");
+    let _ = std::fs::remove_dir_all(&dir);
 }

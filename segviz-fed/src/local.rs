@@ -395,6 +395,52 @@ impl LocalTrainer {
     }
 }
 
+/// Re-estimates the BatchNorm running statistics of `model` (representation and heads) for
+/// its current weights, on the training split of `sites`: forward passes in training mode
+/// over `epochs` epochs of the same patches and augmentations as training (seeded by
+/// `seed`), without a gradient step. Nothing else changes.
+///
+/// Why: under FedBN a site keeps its own BatchNorm, but the statistics it holds after a
+/// round were gathered with its *local* weights, before the server averaged them. The
+/// averaged model that the site keeps, fine-tunes and is scored with would otherwise
+/// normalise with statistics of weights it no longer has (and fine-tuning with a frozen
+/// representation would never update them). Each batch moves the running statistics by
+/// BatchNorm's momentum (0.1), so after `k` batches the stale ones keep a weight of
+/// 0.9^k (about 2 % after three epochs of 12 batches).
+///
+/// `model` must be on an autodiff device (training mode), as the trainer's models are.
+pub fn recalibrate_batch_norm(
+    model: SegVizModel,
+    sites: &[Arc<SiteData>],
+    training: &LocalTrainingConfig,
+    epochs: usize,
+    seed: u64,
+) -> Result<SegVizModel> {
+    let device = model_device(&model);
+    if !device.is_autodiff() {
+        return Err(FedError::Config(
+            "BatchNorm recalibration needs the model on an autodiff (training) device".into(),
+        ));
+    }
+    for epoch in 0..epochs {
+        let plan = EpochPlan {
+            sampler: training.sampler.clone(),
+            augment: training.augment.clone(),
+            batch_size: training.batch_size,
+            seed: seed
+                .wrapping_add(epoch as u64)
+                .wrapping_mul(0x9e37_79b9_7f4a_7c15),
+        };
+        for batch in BatchStream::start(sites.to_vec(), plan) {
+            let batch = batch?;
+            // The forward pass in training mode updates the running statistics; the
+            // outputs (and their graph) are dropped unused.
+            drop(model.forward(batch.image_tensor(&device)));
+        }
+    }
+    Ok(model)
+}
+
 /// Trains a fresh model of a non-federated method for `epochs` epochs with one
 /// [`LocalTrainer`] (one optimiser for the whole run), calling `on_epoch` after each epoch.
 pub fn train_alone(

@@ -121,6 +121,23 @@ impl SiteClient {
         Ok(model.unfreeze_representation())
     }
 
+    /// Re-estimates the BatchNorm statistics of the local model for its current weights on
+    /// the site's training data (see [`crate::local::recalibrate_batch_norm`]): what a FedBN
+    /// site does after the last round, before fine-tuning and scoring.
+    pub fn recalibrate_batch_norm(&mut self, epochs: usize, seed: u64) -> Result<()> {
+        if epochs == 0 {
+            return Ok(());
+        }
+        self.model = crate::local::recalibrate_batch_norm(
+            self.model.clone(),
+            std::slice::from_ref(&self.site),
+            &self.training,
+            epochs,
+            seed,
+        )?;
+        Ok(())
+    }
+
     /// Adds a head for every task of `tasks` the local model lacks (its values are
     /// overwritten by the state that brings it): what a client does under the
     /// partial-label rule, where every head comes to every site.

@@ -396,7 +396,17 @@ impl Experiment {
                 _ => {
                     let strategy = method.federation().unwrap_or("fedavg");
                     if !federations.contains_key(strategy) {
-                        let fed = self.federate(strategy, &train_device, on_event)?;
+                        let mut fed = self.federate(strategy, &train_device, on_event)?;
+                        if strategy.starts_with("fedbn") {
+                            // FedBN sites keep their BatchNorm: re-estimate its statistics
+                            // for the final averaged weights before fine-tuning and scoring.
+                            for client in fed.0.iter_mut() {
+                                client.recalibrate_batch_norm(
+                                    self.config.batch_norm_recalibration_epochs,
+                                    self.config.seed ^ 0xb4_7c,
+                                )?;
+                            }
+                        }
                         federations.insert(strategy, fed);
                     }
                     let (clients, rounds, _) = &federations[strategy];

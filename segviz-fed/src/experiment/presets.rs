@@ -36,6 +36,12 @@ pub struct ExperimentConfig {
     /// is 0.
     #[serde(default)]
     pub fine_tune_learning_rate: Option<f64>,
+    /// Epochs of forward passes with which each FedBN site re-estimates its BatchNorm
+    /// statistics for the final averaged weights, before fine-tuning and scoring (see
+    /// `segviz_fed::local::recalibrate_batch_norm`); 0 keeps the statistics of the last
+    /// local training, as runs before this setting did.
+    #[serde(default)]
+    pub batch_norm_recalibration_epochs: usize,
     /// The partial-label rule's terms ("+ PL" methods).
     #[serde(default)]
     pub partial_labels: PartialLabelConfig,
@@ -93,6 +99,7 @@ impl ExperimentConfig {
             local_epochs: 2,
             fine_tune_epochs: 5,
             fine_tune_learning_rate: None,
+            batch_norm_recalibration_epochs: 3,
             partial_labels: PartialLabelConfig::default(),
             weighting: Weighting::Examples,
             proximal_mu: 0.01,
@@ -132,6 +139,7 @@ impl ExperimentConfig {
             rounds: 50,
             local_epochs: 10,
             fine_tune_epochs: 150,
+            batch_norm_recalibration_epochs: 1,
             validation_fraction: 0.2,
             ..ExperimentConfig::quick()
         }
@@ -170,6 +178,7 @@ impl ExperimentConfig {
             rounds: 2,
             local_epochs: 1,
             fine_tune_epochs: 1,
+            batch_norm_recalibration_epochs: 1,
             validation_fraction: 0.34,
             ..ExperimentConfig::quick()
         }
