@@ -20,7 +20,8 @@
 //!
 //! Any other backend, grouped or dilated convolutions, and padding modes other than explicit
 //! take Burn's own path unchanged. [`conv3d`] and [`conv_transpose3d`] are what the U-Net's
-//! blocks call.
+//! blocks call. Setting the environment variable `SEGVIZ_REFERENCE_CONV=1` sends every
+//! convolution through Burn's path (for before/after measurements).
 
 use burn::nn::conv::{Conv3d, ConvTranspose3d};
 use burn::nn::PaddingConfig3d;
@@ -33,7 +34,7 @@ use burn::tensor::Tensor;
 pub fn conv3d(conv: &Conv3d, x: Tensor<5>) -> Tensor<5> {
     #[cfg(feature = "flex")]
     if let PaddingConfig3d::Explicit(pd, ph, pw) = conv.padding {
-        if conv.groups == 1 && conv.dilation == [1, 1, 1] {
+        if enabled() && conv.groups == 1 && conv.dilation == [1, 1, 1] {
             let geometry = flex_ad::Geometry {
                 stride: conv.stride,
                 padding: [pd, ph, pw],
@@ -52,7 +53,7 @@ pub fn conv3d(conv: &Conv3d, x: Tensor<5>) -> Tensor<5> {
 /// - input: `[n, c_in, d, h, w]`; output: `[n, c_out, d', h', w']`
 pub fn conv_transpose3d(conv: &ConvTranspose3d, x: Tensor<5>) -> Tensor<5> {
     #[cfg(feature = "flex")]
-    if conv.groups == 1 && conv.dilation == [1, 1, 1] {
+    if enabled() && conv.groups == 1 && conv.dilation == [1, 1, 1] {
         let geometry = flex_ad::Geometry {
             stride: conv.stride,
             padding: conv.padding,
@@ -64,6 +65,16 @@ pub fn conv_transpose3d(conv: &ConvTranspose3d, x: Tensor<5>) -> Tensor<5> {
         }
     }
     conv.forward(x)
+}
+
+/// Whether the custom operations may be used: not when `SEGVIZ_REFERENCE_CONV` is set to
+/// anything but `0` (read once).
+#[cfg_attr(not(feature = "flex"), allow(dead_code))]
+fn enabled() -> bool {
+    static ENABLED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ENABLED.get_or_init(|| {
+        std::env::var("SEGVIZ_REFERENCE_CONV").map_or(true, |v| v.is_empty() || v == "0")
+    })
 }
 
 #[cfg_attr(not(feature = "flex"), allow(dead_code))]
