@@ -41,8 +41,8 @@ struct Args {
     /// Methods, comma separated: baseline, central, central_marginal, fedavg, fedavg_ft,
     /// fedbn, fedbn_ft, fedprox, fedprox_ft, and the partial-label ("+ PL") methods
     /// fedavg_pl, fedavg_pl_ft, fedbn_pl, fedbn_pl_ft, fedbn_pl_no_distillation,
-    /// fedbn_pl_no_exclusion. Default: baseline, central_marginal, fedbn, fedbn_ft,
-    /// fedbn_pl, fedbn_pl_ft.
+    /// fedbn_pl_no_exclusion. Default: the preset's (quick: baseline, fedbn_ft,
+    /// fedbn_pl_ft).
     #[arg(long, value_delimiter = ',')]
     methods: Option<Vec<String>>,
     /// Federated rounds (preset's value if absent).
@@ -72,6 +72,10 @@ struct Args {
     /// "+ PL" methods: weight of the distillation term (default 1).
     #[arg(long)]
     distillation_weight: Option<f64>,
+    /// "+ PL" methods: distil only where the teacher's organ probability exceeds this, in
+    /// [0, 1) (default 0.5; 0: on every voxel a site did not annotate).
+    #[arg(long)]
+    distillation_threshold: Option<f64>,
     /// Weight clients uniformly instead of by their number of examples.
     #[arg(long)]
     uniform_weights: bool,
@@ -339,6 +343,9 @@ fn build_config(args: &Args) -> AnyResult<ExperimentConfig> {
     }
     if let Some(w) = args.distillation_weight {
         pl.distillation_weight = w;
+    }
+    if let Some(t) = args.distillation_threshold {
+        pl.distillation_threshold = t;
     }
     config.validate()?;
     Ok(config)

@@ -188,6 +188,9 @@ class Settings:
     # Share of each head's average taken from its owners (segviz_fed's
     # PartialLabelConfig::owner_weight); None: one plain mean over every node.
     head_owner_weight: float | None = 0.75
+    # Distil only where the teacher's organ probability exceeds this (PartialLabelConfig::
+    # distillation_threshold); 0: on every voxel the node did not annotate.
+    distillation_threshold: float = 0.5
 
     @classmethod
     def from_run_config(cls, config: Mapping[str, Any]) -> "Settings":
@@ -216,6 +219,7 @@ class Settings:
             distillation_start=_number(config, "distillation-start", float, 0.0, 1.0, maximum=1.0),
             distillation_temperature=_number(config, "distillation-temperature", float, 0.0, 2.0, above=True),
             head_owner_weight=_owner_weight(config),
+            distillation_threshold=_number(config, "distillation-threshold", float, 0.0, 0.5, maximum=0.999999),
         )
 
     @property
@@ -475,8 +479,9 @@ class SegVizStrategy(FedAvg):
             log(INFO, "\t├──> partial labels: exclusion-weight %g, distillation-weight %g (ramped from "
                 "%g in round 1), distillation-temperature %g", s.exclusion_weight, s.distillation_weight,
                 s.distillation_weight_at(1), s.distillation_temperature)
-            log(INFO, "\t├──> head-owner-weight %s",
-                "plain" if s.head_owner_weight is None else f"{s.head_owner_weight:g}")
+            log(INFO, "\t├──> head-owner-weight %s, distillation-threshold %g",
+                "plain" if s.head_owner_weight is None else f"{s.head_owner_weight:g}",
+                s.distillation_threshold)
         log(INFO, "\t├──> initial model %s (%d tensors)", s.initial_model, len(self.global_state))
         log(INFO, "\t├──> min-nodes %d, round-timeout %g s", s.min_nodes, s.round_timeout)
         log(INFO, "\t└──> results in %s", s.out_dir)
@@ -563,6 +568,7 @@ class SegVizStrategy(FedAvg):
             train_config["exclusion-weight"] = float(self.settings.exclusion_weight)
             train_config["distillation-weight"] = float(self.settings.distillation_weight_at(server_round))
             train_config["distillation-temperature"] = float(self.settings.distillation_temperature)
+            train_config["distillation-threshold"] = float(self.settings.distillation_threshold)
         log(INFO, "Round %d: training on %d node(s) %s", server_round, len(nodes), nodes)
         self._sent = self._per_node_messages(view, train_config, nodes, MessageType.TRAIN, server_round)
         return self._sent

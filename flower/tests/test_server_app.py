@@ -393,7 +393,7 @@ class PartialLabels(Base):
         self.assertEqual(configs[0], {
             "server-round": 1, "num-server-rounds": 3, "local-epochs": 1, "strategy": "fedbn_pl",
             "partial-labels": 1, "exclusion-weight": 0.5, "distillation-weight": 0.02,
-            "distillation-temperature": 3.0})
+            "distillation-temperature": 3.0, "distillation-threshold": 0.5})
         self.assertEqual([c["distillation-weight"] for c in configs], [0.02, 2.0 * 0.505, 2.0])
         self.assertTrue(all(isinstance(c["partial-labels"], int) for c in configs))
         evaluation = next(m for m in nodes[0].received if m.metadata.message_type == "evaluate")
@@ -459,6 +459,8 @@ class PartialLabels(Base):
             ("head-owner-weight", 1.5, "head-owner-weight must be at most 1"),
             ("head-owner-weight", -0.1, "head-owner-weight must be at least 0"),
             ("head-owner-weight", "owners", "head-owner-weight must be a number"),
+            ("distillation-threshold", 1.0, "distillation-threshold must be at most"),
+            ("distillation-threshold", -0.5, "distillation-threshold must be at least 0"),
         ):
             with self.subTest(key=key, value=bad):
                 with self.assertRaisesRegex(ConfigError, words):

@@ -4,8 +4,9 @@
 //! Burn's `flex` backend has fast forward kernels for `conv3d` and `conv_transpose3d`, but
 //! no backward kernel of its own: the generic weight gradient is a `conv3d` whose kernel is
 //! the whole output gradient. `flex` runs that shape through its im2col path with one tile
-//! per input channel and a handful of elements per copy, and it dominated our training
-//! step (see `docs/performance.md`).
+//! per input channel and a handful of elements per copy: slow when the input has few
+//! channels, and for the U-Net's first layer it holds a 27-fold copy of the input (see
+//! `docs/performance.md`).
 //!
 //! Here, for a model trained on `Autodiff<Flex>`, both convolutions are custom autodiff
 //! operations (through Burn's `extension` feature, no fork):
@@ -18,12 +19,16 @@
 //!   offset, 27 for a 3×3×3 kernel, with only one shifted copy of the input alive at a time;
 //! - bias: added outside the operation, so autodiff sums its gradient.
 //!
-//! Any other backend, grouped or dilated convolutions, and padding modes other than explicit
-//! take Burn's own path unchanged. [`conv3d`] and [`conv_transpose3d`] are what the U-Net's
-//! blocks call. Setting the environment variable `SEGVIZ_REFERENCE_CONV=1` sends every
-//! convolution through Burn's path (for before/after measurements).
+//! Any other backend (including `Autodiff<Flex>` with gradient checkpointing), grouped or
+//! dilated convolutions, and padding modes other than explicit take Burn's own path
+//! unchanged, and so do convolutions with more than [`FAST_WEIGHT_GRADIENT_MAX_CHANNELS`]
+//! channels in the correlated tensor, where Burn's weight gradient measured faster.
+//! [`conv3d`] and [`conv_transpose3d`] are what the U-Net's blocks call. Setting the
+//! environment variable `SEGVIZ_REFERENCE_CONV=1` sends every convolution through Burn's
+//! path (for before/after measurements).
 
 use burn::nn::conv::{Conv3d, ConvTranspose3d};
+#[cfg(feature = "flex")]
 use burn::nn::PaddingConfig3d;
 use burn::tensor::Tensor;
 
@@ -34,7 +39,12 @@ use burn::tensor::Tensor;
 pub fn conv3d(conv: &Conv3d, x: Tensor<5>) -> Tensor<5> {
     #[cfg(feature = "flex")]
     if let PaddingConfig3d::Explicit(pd, ph, pw) = conv.padding {
-        if enabled() && conv.groups == 1 && conv.dilation == [1, 1, 1] {
+        let [_, c_in, ..] = conv.weight.dims();
+        if enabled()
+            && c_in <= FAST_WEIGHT_GRADIENT_MAX_CHANNELS
+            && conv.groups == 1
+            && conv.dilation == [1, 1, 1]
+        {
             let geometry = flex_ad::Geometry {
                 stride: conv.stride,
                 padding: [pd, ph, pw],
@@ -53,7 +63,11 @@ pub fn conv3d(conv: &Conv3d, x: Tensor<5>) -> Tensor<5> {
 /// - input: `[n, c_in, d, h, w]`; output: `[n, c_out, d', h', w']`
 pub fn conv_transpose3d(conv: &ConvTranspose3d, x: Tensor<5>) -> Tensor<5> {
     #[cfg(feature = "flex")]
-    if enabled() && conv.groups == 1 && conv.dilation == [1, 1, 1] {
+    if enabled()
+        && conv.channels[1] <= FAST_WEIGHT_GRADIENT_MAX_CHANNELS
+        && conv.groups == 1
+        && conv.dilation == [1, 1, 1]
+    {
         let geometry = flex_ad::Geometry {
             stride: conv.stride,
             padding: conv.padding,
@@ -66,6 +80,13 @@ pub fn conv_transpose3d(conv: &ConvTranspose3d, x: Tensor<5>) -> Tensor<5> {
     }
     conv.forward(x)
 }
+
+/// The custom weight gradient is taken when the tensor it correlates with the output
+/// gradient (a convolution's input, a transposed convolution's output gradient) has at most
+/// this many channels. Measured with `cargo bench --bench convolution` (docs/performance.md):
+/// 23 % faster than Burn's for the first layer (1 channel), 8–30 % slower from 16 channels
+/// on, where Burn's path has enough channels to keep its tiles busy.
+pub const FAST_WEIGHT_GRADIENT_MAX_CHANNELS: usize = 4;
 
 /// Whether the custom operations may be used: not when `SEGVIZ_REFERENCE_CONV` is set to
 /// anything but `0` (read once).
@@ -89,9 +110,10 @@ fn add_bias(y: Tensor<5>, bias: Option<Tensor<1>>) -> Tensor<5> {
 }
 
 #[cfg(feature = "flex")]
-#[cfg_attr(not(feature = "flex"), allow(unused_imports))]
-pub(crate) mod flex_ad {
-    //! The custom autodiff operations on `Autodiff<Flex>`.
+pub mod flex_ad {
+    //! The custom autodiff operations on `Autodiff<Flex>`, whatever the channel count
+    //! (benches call them directly; models go through [`super::conv3d`] and
+    //! [`super::conv_transpose3d`]).
 
     use burn::backend::autodiff::checkpoint::base::Checkpointer;
     use burn::backend::autodiff::checkpoint::strategy::NoCheckpointing;
@@ -108,7 +130,9 @@ pub(crate) mod flex_ad {
     /// Stride and symmetric padding of a convolution.
     #[derive(Debug, Clone, Copy, PartialEq, Eq)]
     pub struct Geometry {
+        /// Stride per axis.
         pub stride: [usize; 3],
+        /// Padding per axis, the same on both sides.
         pub padding: [usize; 3],
     }
 
@@ -322,6 +346,11 @@ mod tests {
 
     use super::*;
 
+    /// (batch, c_in, c_out, input size, kernel, stride, padding)
+    type ConvCase = (usize, usize, usize, [usize; 3], usize, usize, usize);
+    /// (batch, c_in, c_out, input size, kernel, stride, padding, padding_out)
+    type TransposedCase = (usize, usize, usize, [usize; 3], usize, usize, usize, usize);
+
     /// Output, input gradient, weight gradient and bias gradient of `forward` under a random
     /// linear loss, on `Autodiff<Flex>`.
     fn gradients(
@@ -369,7 +398,7 @@ mod tests {
     fn the_fast_convolution_gradients_equal_burns_over_odd_shapes_strides_and_padding() {
         let device = Device::flex().autodiff();
         // (batch, c_in, c_out, input size, kernel, stride, padding)
-        let cases: [(usize, usize, usize, [usize; 3], usize, usize, usize); 6] = [
+        let cases: [ConvCase; 6] = [
             (2, 1, 4, [9, 7, 5], 3, 1, 1),
             (1, 3, 5, [8, 6, 7], 3, 2, 1),
             (2, 4, 3, [5, 9, 6], 3, 2, 0),
@@ -391,7 +420,13 @@ mod tests {
                     c.weight = burn::module::Param::from_tensor(w);
                     c.bias = Some(burn::module::Param::from_tensor(b));
                     if fast {
-                        conv3d(&c, x)
+                        // The custom operation itself, whatever the channel gate decides.
+                        let g = super::flex_ad::Geometry {
+                            stride: [s; 3],
+                            padding: [p; 3],
+                        };
+                        let y = super::flex_ad::conv3d(x, c.weight.val(), g).expect("flex");
+                        add_bias(y, c.bias.as_ref().map(|b| b.val()))
                     } else {
                         c.forward(x)
                     }
@@ -412,7 +447,7 @@ mod tests {
     fn the_fast_transposed_convolution_gradients_equal_burns() {
         let device = Device::flex().autodiff();
         // (batch, c_in, c_out, input size, kernel, stride, padding, padding_out)
-        let cases: [(usize, usize, usize, [usize; 3], usize, usize, usize, usize); 4] = [
+        let cases: [TransposedCase; 4] = [
             (2, 4, 2, [4, 3, 5], 3, 2, 1, 1),
             (1, 3, 5, [5, 4, 3], 3, 2, 1, 0),
             (2, 2, 3, [3, 3, 4], 2, 2, 0, 0),
@@ -433,7 +468,13 @@ mod tests {
                     c.weight = burn::module::Param::from_tensor(w);
                     c.bias = Some(burn::module::Param::from_tensor(b));
                     if fast {
-                        conv_transpose3d(&c, x)
+                        let g = super::flex_ad::Geometry {
+                            stride: [s; 3],
+                            padding: [p; 3],
+                        };
+                        let y = super::flex_ad::conv_transpose3d(x, c.weight.val(), g, [po; 3])
+                            .expect("flex");
+                        add_bias(y, c.bias.as_ref().map(|b| b.val()))
                     } else {
                         c.forward(x)
                     }

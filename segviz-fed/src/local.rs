@@ -17,7 +17,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::batches::BatchTensors;
 use crate::error::{FedError, Result};
-use crate::partial_labels::{batch_annotation, distillation_loss, exclusion_loss, head_masks};
+use crate::partial_labels::{
+    batch_annotation, distillation_loss, exclusion_loss, head_masks, teacher_positive,
+};
 use segviz_data::SiteData;
 use segviz_data::{BatchStream, EpochPlan, HostBatch};
 
@@ -59,6 +61,9 @@ pub enum Objective {
         distillation_weight: f64,
         /// Distillation temperature.
         temperature: f64,
+        /// Distil only where the teacher's organ probability exceeds this (0: on every
+        /// unannotated voxel).
+        distillation_threshold: f64,
     },
 }
 
@@ -506,6 +511,7 @@ fn objective_loss(
             exclusion_weight,
             distillation_weight,
             temperature,
+            distillation_threshold,
         } => {
             let annotated = batch_annotation(batch)?;
             let masks = head_masks(batch, annotated, device);
@@ -553,10 +559,18 @@ fn objective_loss(
                             FedError::Config(format!("the teacher has no {task} head"))
                         })?;
                         let t = Tensor::<5>::from_data(t.clone().into_data(), device);
+                        let mask = if distillation_threshold > 0.0 {
+                            masks.unannotated.clone()
+                                * teacher_positive(t.clone(), distillation_threshold)
+                        } else {
+                            masks.unannotated.clone()
+                        };
+                        // Averaged over all unannotated voxels either way, so a threshold
+                        // only removes terms and never inflates the rest.
                         add(distillation_loss(
                             l.clone(),
                             t,
-                            masks.unannotated.clone(),
+                            mask,
                             masks.unannotated_count,
                             temperature,
                         )

@@ -27,9 +27,15 @@ pub const KEY_EXCLUSION_WEIGHT: &str = "exclusion_weight";
 pub const KEY_DISTILLATION_WEIGHT: &str = "distillation_weight";
 /// Fit-configuration key: the distillation temperature.
 pub const KEY_DISTILLATION_TEMPERATURE: &str = "distillation_temperature";
+/// Fit-configuration key: distil only where the teacher's organ probability exceeds this
+/// (0: every unannotated voxel).
+pub const KEY_DISTILLATION_THRESHOLD: &str = "distillation_threshold";
 
 /// The default [`PartialLabelConfig::owner_weight`].
 pub const DEFAULT_OWNER_WEIGHT: f64 = 0.75;
+
+/// The default [`PartialLabelConfig::distillation_threshold`].
+pub const DEFAULT_DISTILLATION_THRESHOLD: f64 = 0.5;
 
 /// Settings of the partial-label objective.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
@@ -51,6 +57,12 @@ pub struct PartialLabelConfig {
     /// a quarter of its update from the only site that has its positives.
     #[serde(default)]
     pub owner_weight: Option<f64>,
+    /// Distil only on the unannotated voxels where the teacher's organ probability exceeds
+    /// this, in [0, 1): the teacher's positives. 0 distils on every unannotated voxel, so
+    /// a teacher that sees no organ yet pulls every site's copy of the head, and the shared
+    /// representation, towards background there.
+    #[serde(default)]
+    pub distillation_threshold: f64,
 }
 
 impl Default for PartialLabelConfig {
@@ -61,6 +73,7 @@ impl Default for PartialLabelConfig {
             distillation_start: 1.0,
             temperature: 2.0,
             owner_weight: Some(DEFAULT_OWNER_WEIGHT),
+            distillation_threshold: DEFAULT_DISTILLATION_THRESHOLD,
         }
     }
 }
@@ -89,11 +102,12 @@ impl PartialLabelConfig {
             && self.temperature > 0.0
             && self
                 .owner_weight
-                .is_none_or(|a| a.is_finite() && (0.0..=1.0).contains(&a));
+                .is_none_or(|a| a.is_finite() && (0.0..=1.0).contains(&a))
+            && (0.0..1.0).contains(&self.distillation_threshold);
         if !valid {
             return Err(FedError::Config(format!(
                 "partial-label settings out of range: {self:?} (weights ≥ 0, start and owner \
-                 weight in [0, 1], temperature > 0)"
+                 weight in [0, 1], distillation threshold in [0, 1), temperature > 0)"
             )));
         }
         Ok(())
@@ -166,6 +180,16 @@ pub(crate) fn exclusion_loss(logits: Tensor<5>, mask: Tensor<5>, count: f64) -> 
         .sum()
         .neg()
         .div_scalar(count.max(1.0))
+}
+
+/// `[n, 1, d, h, w]` mask of the voxels where the teacher's organ probability (softmax
+/// channel 1 of its logits `[n, 2, d, h, w]`) exceeds `threshold`.
+pub(crate) fn teacher_positive(teacher: Tensor<5>, threshold: f64) -> Tensor<5> {
+    let [n, _, d, h, w] = teacher.dims();
+    softmax(teacher, 1)
+        .slice([0..n, 1..2, 0..d, 0..h, 0..w])
+        .greater_elem(threshold)
+        .float()
 }
 
 /// Distillation term: `T² · KL(softmax(teacher/T) ‖ softmax(student/T))`, averaged over
@@ -242,6 +266,35 @@ mod tests {
             (f64::from(other) - expected).abs() < 1e-4,
             "{other} vs {expected}"
         );
+    }
+
+    #[test]
+    fn the_teacher_positive_mask_keeps_the_voxels_the_teacher_calls_organ() {
+        // Channel 0 background, channel 1 organ: organ probabilities σ(z1 − z0) of the four
+        // voxels are σ(−3), σ(0.5), σ(0) = 0.5 and σ(4).
+        let teacher = Tensor::<5>::from_data(
+            TensorData::new(
+                vec![2.0f32, 0.0, 1.0, -2.0, -1.0, 0.5, 1.0, 2.0],
+                [1, 2, 1, 1, 4],
+            ),
+            &device(),
+        );
+        let mask = teacher_positive(teacher.clone(), 0.5)
+            .into_data()
+            .try_to_vec::<f32>()
+            .unwrap();
+        assert_eq!(mask, vec![0.0, 1.0, 0.0, 1.0]);
+        let strict = teacher_positive(teacher, 0.9)
+            .into_data()
+            .try_to_vec::<f32>()
+            .unwrap();
+        assert_eq!(strict, vec![0.0, 0.0, 0.0, 1.0]);
+        assert!(PartialLabelConfig {
+            distillation_threshold: 1.0,
+            ..PartialLabelConfig::default()
+        }
+        .validate()
+        .is_err());
     }
 
     #[test]

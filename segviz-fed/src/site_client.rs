@@ -20,8 +20,8 @@ use crate::local::{
 };
 use crate::messages::{ClientUpdate, EvaluateResult, FitInstructions};
 use crate::partial_labels::{
-    PartialLabelConfig, KEY_DISTILLATION_TEMPERATURE, KEY_DISTILLATION_WEIGHT,
-    KEY_EXCLUSION_WEIGHT, KEY_PARTIAL_LABELS,
+    PartialLabelConfig, KEY_DISTILLATION_TEMPERATURE, KEY_DISTILLATION_THRESHOLD,
+    KEY_DISTILLATION_WEIGHT, KEY_EXCLUSION_WEIGHT, KEY_PARTIAL_LABELS,
 };
 use crate::strategy::ClientInfo;
 use segviz_data::SiteData;
@@ -163,6 +163,8 @@ impl SiteClient {
                 exclusion_weight: get(KEY_EXCLUSION_WEIGHT, d.exclusion_weight),
                 distillation_weight: get(KEY_DISTILLATION_WEIGHT, 0.0),
                 temperature: get(KEY_DISTILLATION_TEMPERATURE, d.temperature),
+                // Absent: every unannotated voxel, as before the key existed.
+                distillation_threshold: get(KEY_DISTILLATION_THRESHOLD, 0.0),
             }
         } else {
             Objective::TaskHeads
@@ -198,7 +200,10 @@ impl FederatedClient for SiteClient {
             Objective::PartialLabels {
                 distillation_weight,
                 ..
-            } if distillation_weight > 0.0 => Some(model.deep_copy()?.valid()),
+            // The teacher normalises with the statistics of each batch, as the student
+            // does: under FedBN the site's running statistics were gathered with its own
+            // weights of the previous round, not with the averaged ones it just received.
+            } if distillation_weight > 0.0 => Some(model.deep_copy()?),
             _ => None,
         };
         let epochs = instructions.local_epochs;

@@ -21,8 +21,8 @@ use segviz_core::checkpoint::{read_checkpoint, write_checkpoint, Checkpoint};
 use segviz_core::{ModelState, SegVizConfig, StateTensor, TensorRole};
 use segviz_fed::experiment::ExperimentConfig;
 use segviz_fed::partial_labels::{
-    PartialLabelConfig, KEY_DISTILLATION_TEMPERATURE, KEY_DISTILLATION_WEIGHT,
-    KEY_EXCLUSION_WEIGHT, KEY_PARTIAL_LABELS,
+    PartialLabelConfig, KEY_DISTILLATION_TEMPERATURE, KEY_DISTILLATION_THRESHOLD,
+    KEY_DISTILLATION_WEIGHT, KEY_EXCLUSION_WEIGHT, KEY_PARTIAL_LABELS,
 };
 use segviz_fed::{FederatedClient, FitInstructions, SiteClient, SiteData};
 use serde::Serialize;
@@ -236,6 +236,10 @@ impl SegVizApp {
             fit_config.insert(
                 KEY_DISTILLATION_TEMPERATURE.to_string(),
                 number("distillation-temperature", defaults.temperature),
+            );
+            fit_config.insert(
+                KEY_DISTILLATION_THRESHOLD.to_string(),
+                number("distillation-threshold", 0.0),
             );
             self.client.take_heads(&sent_heads(content))?;
         }

@@ -11,8 +11,8 @@ use super::{average_by, AggregationStrategy, ClientInfo, Weighting};
 use crate::error::Result;
 use crate::messages::ClientUpdate;
 use crate::partial_labels::{
-    PartialLabelConfig, KEY_DISTILLATION_TEMPERATURE, KEY_DISTILLATION_WEIGHT,
-    KEY_EXCLUSION_WEIGHT, KEY_PARTIAL_LABELS,
+    PartialLabelConfig, KEY_DISTILLATION_TEMPERATURE, KEY_DISTILLATION_THRESHOLD,
+    KEY_DISTILLATION_WEIGHT, KEY_EXCLUSION_WEIGHT, KEY_PARTIAL_LABELS,
 };
 
 /// A strategy with the partial-label rule. See the module documentation.
@@ -76,6 +76,10 @@ impl AggregationStrategy for PartialLabels {
             self.config.distillation_weight_at(round, self.rounds),
         );
         config.insert(KEY_DISTILLATION_TEMPERATURE.into(), self.config.temperature);
+        config.insert(
+            KEY_DISTILLATION_THRESHOLD.into(),
+            self.config.distillation_threshold,
+        );
         config
     }
 
