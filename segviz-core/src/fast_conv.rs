@@ -383,6 +383,16 @@ mod tests {
         ]
     }
 
+    /// Output and the three gradients of the custom path against Burn's.
+    fn assert_all_close(fast: &[Vec<f32>; 4], reference: &[Vec<f32>; 4], case: &str) {
+        for (i, what) in ["output", "input grad", "weight grad", "bias grad"]
+            .iter()
+            .enumerate()
+        {
+            assert_close(&fast[i], &reference[i], &format!("{case}: {what}"));
+        }
+    }
+
     fn assert_close(fast: &[f32], reference: &[f32], what: &str) {
         assert_eq!(fast.len(), reference.len(), "{what}: length");
         let scale = reference.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-6);
@@ -432,14 +442,8 @@ mod tests {
                     }
                 })
             };
-            let (fast, reference) = (with(true), with(false));
-            for (i, what) in ["output", "input grad", "weight grad", "bias grad"]
-                .iter()
-                .enumerate()
-            {
-                let case = format!("conv3d n{n} {ci}->{co} {d}x{h}x{w} k{k} s{s} p{p}: {what}");
-                assert_close(&fast[i], &reference[i], &case);
-            }
+            let case = format!("conv3d n{n} {ci}->{co} {d}x{h}x{w} k{k} s{s} p{p}");
+            assert_all_close(&with(true), &with(false), &case);
         }
     }
 
@@ -480,16 +484,9 @@ mod tests {
                     }
                 })
             };
-            let (fast, reference) = (with(true), with(false));
-            for (i, what) in ["output", "input grad", "weight grad", "bias grad"]
-                .iter()
-                .enumerate()
-            {
-                let case = format!(
-                    "conv_transpose3d n{n} {ci}->{co} {d}x{h}x{w} k{k} s{s} p{p} po{po}: {what}"
-                );
-                assert_close(&fast[i], &reference[i], &case);
-            }
+            let case =
+                format!("conv_transpose3d n{n} {ci}->{co} {d}x{h}x{w} k{k} s{s} p{p} po{po}");
+            assert_all_close(&with(true), &with(false), &case);
         }
     }
 
