@@ -130,6 +130,20 @@ impl Method {
         }
     }
 
+    /// Whether the method's sites keep their own BatchNorm (FedBN and its variants), and so
+    /// re-estimate it for the final averaged weights after federation.
+    pub fn local_batch_norm(self) -> bool {
+        matches!(
+            self,
+            Method::Fedbn
+                | Method::FedbnFt
+                | Method::FedbnPl
+                | Method::FedbnPlFt
+                | Method::FedbnPlNoDistillation
+                | Method::FedbnPlNoExclusion
+        )
+    }
+
     /// Whether the method fine-tunes after federation.
     pub fn fine_tuned(self) -> bool {
         matches!(
@@ -182,4 +196,19 @@ pub(super) fn federation_strategy(
         config.rounds,
     )
     .ok_or_else(unknown)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exactly_the_fedbn_federations_keep_local_batch_norm() {
+        for m in Method::ALL {
+            let fedbn = m
+                .federation()
+                .is_some_and(|f| f == "fedbn" || f.starts_with("fedbn_"));
+            assert_eq!(m.local_batch_norm(), fedbn, "{}", m.name());
+        }
+    }
 }

@@ -397,7 +397,7 @@ impl Experiment {
                     let strategy = method.federation().unwrap_or("fedavg");
                     if !federations.contains_key(strategy) {
                         let mut fed = self.federate(strategy, &train_device, on_event)?;
-                        if strategy.starts_with("fedbn") {
+                        if method.local_batch_norm() {
                             // FedBN sites keep their BatchNorm: re-estimate its statistics
                             // for the final averaged weights before fine-tuning and scoring.
                             for client in fed.0.iter_mut() {
