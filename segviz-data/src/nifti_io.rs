@@ -32,7 +32,6 @@ use std::path::{Path, PathBuf};
 use flate2::read::MultiGzDecoder;
 use flate2::write::GzEncoder;
 use flate2::Compression;
-use nifti::volume::InMemNiftiVolume;
 
 use crate::affine::{self, Affine};
 use crate::atomic_write::write_bytes as write_atomically;
@@ -391,7 +390,17 @@ fn check_finite(volume: &Volume<f32>, path: &Path) -> Result<()> {
 fn read_decompressed(path: &Path) -> Result<Vec<u8>> {
     let raw = std::fs::read(path).map_err(|e| DataError::io(path, e))?;
     if raw.starts_with(&[0x1f, 0x8b]) {
-        let mut out = Vec::with_capacity(raw.len().saturating_mul(3));
+        let mut out = Vec::new();
+        // Reserve the whole output at once: growing by doubling copies a volume several
+        // times over (label maps compress 50-fold and more). The size is the gzip trailer's
+        // (ISIZE, the last member's size mod 2³²), bounded by deflate's densest ratio so a
+        // corrupt trailer cannot ask for more; a reservation that fails only costs speed.
+        let trailer = raw
+            .len()
+            .checked_sub(4)
+            .map(|at| u32::from_le_bytes([raw[at], raw[at + 1], raw[at + 2], raw[at + 3]]));
+        let hint = trailer.map_or(0, |n| n as usize);
+        let _ = out.try_reserve(hint.clamp(raw.len(), raw.len().saturating_mul(1032)));
         MultiGzDecoder::new(raw.as_slice())
             .read_to_end(&mut out)
             .map_err(|e| {
@@ -412,7 +421,6 @@ fn read_decompressed(path: &Path) -> Result<Vec<u8>> {
 struct Header {
     info: NiftiInfo,
     endianness: nifti::Endianness,
-    nifti_type: nifti::NiftiType,
     vox_offset: usize,
 }
 
@@ -476,8 +484,8 @@ fn parse_header(path: &Path, bytes: &[u8]) -> Result<Header> {
             ),
         ));
     }
-    let nifti_type = h
-        .data_type()
+    // Checks the datatype code; the value itself is `datatype`.
+    h.data_type()
         .map_err(|e| DataError::invalid(path, format!("datatype: {e}")))?;
     let (affine, affine_source, warnings) = header_affine(path, &h)?;
     Ok(Header {
@@ -491,7 +499,6 @@ fn parse_header(path: &Path, bytes: &[u8]) -> Result<Header> {
             warnings,
         },
         endianness: h.endianness,
-        nifti_type,
         vox_offset: h.vox_offset as usize,
     })
 }
@@ -775,7 +782,7 @@ fn decode_voxels(path: &Path, bytes: &[u8], header: &Header) -> Result<Vec<f32>>
             ),
         ));
     }
-    let block = bytes[header.vox_offset..needed].to_vec();
+    let block = &bytes[header.vox_offset..needed];
     // nibabel's rule: a zero (or non-finite) slope means unscaled values.
     let scaled = info.scl_slope != 0.0 && info.scl_slope.is_finite() && info.scl_inter.is_finite();
     let (slope, inter) = if scaled {
@@ -783,28 +790,14 @@ fn decode_voxels(path: &Path, bytes: &[u8], header: &Header) -> Result<Vec<f32>>
     } else {
         (1.0, 0.0)
     };
-    // The nifti crate types the stored values (datatype and byte order); scaling is applied
-    // here in f64, as nibabel does, rather than in the stored integer type.
-    let dim =
-        |n: usize| u16::try_from(n).map_err(|_| DataError::invalid(path, "dimension over 65535"));
-    let volume = InMemNiftiVolume::from_raw_fields(
-        [3, dim(nx)?, dim(ny)?, dim(nz)?, 1, 1, 1, 1],
-        header.nifti_type,
-        1.0,
-        0.0,
-        block,
-        header.endianness,
-    )
-    .map_err(|e| DataError::invalid(path, format!("voxel data: {e}")))?;
+    // Values are read straight from the decompressed bytes in their stored type and byte
+    // order (no typed copy of the whole block); scaling is applied in f64, as nibabel does,
+    // rather than in the stored integer type.
+    let big = header.endianness == nifti::Endianness::Big;
     let shape = [nx, ny, nz];
-    let bad = |e: nifti::NiftiError| DataError::invalid(path, format!("voxel data: {e}"));
     macro_rules! scatter {
         ($t:ty) => {
-            scatter_fortran(
-                &volume.into_nifti_typed_data::<$t>().map_err(bad)?,
-                shape,
-                |v| (v as f64 * slope + inter) as f32,
-            )
+            scatter_fortran::<$t>(block, shape, big, |v| (v as f64 * slope + inter) as f32)
         };
     }
     Ok(match info.datatype {
@@ -821,28 +814,58 @@ fn decode_voxels(path: &Path, bytes: &[u8], header: &Header) -> Result<Vec<f32>>
     })
 }
 
-/// Values stored in NIfTI's Fortran order (`i` fastest) into C order (`k` fastest), each
-/// through `convert`.
+/// A stored voxel type, read from its bytes in either byte order.
+trait Stored: Copy {
+    /// Bytes per value.
+    const SIZE: usize;
+    /// The value in `bytes` (exactly [`Stored::SIZE`] of them), big-endian when `big`.
+    fn read(bytes: &[u8], big: bool) -> Self;
+}
+
+macro_rules! stored {
+    ($($t:ty),*) => {$(
+        impl Stored for $t {
+            const SIZE: usize = std::mem::size_of::<$t>();
+            #[inline]
+            fn read(bytes: &[u8], big: bool) -> Self {
+                let mut raw = [0u8; std::mem::size_of::<$t>()];
+                raw.copy_from_slice(bytes);
+                if big {
+                    <$t>::from_be_bytes(raw)
+                } else {
+                    <$t>::from_le_bytes(raw)
+                }
+            }
+        }
+    )*};
+}
+stored!(u8, i8, i16, u16, i32, u32, i64, u64, f32, f64);
+
+/// Values stored in NIfTI's Fortran order (`i` fastest) as raw bytes into C order (`k`
+/// fastest), each through `convert`. `bytes` holds exactly `nx·ny·nz` values of `T`.
 ///
 /// For each `j` the `(k, i)` plane is transposed into a buffer small enough for the cache,
 /// whose `i` rows are then copied whole. Writing values one by one at their C index instead
 /// lands every write `ny·nz` floats from the last; with CT sizes that stride is a multiple of
 /// 4 KiB, so the writes also collide in the same cache sets (3 to 4 times slower, measured).
-fn scatter_fortran<T: Copy>(
-    values: &[T],
+fn scatter_fortran<T: Stored>(
+    bytes: &[u8],
     [nx, ny, nz]: [usize; 3],
+    big: bool,
     convert: impl Fn(T) -> f32,
 ) -> Vec<f32> {
-    let mut out = vec![0.0f32; values.len()];
-    if values.is_empty() || nz == 0 {
+    let count = nx * ny * nz;
+    let mut out = vec![0.0f32; count];
+    if count == 0 {
         return out;
     }
     let mut plane = vec![0.0f32; nx * nz];
+    let row_bytes = nx * T::SIZE;
     for j in 0..ny {
         for k in 0..nz {
-            let row = &values[(k * ny + j) * nx..][..nx];
-            for (i, &v) in row.iter().enumerate() {
-                plane[i * nz + k] = convert(v);
+            let row = &bytes[(k * ny + j) * row_bytes..][..row_bytes];
+            for (i, v) in row.chunks_exact(T::SIZE).enumerate() {
+                plane[i * nz + k] = convert(T::read(v, big));
             }
         }
         for (i, column) in plane.chunks_exact(nz).enumerate() {
