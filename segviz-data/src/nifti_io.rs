@@ -390,17 +390,7 @@ fn check_finite(volume: &Volume<f32>, path: &Path) -> Result<()> {
 fn read_decompressed(path: &Path) -> Result<Vec<u8>> {
     let raw = std::fs::read(path).map_err(|e| DataError::io(path, e))?;
     if raw.starts_with(&[0x1f, 0x8b]) {
-        let mut out = Vec::new();
-        // Reserve the whole output at once: growing by doubling copies a volume several
-        // times over (label maps compress 50-fold and more). The size is the gzip trailer's
-        // (ISIZE, the last member's size mod 2³²), bounded by deflate's densest ratio so a
-        // corrupt trailer cannot ask for more; a reservation that fails only costs speed.
-        let trailer = raw
-            .len()
-            .checked_sub(4)
-            .map(|at| u32::from_le_bytes([raw[at], raw[at + 1], raw[at + 2], raw[at + 3]]));
-        let hint = trailer.map_or(0, |n| n as usize);
-        let _ = out.try_reserve(hint.clamp(raw.len(), raw.len().saturating_mul(1032)));
+        let mut out = Vec::with_capacity(raw.len().saturating_mul(3));
         MultiGzDecoder::new(raw.as_slice())
             .read_to_end(&mut out)
             .map_err(|e| {
