@@ -76,6 +76,10 @@ struct Args {
     /// [0, 1) (default 0.5; 0: on every voxel a site did not annotate).
     #[arg(long)]
     distillation_threshold: Option<f64>,
+    /// Federated methods: the server learning rate η on the representation block,
+    /// `w ← g + η · (mean − g)` (1: the plain average of the paper; quick preset: 3).
+    #[arg(long)]
+    server_learning_rate: Option<f64>,
     /// Weight clients uniformly instead of by their number of examples.
     #[arg(long)]
     uniform_weights: bool,
@@ -328,6 +332,9 @@ fn build_config(args: &Args) -> AnyResult<ExperimentConfig> {
     }
     if args.uniform_weights {
         config.weighting = Weighting::Uniform;
+    }
+    if let Some(rate) = args.server_learning_rate {
+        config.server_learning_rate = rate;
     }
     let pl = &mut config.partial_labels;
     if let Some(a) = &args.head_owner_weight {

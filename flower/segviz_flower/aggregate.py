@@ -28,10 +28,17 @@ over the others (:func:`owner_weighted_head`). The representation follows the wr
 its BatchNorm withheld after round 1). The nodes train the heads of the tasks they did not
 annotate with the exclusion and distillation terms, whose settings travel in the ``train``
 config (:func:`distillation_weight_at`).
+
+A server learning rate ``eta`` (``server-learning-rate``, default 1: the plain average;
+``segviz-fed/src/strategy/server_rate.rs``) then moves every trainable, non-BatchNorm tensor of
+the representation block from its global value ``g`` along the averaged update:
+``g + eta * (mean - g)``, computed in float64 from the float32 mean and rounded once
+(:func:`apply_server_learning_rate`). Heads and BatchNorm tensors are not touched.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Callable, Mapping, Sequence
 
@@ -206,13 +213,15 @@ def aggregate(
     strategy: str,
     weighting: str,
     owner_weight: float | None = None,
+    server_learning_rate: float = 1.0,
 ) -> dict[str, Tensor]:
     """The new global state after ``round_`` (1-based) from ``updates``, in their order.
 
     Mirrors ``AggregationStrategy::aggregate_fit`` of the Rust ``FedAvg``, ``FedBn`` and
     ``FedProx``, and of ``PartialLabels`` around them (the wrapped strategy's aggregation,
-    then, when ``owner_weight`` is given, each head re-averaged by :func:`owner_weighted_head`):
-    see the module documentation. Beyond the Rust checks, an update whose tensor
+    then, when ``owner_weight`` is given, each head re-averaged by :func:`owner_weighted_head`),
+    and of ``ServerLearningRate`` around them when ``server_learning_rate`` is not 1: see the
+    module documentation. Beyond the Rust checks, an update whose tensor
     shape differs from the global tensor's is refused too (the Rust code would silently
     replace the global shape). No update at all raises :class:`AggregationError`.
     """
@@ -237,9 +246,35 @@ def aggregate(
     if owner_weight is not None and is_partial_label(strategy):
         for task in head_tasks(global_state):
             averaged.update(owner_weighted_head(round_, updates, weighting, task, owner_weight))
+    if server_learning_rate != 1.0:
+        apply_server_learning_rate(global_state, averaged, server_learning_rate)
     next_state = dict(global_state)
     next_state.update(averaged)
     return next_state
+
+
+def check_server_learning_rate(rate: float) -> float:
+    """``rate`` when it is a finite positive number; raises ``ValueError`` otherwise."""
+    if not (isinstance(rate, (int, float)) and math.isfinite(rate) and rate > 0.0):
+        raise ValueError(f"the server learning rate must be a finite positive number, not {rate!r}")
+    return float(rate)
+
+
+def apply_server_learning_rate(global_state: State, averaged: dict[str, Tensor], rate: float) -> None:
+    """``averaged[p] = g + rate * (averaged[p] - g)`` in place, for every trainable,
+    non-BatchNorm representation tensor whose global value ``g`` has the same shape. Mirrors
+    ``server_rate::apply_server_learning_rate``: float64 from the float32 values, one rounding.
+    """
+    check_server_learning_rate(rate)
+    for path, t in averaged.items():
+        cls = t.cls
+        if not cls.is_representation or not cls.trainable or cls.batch_norm:
+            continue
+        g = global_state.get(path)
+        if g is None or g.data.shape != t.data.shape:
+            continue
+        g64 = g.data.astype(np.float64)
+        averaged[path] = Tensor((g64 + rate * (t.data.astype(np.float64) - g64)).astype(np.float32), cls)
 
 
 def head_tasks(state: State) -> list[str]:

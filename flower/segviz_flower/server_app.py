@@ -191,6 +191,9 @@ class Settings:
     # Distil only where the teacher's organ probability exceeds this (PartialLabelConfig::
     # distillation_threshold); 0: on every voxel the node did not annotate.
     distillation_threshold: float = 0.5
+    # Server learning rate on the representation block (segviz_fed's ServerLearningRate):
+    # g + eta * (mean - g); 1: the plain average.
+    server_learning_rate: float = 1.0
 
     @classmethod
     def from_run_config(cls, config: Mapping[str, Any]) -> "Settings":
@@ -220,6 +223,7 @@ class Settings:
             distillation_temperature=_number(config, "distillation-temperature", float, 0.0, 2.0, above=True),
             head_owner_weight=_owner_weight(config),
             distillation_threshold=_number(config, "distillation-threshold", float, 0.0, 0.5, maximum=0.999999),
+            server_learning_rate=_number(config, "server-learning-rate", float, 0.0, 1.0, above=True),
         )
 
     @property
@@ -482,6 +486,8 @@ class SegVizStrategy(FedAvg):
             log(INFO, "\t├──> head-owner-weight %s, distillation-threshold %g",
                 "plain" if s.head_owner_weight is None else f"{s.head_owner_weight:g}",
                 s.distillation_threshold)
+        if s.server_learning_rate != 1.0:
+            log(INFO, "\t├──> server-learning-rate %g on the representation block", s.server_learning_rate)
         log(INFO, "\t├──> initial model %s (%d tensors)", s.initial_model, len(self.global_state))
         log(INFO, "\t├──> min-nodes %d, round-timeout %g s", s.min_nodes, s.round_timeout)
         log(INFO, "\t└──> results in %s", s.out_dir)
@@ -614,6 +620,7 @@ class SegVizStrategy(FedAvg):
                 self.settings.strategy,
                 self.settings.weighting,
                 owner_weight=self.settings.head_owner_weight,
+                server_learning_rate=self.settings.server_learning_rate,
             )
         except AggregationError as e:
             self.history.append(self._close_round())

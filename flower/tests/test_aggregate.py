@@ -289,6 +289,35 @@ class PartialLabelRule(unittest.TestCase):
         self.assertEqual(value(plain, head("liver")), [2.0])
 
 
+class ServerLearningRate(unittest.TestCase):
+    def test_scales_the_representation_step_only(self):
+        g = state(1, 2, {"liver": 3, "spleen": 4})
+        ups = [update("a", 1, state(2, 10, {"liver": 5})), update("b", 1, state(4, 20, {"spleen": 7}))]
+        plain = aggregate(1, g, ups, "fedavg", "uniform")
+        stepped = aggregate(1, g, ups, "fedavg", "uniform", server_learning_rate=3.0)
+        # The mean conv is (3, 6) from (1, 2); three times that step is (7, 14).
+        self.assertEqual(value(plain, CONV), [3.0, 6.0])
+        self.assertEqual(value(stepped, CONV), [7.0, 14.0])
+        for path in (BN, head("liver"), head("spleen"), head_bn("liver")):
+            self.assertEqual(value(stepped, path), value(plain, path), path)
+
+    def test_steps_in_float64_from_the_float32_mean(self):
+        g = state(0.1, 0, {})
+        ups = [update("a", 1, state(0.2, 0, {})), update("b", 1, state(0.7, 0, {}))]
+        mean = np.float32((np.float64(np.float32(0.2)) + np.float64(np.float32(0.7))) / 2)
+        g0 = np.float64(np.float32(0.1))
+        expected = np.float32(g0 + 2.5 * (np.float64(mean) - g0))
+        out = aggregate(1, g, ups, "fedbn", "uniform", server_learning_rate=2.5)
+        self.assertEqual(out[CONV].data[0], expected)
+
+    def test_a_rate_that_is_not_positive_is_refused(self):
+        g = state(0, 0, {})
+        ups = [update("a", 1, state(1, 0, {}))]
+        for bad in (0.0, -1.0, float("nan"), float("inf")):
+            with self.assertRaises(ValueError):
+                aggregate(1, g, ups, "fedavg", "uniform", server_learning_rate=bad)
+
+
 class Metrics(unittest.TestCase):
     def test_weighted_by_examples(self):
         m = aggregate_metrics([(1, {"dice/liver": 0.5}), (3, {"dice/liver": 0.9, "dice/spleen": 0.7})])

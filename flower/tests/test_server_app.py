@@ -461,6 +461,8 @@ class PartialLabels(Base):
             ("head-owner-weight", "owners", "head-owner-weight must be a number"),
             ("distillation-threshold", 1.0, "distillation-threshold must be at most"),
             ("distillation-threshold", -0.5, "distillation-threshold must be at least 0"),
+            ("server-learning-rate", 0.0, "server-learning-rate must be greater than 0"),
+            ("server-learning-rate", math.nan, "server-learning-rate must be greater than 0"),
         ):
             with self.subTest(key=key, value=bad):
                 with self.assertRaisesRegex(ConfigError, words):
@@ -469,6 +471,8 @@ class PartialLabels(Base):
         s = Settings.from_run_config(self.run_config(strategy="fedavg_pl", **{
             "exclusion-weight": 0, "distillation-weight": 0.0, "distillation-start": 1}))
         self.assertEqual((s.exclusion_weight, s.distillation_weight, s.distillation_start), (0.0, 0.0, 1.0))
+        self.assertEqual(s.server_learning_rate, 1.0)
+        self.assertEqual(Settings.from_run_config(self.run_config(**{"server-learning-rate": 3})).server_learning_rate, 3.0)
         # Through the ServerApp: the run fails before any node is asked anything.
         with self.assertRaisesRegex(SegVizRunError, "cannot start: run config distillation-temperature must be greater"):
             self.run_app([], strategy="fedbn_pl", **{"distillation-temperature": 0.0})

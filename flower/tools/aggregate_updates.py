@@ -71,6 +71,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--owner-weight", default="plain",
                         help="partial-label strategies: the share of each head taken from its owners, "
                              "in [0, 1], or 'plain' for one mean over every update (default)")
+    parser.add_argument("--server-learning-rate", type=float, default=1.0,
+                        help="step size on the representation block: g + rate * (mean - g) (default 1)")
     parser.add_argument("--out", required=True, help="where to write the new global model (.segviz)")
     args = parser.parse_args(argv)
     try:
@@ -78,7 +80,8 @@ def main(argv: list[str] | None = None) -> int:
         updates = [update_from_file(p) for p in args.updates]
         owner_weight = None if args.owner_weight == "plain" else float(args.owner_weight)
         state = aggregate(
-            args.round, global_model.tensors, updates, args.strategy, args.weighting, owner_weight=owner_weight
+            args.round, global_model.tensors, updates, args.strategy, args.weighting, owner_weight=owner_weight,
+            server_learning_rate=args.server_learning_rate,
         )
         write_checkpoint(
             args.out,

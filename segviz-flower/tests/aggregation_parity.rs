@@ -12,7 +12,7 @@ use std::process::Command;
 use segviz_core::checkpoint::{read_checkpoint, write_checkpoint, Checkpoint};
 use segviz_core::{ModelState, RepresentationConfig, SegVizConfig};
 use segviz_fed::partial_labels::PartialLabelConfig;
-use segviz_fed::strategy::PartialLabels;
+use segviz_fed::strategy::{PartialLabels, ServerLearningRate};
 use segviz_fed::{AggregationStrategy, ClientUpdate, FedAvg, FedBn, Weighting};
 
 fn tempdir(name: &str) -> PathBuf {
@@ -108,6 +108,7 @@ fn python_aggregate(
     strategy: &str,
     weighting: &str,
     owner_weight: &str,
+    server_rate: f64,
 ) -> ModelState {
     let tool = Path::new(env!("CARGO_MANIFEST_DIR")).join("../flower/tools/aggregate_updates.py");
     save(
@@ -128,7 +129,7 @@ fn python_aggregate(
         files.push(path);
     }
     let out = dir.join(format!(
-        "python-{strategy}-{weighting}-{owner_weight}.segviz"
+        "python-{strategy}-{weighting}-{owner_weight}-{server_rate}.segviz"
     ));
     let status = Command::new(python)
         .arg(&tool)
@@ -145,6 +146,8 @@ fn python_aggregate(
             "2",
             "--owner-weight",
             owner_weight,
+            "--server-learning-rate",
+            &server_rate.to_string(),
             "--out",
         ])
         .arg(&out)
@@ -172,17 +175,17 @@ fn python_and_rust_aggregate_saved_updates_identically() {
         update(&global, "idle", &["spleen"], 0, 4.0),
     ];
 
-    let strategies: Vec<(&str, Weighting, Box<dyn AggregationStrategy>)> = vec![
-        (
-            "fedbn",
-            Weighting::Examples,
-            Box::new(FedBn {
-                weighting: Weighting::Examples,
-            }),
-        ),
+    let fedbn = || {
+        Box::new(FedBn {
+            weighting: Weighting::Examples,
+        })
+    };
+    let strategies: Vec<(&str, Weighting, f64, Box<dyn AggregationStrategy>)> = vec![
+        ("fedbn", Weighting::Examples, 1.0, fedbn()),
         (
             "fedavg",
             Weighting::Examples,
+            1.0,
             Box::new(FedAvg {
                 weighting: Weighting::Examples,
             }),
@@ -190,12 +193,21 @@ fn python_and_rust_aggregate_saved_updates_identically() {
         (
             "fedavg",
             Weighting::Uniform,
+            1.0,
             Box::new(FedAvg {
                 weighting: Weighting::Uniform,
             }),
         ),
+        // A server learning rate on the representation block (fractional, so that the
+        // f64 step and its rounding are exercised).
+        (
+            "fedbn",
+            Weighting::Examples,
+            2.7,
+            Box::new(ServerLearningRate::new(fedbn(), 2.7).unwrap()),
+        ),
     ];
-    for (name, weighting, strategy) in strategies {
+    for (name, weighting, rate, strategy) in strategies {
         let rust = strategy.aggregate_fit(2, &global, &updates).unwrap();
         let weighting_name = match weighting {
             Weighting::Examples => "examples",
@@ -210,6 +222,7 @@ fn python_and_rust_aggregate_saved_updates_identically() {
             name,
             weighting_name,
             "plain",
+            rate,
         );
         assert_eq!(
             python_state.tensors.keys().collect::<Vec<_>>(),
@@ -223,7 +236,10 @@ fn python_and_rust_aggregate_saved_updates_identically() {
                 (&r.shape, &r.role, r.batch_norm)
             );
             // Both sum in float64 in the same order and round once: the same bits.
-            assert_eq!(p.data, r.data, "{name} {weighting_name}: {path} differs");
+            assert_eq!(
+                p.data, r.data,
+                "{name} {weighting_name} rate {rate}: {path} differs"
+            );
             moved += usize::from(r.data != global.tensors[path].data);
         }
         assert!(moved > 0, "{name}: the aggregation changed nothing");
@@ -259,8 +275,13 @@ fn python_and_rust_apply_the_partial_label_rule_identically() {
         site("kits19", "kidney", 40, 3.0),
         site("liver_too", "liver", 16, 4.0),
     ];
-    for (owner_weight, name) in [(None, "plain"), (Some(0.75), "0.75"), (Some(0.3), "0.3")] {
-        let rust = PartialLabels::new(
+    for (owner_weight, name, rate) in [
+        (None, "plain", 1.0),
+        (Some(0.75), "0.75", 1.0),
+        (Some(0.3), "0.3", 1.0),
+        (Some(0.75), "0.75", 3.0),
+    ] {
+        let strategy = PartialLabels::new(
             Box::new(FedBn {
                 weighting: Weighting::Examples,
             }),
@@ -270,11 +291,13 @@ fn python_and_rust_apply_the_partial_label_rule_identically() {
             },
             3,
             Weighting::Examples,
-        )
-        .aggregate_fit(2, &global, &updates)
-        .unwrap();
+        );
+        let rust = ServerLearningRate::wrap(Box::new(strategy), rate)
+            .unwrap()
+            .aggregate_fit(2, &global, &updates)
+            .unwrap();
         let python_state = python_aggregate(
-            &python, &dir, &config, &global, &updates, "fedbn_pl", "examples", name,
+            &python, &dir, &config, &global, &updates, "fedbn_pl", "examples", name, rate,
         );
         assert_eq!(
             python_state.tensors.keys().collect::<Vec<_>>(),
@@ -288,7 +311,7 @@ fn python_and_rust_apply_the_partial_label_rule_identically() {
         for (path, r) in &rust.tensors {
             assert_eq!(
                 python_state.tensors[path].data, r.data,
-                "fedbn_pl, owner weight {name}: {path} differs"
+                "fedbn_pl, owner weight {name}, rate {rate}: {path} differs"
             );
         }
     }

@@ -3,7 +3,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::error::{FedError, Result};
-use crate::strategy::{strategy_by_name, AggregationStrategy, PartialLabels};
+use crate::strategy::{strategy_by_name, AggregationStrategy, PartialLabels, ServerLearningRate};
 
 use super::ExperimentConfig;
 
@@ -175,7 +175,7 @@ pub(super) fn federation_strategy(
         }
         _ => false,
     };
-    if ablation {
+    let strategy: Box<dyn AggregationStrategy> = if ablation {
         let inner = strategy_by_name(
             "fedbn",
             config.weighting,
@@ -184,18 +184,18 @@ pub(super) fn federation_strategy(
             config.rounds,
         )
         .ok_or_else(unknown)?;
-        return Ok(Box::new(
-            PartialLabels::new(inner, pl, config.rounds, config.weighting).named(federation),
-        ));
-    }
-    strategy_by_name(
-        federation,
-        config.weighting,
-        config.proximal_mu,
-        pl,
-        config.rounds,
-    )
-    .ok_or_else(unknown)
+        Box::new(PartialLabels::new(inner, pl, config.rounds, config.weighting).named(federation))
+    } else {
+        strategy_by_name(
+            federation,
+            config.weighting,
+            config.proximal_mu,
+            pl,
+            config.rounds,
+        )
+        .ok_or_else(unknown)?
+    };
+    ServerLearningRate::wrap(strategy, config.server_learning_rate)
 }
 
 #[cfg(test)]

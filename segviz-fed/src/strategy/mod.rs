@@ -13,12 +13,15 @@
 //!
 //! [`PartialLabels`] wraps any of them with the partial-label rule ("+ PL"): every head is
 //! sent to every client and averaged over all of them (see [`crate::partial_labels`]).
+//! [`ServerLearningRate`] wraps any of them with a server step size on the representation
+//! block (`w ← g + η · (mean − g)`).
 
 mod aggregate;
 mod fedavg;
 mod fedbn;
 mod fedprox;
 mod partial_labels;
+mod server_rate;
 
 use std::collections::BTreeMap;
 
@@ -34,6 +37,7 @@ pub use fedavg::FedAvg;
 pub use fedbn::FedBn;
 pub use fedprox::FedProx;
 pub use partial_labels::PartialLabels;
+pub use server_rate::{apply_server_learning_rate, check_server_learning_rate, ServerLearningRate};
 
 /// How client contributions are weighted in an average.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]

@@ -345,3 +345,52 @@ fn an_owner_weight_takes_that_share_of_each_head_from_its_owners() {
     // None: one plain mean over every site.
     assert_eq!(head(&pl(None), "spleen"), 4.25);
 }
+
+#[test]
+fn a_server_learning_rate_scales_the_representation_step_only() {
+    let global = state(1.0, 2.0, &[("liver", 3.0), ("spleen", 4.0)]);
+    let updates = [
+        update("a", 1, state(2.0, 10.0, &[("liver", 5.0)])),
+        update("b", 1, state(4.0, 20.0, &[("spleen", 7.0)])),
+    ];
+    let inner = || -> Box<dyn AggregationStrategy> {
+        Box::new(FedAvg {
+            weighting: Weighting::Uniform,
+        })
+    };
+    let plain = inner().aggregate_fit(1, &global, &updates).unwrap();
+    let stepped = ServerLearningRate::new(inner(), 3.0)
+        .unwrap()
+        .aggregate_fit(1, &global, &updates)
+        .unwrap();
+    // The mean conv is (3, 6) from (1, 2): three times that step is (7, 14).
+    assert_eq!(value(&plain, CONV), vec![3.0, 6.0]);
+    assert_eq!(value(&stepped, CONV), vec![7.0, 14.0]);
+    // BatchNorm and the heads are the plain strategy's.
+    assert_eq!(value(&stepped, BN), value(&plain, BN));
+    assert_eq!(
+        value(&stepped, "heads.liver.block.upsample.weight"),
+        vec![5.0]
+    );
+    assert_eq!(
+        value(&stepped, "heads.spleen.block.upsample.weight"),
+        vec![7.0]
+    );
+    // The wrapper keeps the name and what a client receives.
+    let wrapped = ServerLearningRate::wrap(inner(), 3.0).unwrap();
+    assert_eq!(wrapped.name(), "fedavg");
+    let client = ClientInfo {
+        name: "a".into(),
+        tasks: vec!["liver".into()],
+    };
+    assert_eq!(
+        wrapped.configure_fit(2, &global, &client),
+        inner().configure_fit(2, &global, &client)
+    );
+    // Rate 1 is the strategy itself; a rate that is not positive is refused.
+    let one = ServerLearningRate::wrap(inner(), 1.0).unwrap();
+    assert_eq!(one.aggregate_fit(1, &global, &updates).unwrap(), plain);
+    for bad in [0.0, -1.0, f64::NAN, f64::INFINITY] {
+        assert!(ServerLearningRate::new(inner(), bad).is_err(), "{bad}");
+    }
+}
