@@ -66,7 +66,7 @@ struct Args {
     /// organ, in [0, 1] (default 0.75), or "plain" for one mean over every site.
     #[arg(long)]
     head_owner_weight: Option<String>,
-    /// "+ PL" methods: weight of the exclusion term (default 0.5).
+    /// "+ PL" methods: weight of the exclusion term (default 0.15).
     #[arg(long)]
     exclusion_weight: Option<f64>,
     /// "+ PL" methods: weight of the distillation term (default 1).
@@ -77,7 +77,7 @@ struct Args {
     #[arg(long)]
     distillation_threshold: Option<f64>,
     /// Federated methods: the server learning rate η on the representation block,
-    /// `w ← g + η · (mean − g)` (1: the plain average of the paper; quick preset: 3).
+    /// `w ← g + η · (mean − g)` (1: the plain average of the paper; quick preset: 4).
     #[arg(long)]
     server_learning_rate: Option<f64>,
     /// Weight clients uniformly instead of by their number of examples.

@@ -181,7 +181,7 @@ class Settings:
     straggler_timeout: float = 0.0
     # The partial-label objective (strategies fedavg_pl and fedbn_pl), as
     # segviz_fed::partial_labels::PartialLabelConfig.
-    exclusion_weight: float = 0.5
+    exclusion_weight: float = 0.15
     distillation_weight: float = 1.0
     distillation_start: float = 1.0
     distillation_temperature: float = 2.0
@@ -217,7 +217,7 @@ class Settings:
             round_timeout=_number(config, "round-timeout", float, 1.0, 600.0),
             node_wait_timeout=_number(config, "node-wait-timeout", float, 0.0, 300.0),
             straggler_timeout=_number(config, "straggler-timeout", float, 0.0, 0.0),
-            exclusion_weight=_number(config, "exclusion-weight", float, 0.0, 0.5),
+            exclusion_weight=_number(config, "exclusion-weight", float, 0.0, 0.15),
             distillation_weight=_number(config, "distillation-weight", float, 0.0, 1.0),
             distillation_start=_number(config, "distillation-start", float, 0.0, 1.0, maximum=1.0),
             distillation_temperature=_number(config, "distillation-temperature", float, 0.0, 2.0, above=True),

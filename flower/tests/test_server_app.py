@@ -428,7 +428,7 @@ class PartialLabels(Base):
             self.assertIn("heads.kidney.conv.weight", keys)
         trains = [m for m in nodes[1].received if m.metadata.message_type == "train"]
         self.assertEqual([m.content.config_records["config"]["distillation-weight"] for m in trains], [0.01, 1.0])
-        self.assertEqual(trains[0].content.config_records["config"]["exclusion-weight"], 0.5)
+        self.assertEqual(trains[0].content.config_records["config"]["exclusion-weight"], 0.15)
         self.assertEqual(trains[0].content.config_records["config"]["distillation-temperature"], 2.0)
 
     def test_plain_strategies_still_refuse_foreign_heads(self):
@@ -445,7 +445,7 @@ class PartialLabels(Base):
         s = Settings.from_run_config(self.run_config(strategy="fedbn_pl"))
         self.assertTrue(s.partial_labels)
         self.assertEqual((s.exclusion_weight, s.distillation_weight, s.distillation_start, s.distillation_temperature),
-                         (0.5, 1.0, 1.0, 2.0))
+                         (0.15, 1.0, 1.0, 2.0))
         self.assertFalse(Settings.from_run_config(self.run_config()).partial_labels)
         for key, bad, words in (
             ("exclusion-weight", -0.5, "exclusion-weight must be at least 0"),

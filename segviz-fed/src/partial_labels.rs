@@ -31,6 +31,12 @@ pub const KEY_DISTILLATION_TEMPERATURE: &str = "distillation_temperature";
 /// (0: every unannotated voxel).
 pub const KEY_DISTILLATION_THRESHOLD: &str = "distillation_threshold";
 
+/// The default [`PartialLabelConfig::exclusion_weight`]. Three sites of four push a head
+/// towards background on their organs' voxels and one site has its positives; at 0.5 that
+/// pull collapsed the pancreas head on the quick preset, at 0.15 it did not
+/// (`docs/partial_labels.md`).
+pub const DEFAULT_EXCLUSION_WEIGHT: f64 = 0.15;
+
 /// The default [`PartialLabelConfig::owner_weight`].
 pub const DEFAULT_OWNER_WEIGHT: f64 = 0.75;
 
@@ -68,7 +74,7 @@ pub struct PartialLabelConfig {
 impl Default for PartialLabelConfig {
     fn default() -> Self {
         PartialLabelConfig {
-            exclusion_weight: 0.5,
+            exclusion_weight: DEFAULT_EXCLUSION_WEIGHT,
             distillation_weight: 1.0,
             distillation_start: 1.0,
             temperature: 2.0,
