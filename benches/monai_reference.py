@@ -5,9 +5,17 @@ Runs MONAI's UNet with the same sizes, optimiser (Adam, eps 1e-8) and loss (Dice
 line per size with the median milliseconds per training step, per inference patch, and the
 peak resident memory of the process.
 
+With ``--predict SCAN.nii.gz`` it instead times one whole scan end to end, as
+``cargo bench --bench whole_scan`` does on the same file (that bench writes it and prints its
+path): load, reorient to RAS, resample to 4×4×5 mm, window −200…250 HU, MONAI's
+``sliding_window_inference`` (ROI 96×96×48, overlap 0.25, Gaussian blending with
+sigma_scale 0.125, 4 windows a batch) through a UNet with channels 8–64 and five output
+classes, arg-max, and nearest resampling back to the scan's grid.
+
 Not needed for the tests. Usage (torch and monai installed):
 
     python3 benches/monai_reference.py --size all --steps 10
+    python3 benches/monai_reference.py --predict /tmp/segviz-whole-scan/ct_512x512x100.nii.gz
 """
 
 import argparse
@@ -26,6 +34,16 @@ SIZES = {
     "paper": ((16, 32, 64, 128, 256), (128, 128, 32)),
 }
 BATCH = 2
+
+
+def environment() -> dict:
+    """Which framework, which torch, how many threads."""
+    return {"framework": "monai", "torch": torch.__version__, "threads": torch.get_num_threads()}
+
+
+def peak_rss_mib() -> float:
+    """Peak resident memory of this process so far, in MiB."""
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
 
 
 def measure(name: str, steps: int) -> dict:
@@ -65,16 +83,65 @@ def measure(name: str, steps: int) -> dict:
             if step >= 2:
                 infer_ms.append((time.perf_counter() - start) * 1e3 / BATCH)
 
-    peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return {
-        "framework": "monai",
-        "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
+        **environment(),
         "size": name,
         "batch": BATCH,
         "train_step_ms": round(statistics.median(train_ms), 2),
         "inference_ms_per_patch": round(statistics.median(infer_ms), 2),
-        "peak_rss_mib": round(peak_kib / 1024, 1),
+        "peak_rss_mib": peak_rss_mib(),
+    }
+
+
+def predict(path: str, repeats: int) -> dict:
+    """Median seconds to segment the scan at ``path`` end to end (see the module docs)."""
+    from monai.inferers import sliding_window_inference
+    from monai.transforms import EnsureChannelFirst, LoadImage, Orientation, ScaleIntensityRange, Spacing
+
+    torch.manual_seed(0)
+    model = UNet(
+        spatial_dims=3,
+        in_channels=1,
+        out_channels=5,
+        channels=(8, 16, 32, 64),
+        strides=(2, 2, 2),
+        num_res_units=2,
+        norm="batch",
+    ).eval()
+    load = LoadImage(image_only=True)
+    channel_first = EnsureChannelFirst()
+    orient = Orientation(axcodes="RAS")
+    resample = Spacing(pixdim=(4.0, 4.0, 5.0), mode="bilinear")
+    window = ScaleIntensityRange(a_min=-200.0, a_max=250.0, b_min=0.0, b_max=1.0, clip=True)
+
+    seconds = []
+    for step in range(repeats + 1):
+        start = time.perf_counter()
+        scan = channel_first(load(path))
+        original_shape = tuple(scan.shape[1:])
+        image = window(resample(orient(scan)))
+        with torch.no_grad():
+            logits = sliding_window_inference(
+                image.unsqueeze(0),
+                roi_size=(96, 96, 48),
+                sw_batch_size=4,
+                predictor=model,
+                overlap=0.25,
+                mode="gaussian",
+                sigma_scale=0.125,
+            )
+            labels = torch.argmax(logits, dim=1, keepdim=True).float()
+            labels = torch.nn.functional.interpolate(labels, size=original_shape, mode="nearest")
+        labels.to(torch.uint8)
+        if step >= 1:  # the first pass warms up allocators and kernels
+            seconds.append(time.perf_counter() - start)
+
+    return {
+        **environment(),
+        "scan": path,
+        "scan_shape": list(original_shape),
+        "predict_s": round(statistics.median(seconds), 3),
+        "peak_rss_mib": peak_rss_mib(),
     }
 
 
@@ -82,7 +149,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", default="all", choices=["all", *SIZES])
     parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--predict", metavar="SCAN", help="time one whole scan end to end instead")
     args = parser.parse_args()
+    if args.predict:
+        print(json.dumps(predict(args.predict, args.steps)), flush=True)
+        return
     names = list(SIZES) if args.size == "all" else [args.size]
     for name in names:
         print(json.dumps(measure(name, args.steps)), flush=True)
