@@ -11,8 +11,8 @@ mod ct;
 
 use ct::ct_pair;
 use segviz::data::{
-    preprocess_files, AugmentConfig, Augmenter, PatchSampler, PatchSamplerConfig,
-    PreprocessCache, PreprocessConfig,
+    preprocess_files, AugmentConfig, Augmenter, PatchSampler, PatchSamplerConfig, PreprocessCache,
+    PreprocessConfig,
 };
 
 fn preprocessing(c: &mut Criterion) {

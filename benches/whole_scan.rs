@@ -45,8 +45,7 @@ fn whole_scan(c: &mut Criterion) {
     group.sample_size(10);
     group.bench_function("predict_512x512x100_quick", |b| {
         b.iter(|| {
-            segment_file(&segmenter, &path, &preset.preprocess, &window, &device)
-                .expect("segment")
+            segment_file(&segmenter, &path, &preset.preprocess, &window, &device).expect("segment")
         })
     });
     group.finish();
