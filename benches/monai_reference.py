@@ -132,7 +132,7 @@ def predict(path: str, repeats: int) -> dict:
             )
             labels = torch.argmax(logits, dim=1, keepdim=True).float()
             labels = torch.nn.functional.interpolate(labels, size=original_shape, mode="nearest")
-        labels.to(torch.uint8)
+        labels = labels.to(torch.uint8)  # the label map a user would write
         if step >= 1:  # the first pass warms up allocators and kernels
             seconds.append(time.perf_counter() - start)
 

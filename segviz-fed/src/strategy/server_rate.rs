@@ -49,11 +49,10 @@ impl ServerLearningRate {
         inner: Box<dyn AggregationStrategy>,
         rate: f64,
     ) -> Result<Box<dyn AggregationStrategy>> {
-        check_server_learning_rate(rate)?;
         if rate == 1.0 {
             return Ok(inner);
         }
-        Ok(Box::new(ServerLearningRate { inner, rate }))
+        Ok(Box::new(Self::new(inner, rate)?))
     }
 }
 
