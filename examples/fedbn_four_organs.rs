@@ -77,7 +77,7 @@ struct Args {
     #[arg(long)]
     distillation_threshold: Option<f64>,
     /// Federated methods: the server learning rate η on the representation block,
-    /// `w ← g + η · (mean − g)` (1: the plain average of the paper; quick preset: 4).
+    /// `w ← g + η · (mean − g)` (1: the plain average of the paper; quick preset: 2).
     #[arg(long)]
     server_learning_rate: Option<f64>,
     /// Weight clients uniformly instead of by their number of examples.

@@ -133,8 +133,8 @@ expect_completed() { # expect_completed LOGFILE WHAT
 for i in 0 1 2 3; do start_node "$i"; done
 for i in 0 1 2 3; do wait_for 120 "node $i to connect" grep -q "connected as node" "$WORK/logs/node$i.log"; done
 
-log "run A: two rounds of FedBN (server learning rate 4, as the tiny preset) with four nodes"
-flwr run flower/ loopback --stream -c "initial-model=\"$WORK/initial.segviz\" out-dir=\"$WORK/runA\" num-server-rounds=2 local-epochs=1 strategy=\"fedbn\" server-learning-rate=4.0 min-nodes=4 round-timeout=300" \
+log "run A: two rounds of FedBN (server learning rate 2, as the tiny preset) with four nodes"
+flwr run flower/ loopback --stream -c "initial-model=\"$WORK/initial.segviz\" out-dir=\"$WORK/runA\" num-server-rounds=2 local-epochs=1 strategy=\"fedbn\" server-learning-rate=2.0 min-nodes=4 round-timeout=300" \
   > "$WORK/logs/runA.log" 2>&1 || fail "flwr run (run A) could not start"
 expect_completed "$WORK/logs/runA.log" "run A"
 [ -f "$WORK/runA/global.segviz" ] || fail "run A saved no global model"
