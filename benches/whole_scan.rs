@@ -1,8 +1,9 @@
 //! End-to-end segmentation of one whole CT scan, as `predict` does it: read a 512×512×100
 //! int16 `.nii.gz`, preprocess it as the quick preset trains (4×4×5 mm, window −200…250 HU),
-//! slide a 96×96×48 window over it (overlap 0.25, Gaussian blending, 4 windows a batch) through
-//! the quick preset's U-Net (channels 8–64, four organ heads), fuse the heads and resample the
-//! label map back onto the scan's grid.
+//! slide a 96×96×48 window over it (overlap 0.25, Gaussian blending, 4 windows a batch; the
+//! ROI of benches/monai_reference.py) through the quick preset's
+//! U-Net (channels 8–64, four organ heads), fuse the heads and resample the label map back
+//! onto the scan's grid.
 //!
 //! `cargo bench --bench whole_scan`. The scan is kept in the system's temporary folder
 //! (`segviz-whole-scan/ct_512x512x100.nii.gz`, printed), so that
@@ -13,6 +14,7 @@
 mod ct;
 
 use criterion::{criterion_group, criterion_main, Criterion};
+use segviz::core::sliding_window::SlidingWindowConfig;
 use segviz::core::SegVizConfig;
 use segviz::data::nifti_io::{write_volume, VoxelType};
 use segviz::fed::evaluate::{segment_file, Segmenter};
@@ -30,7 +32,8 @@ fn whole_scan(c: &mut Criterion) {
     );
 
     let preset = ExperimentConfig::quick();
-    let window = preset.window.clone().with_sw_batch_size(4);
+    // The same windows as benches/monai_reference.py.
+    let window = SlidingWindowConfig::new([96, 96, 48]).with_sw_batch_size(4);
     let device = segviz::default_device();
     let organs = ["liver", "spleen", "pancreas", "kidney"];
     let model = SegVizConfig::new(
@@ -46,6 +49,13 @@ fn whole_scan(c: &mut Criterion) {
     group.bench_function("predict_512x512x100_quick", |b| {
         b.iter(|| {
             segment_file(&segmenter, &path, &preset.preprocess, &window, &device).expect("segment")
+        })
+    });
+    // One window a batch, as the quick preset scores its validation and test volumes.
+    let single = window.clone().with_sw_batch_size(1);
+    group.bench_function("predict_512x512x100_quick_sw_batch_1", |b| {
+        b.iter(|| {
+            segment_file(&segmenter, &path, &preset.preprocess, &single, &device).expect("segment")
         })
     });
     group.finish();
