@@ -1,9 +1,9 @@
 //! End-to-end segmentation of one whole CT scan, as `predict` does it: read a 512×512×100
 //! int16 `.nii.gz`, preprocess it as the quick preset trains (4×4×5 mm, window −200…250 HU),
 //! slide a 96×96×48 window over it (overlap 0.25, Gaussian blending, 4 windows a batch; the
-//! ROI of benches/monai_reference.py) through the quick preset's
-//! U-Net (channels 8–64, four organ heads), fuse the heads and resample the label map back
-//! onto the scan's grid.
+//! ROI of benches/monai_reference.py) through the quick preset's U-Net (channels 8–64, four
+//! organ heads), fuse the heads and resample the label map back onto the scan's grid. A second
+//! function does the same with one window a batch.
 //!
 //! `cargo bench --bench whole_scan`. The scan is kept in the system's temporary folder
 //! (`segviz-whole-scan/ct_512x512x100.nii.gz`, printed), so that
