@@ -11,7 +11,7 @@ use segviz_core::SegVizModel;
 use segviz_data::{Organ, Volume};
 use serde::{Deserialize, Serialize};
 
-use crate::error::{FedError, Result};
+use crate::error::Result;
 use crate::local::organ_of;
 use segviz_data::SiteData;
 
@@ -221,10 +221,43 @@ fn score_organ(
     score.hd95.insert(name, hd);
 }
 
-/// Segments every case of `cases` at `site` and scores `organs` (those the site annotates
-/// and the segmenter predicts) on the fused label map, with each organ's own output as a
-/// secondary score (see [`VolumeScore`]). `on_case` is called after each volume with the
-/// preprocessed image, its labels and the prediction.
+/// Segments one case of `site` and scores `organs` (those the site annotates and the
+/// segmenter predicts) on the fused label map, with each organ's own output as a secondary
+/// score (see [`VolumeScore`]). Returns the score with the preprocessed image, its labels
+/// and the prediction.
+pub fn score_case(
+    segmenter: &Segmenter,
+    site: &SiteData,
+    id: &str,
+    organs: &[Organ],
+    window: &SlidingWindowConfig,
+    device: &Device,
+) -> Result<(VolumeScore, Volume<f32>, Volume<u8>, Prediction)> {
+    let annotated = site.annotated();
+    let (image, label) = site.volume(id)?;
+    let prediction = segmenter.predict(&image, window, device)?;
+    let fused = prediction.labels();
+    let mut score = VolumeScore {
+        site: site.name().to_string(),
+        case: id.to_string(),
+        dice: BTreeMap::new(),
+        head_dice: BTreeMap::new(),
+        hd95: BTreeMap::new(),
+        hd95_penalised: Vec::new(),
+    };
+    for organ in organs.iter().filter(|o| annotated.contains(**o)) {
+        let Some(head_mask) = prediction.organ_mask(*organ) else {
+            continue;
+        };
+        let spacing = image.geometry.spacing();
+        score_organ(&mut score, *organ, &fused, &head_mask, &label, spacing);
+    }
+    Ok((score, image, label, prediction))
+}
+
+/// Segments every case of `cases` at `site` and scores them with [`score_case`], one after
+/// the other. `on_case` is called after each volume with the preprocessed image, its labels
+/// and the prediction.
 pub fn evaluate_site(
     segmenter: &Segmenter,
     site: &SiteData,
@@ -234,35 +267,12 @@ pub fn evaluate_site(
     device: &Device,
     mut on_case: impl FnMut(&str, &Volume<f32>, &Volume<u8>, &Prediction),
 ) -> Result<Vec<VolumeScore>> {
-    let annotated = site.annotated();
     let mut scores = Vec::new();
     for id in cases {
-        let (image, label) = site.volume(id)?;
-        let prediction = segmenter.predict(&image, window, device)?;
-        let fused = prediction.labels();
-        let mut score = VolumeScore {
-            site: site.name().to_string(),
-            case: id.clone(),
-            dice: BTreeMap::new(),
-            head_dice: BTreeMap::new(),
-            hd95: BTreeMap::new(),
-            hd95_penalised: Vec::new(),
-        };
-        for organ in organs.iter().filter(|o| annotated.contains(**o)) {
-            let Some(head_mask) = prediction.organ_mask(*organ) else {
-                continue;
-            };
-            let spacing = image.geometry.spacing();
-            score_organ(&mut score, *organ, &fused, &head_mask, &label, spacing);
-        }
+        let (score, image, label, prediction) =
+            score_case(segmenter, site, id, organs, window, device)?;
         on_case(id, &image, &label, &prediction);
         scores.push(score);
-    }
-    if scores.is_empty() && !cases.is_empty() {
-        return Err(FedError::Config(format!(
-            "site {} produced no score",
-            site.name()
-        )));
     }
     Ok(scores)
 }

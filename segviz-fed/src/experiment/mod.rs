@@ -21,7 +21,8 @@ pub use report::{combine_seeds, format_table, Cell, SeedSummary, Table};
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use burn::module::Module;
@@ -33,7 +34,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::data_check::{check_cases, DataCheckProgress};
 use crate::error::{FedError, Result};
-use crate::evaluate::{evaluate_site, Segmenter, VolumeScore};
+use crate::evaluate::{score_case, Segmenter, VolumeScore};
 use crate::local::{train_alone, Objective, TrainerOptions, POOLED_HEAD};
 use crate::server::{check_checkpoint, RoundReport, Server, ServerConfig, ServerEvent};
 use crate::site_client::SiteClient;
@@ -674,6 +675,9 @@ impl Experiment {
         })
     }
 
+    /// Scores every validation case of every site and every test case, `parallel_clients`
+    /// volumes at a time (each volume's score does not depend on the others, so the order
+    /// of the work changes nothing but the time).
     fn evaluate(
         &self,
         segmenter: &Segmenter,
@@ -681,33 +685,39 @@ impl Experiment {
         on_event: &Emit<'_>,
     ) -> Result<Evaluation> {
         let organs = segmenter.organs()?;
-        let mut validation = Vec::new();
+        // (site, case, is the test site)
+        let mut jobs: Vec<(&SiteData, &str, bool)> = Vec::new();
         for site in &self.sites {
-            validation.extend(evaluate_site(
-                segmenter,
-                site,
-                &site.split.validation,
-                &organs,
-                &self.config.window,
-                device,
-                |_, _, _, _| on_event(ExperimentEvent::Advanced { units: 1 }),
-            )?);
+            jobs.extend(
+                site.split
+                    .validation
+                    .iter()
+                    .map(|c| (&**site, c.as_str(), false)),
+            );
         }
-        let mut test = Vec::new();
-        let mut predictions = Vec::new();
         if let Some(site) = &self.test_site {
-            test = evaluate_site(
-                segmenter,
-                site,
-                &site.split.validation,
-                &organs,
-                &self.config.window,
-                device,
-                |id, _, _, prediction| {
-                    predictions.push((id.to_string(), prediction.labels()));
-                    on_event(ExperimentEvent::Advanced { units: 1 });
-                },
-            )?;
+            jobs.extend(
+                site.split
+                    .validation
+                    .iter()
+                    .map(|c| (&**site, c.as_str(), true)),
+            );
+        }
+        let scored = parallel_map(&jobs, self.config.parallel_clients, |&(site, id, test)| {
+            let (score, _, _, prediction) =
+                score_case(segmenter, site, id, &organs, &self.config.window, device)?;
+            on_event(ExperimentEvent::Advanced { units: 1 });
+            Ok((score, test.then(|| prediction.labels())))
+        })?;
+        let (mut validation, mut test, mut predictions) = (Vec::new(), Vec::new(), Vec::new());
+        for (score, labels) in scored {
+            match labels {
+                Some(labels) => {
+                    predictions.push((score.case.clone(), labels));
+                    test.push(score);
+                }
+                None => validation.push(score),
+            }
         }
         Ok((validation, test, predictions))
     }
@@ -817,27 +827,54 @@ fn prepare_output(out: &Path, mode: RunMode) -> Result<()> {
     }
 }
 
-/// `f` over `items`, `threads` at a time, results in item order; the first error wins.
+/// `f` over `items` on `threads` threads, results in item order; the first error (in item
+/// order) wins. The threads take the next item as soon as they finish one, so a slow item
+/// does not hold the others back; after an error no new item is started.
 pub(crate) fn parallel_map<T: Sync, R: Send>(
     items: &[T],
     threads: usize,
     f: impl Fn(&T) -> Result<R> + Sync,
 ) -> Result<Vec<R>> {
+    let next = AtomicUsize::new(0);
+    let failed = AtomicBool::new(false);
+    let slots: Vec<Mutex<Option<Result<R>>>> = items.iter().map(|_| Mutex::new(None)).collect();
+    let work = || loop {
+        if failed.load(Ordering::Relaxed) {
+            return;
+        }
+        let i = next.fetch_add(1, Ordering::Relaxed);
+        let Some(item) = items.get(i) else {
+            return;
+        };
+        let result = f(item);
+        if result.is_err() {
+            failed.store(true, Ordering::Relaxed);
+        }
+        if let Ok(mut slot) = slots[i].lock() {
+            *slot = Some(result);
+        }
+    };
+    std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..threads.clamp(1, items.len().max(1)))
+            .map(|_| scope.spawn(work))
+            .collect();
+        for h in handles {
+            if h.join().is_err() {
+                failed.store(true, Ordering::Relaxed);
+            }
+        }
+    });
     let mut out = Vec::with_capacity(items.len());
-    for group in items.chunks(threads.max(1)) {
-        let results: Vec<Result<R>> = std::thread::scope(|scope| {
-            let handles: Vec<_> = group.iter().map(|item| scope.spawn(|| f(item))).collect();
-            handles
-                .into_iter()
-                .map(|h| {
-                    h.join().unwrap_or_else(|_| {
-                        Err(FedError::Config("a training thread panicked".into()))
-                    })
-                })
-                .collect()
-        });
-        for r in results {
-            out.push(r?);
+    for slot in slots {
+        match slot.into_inner().ok().flatten() {
+            Some(Ok(r)) => out.push(r),
+            Some(Err(e)) => return Err(e),
+            // Not run: an earlier item failed (its error comes first) or a thread panicked.
+            None => {
+                return Err(FedError::Config(
+                    "a worker thread panicked before finishing its item".into(),
+                ))
+            }
         }
     }
     Ok(out)
@@ -922,5 +959,46 @@ mod csv_tests {
         assert_eq!(&row[3], "case,1");
         assert_eq!(&row[5], "0.50000");
         assert_eq!(&row[6], "");
+    }
+}
+
+#[cfg(test)]
+mod parallel_map_tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn results_keep_item_order_whatever_finishes_first() {
+        // The first items are the slowest, so later items finish before them.
+        let items: Vec<u64> = (0..7).collect();
+        let out = parallel_map(&items, 3, |&i| {
+            std::thread::sleep(Duration::from_millis(30 - 4 * i));
+            Ok(i * 10)
+        })
+        .unwrap();
+        assert_eq!(out, vec![0, 10, 20, 30, 40, 50, 60]);
+    }
+
+    #[test]
+    fn the_first_error_in_item_order_wins_and_stops_new_items() {
+        let items: Vec<usize> = (0..50).collect();
+        let started = AtomicUsize::new(0);
+        let err = parallel_map(&items, 2, |&i| {
+            started.fetch_add(1, Ordering::Relaxed);
+            if i == 3 || i == 4 {
+                return Err(FedError::Config(format!("item {i} failed")));
+            }
+            Ok(i)
+        })
+        .unwrap_err();
+        assert!(err.to_string().contains("item 3 failed"), "{err}");
+        assert!(started.load(Ordering::Relaxed) < items.len());
+    }
+
+    #[test]
+    fn no_items_and_more_threads_than_items_are_fine() {
+        let none: Vec<u8> = Vec::new();
+        assert!(parallel_map(&none, 4, |&v| Ok(v)).unwrap().is_empty());
+        assert_eq!(parallel_map(&[5u8], 8, |&v| Ok(v + 1)).unwrap(), vec![6]);
     }
 }
