@@ -261,37 +261,22 @@ impl Server {
         let mut pairs: Vec<(&mut C, &FitInstructions)> =
             clients.iter_mut().zip(&instructions).collect();
         for group in pairs.chunks_mut(chunk) {
-            let outcomes: Vec<(String, Result<ClientUpdate>, Instant)> =
-                std::thread::scope(|scope| {
-                    let handles: Vec<_> = group
-                        .iter_mut()
-                        .map(|(client, instr)| {
-                            let name = client.info().name;
-                            let handle = scope.spawn(move || {
-                                let outcome = client.fit(instr, deadline);
-                                (outcome, Instant::now())
-                            });
-                            (name, handle)
-                        })
-                        .collect();
-                    handles
-                        .into_iter()
-                        .map(|(name, h)| match h.join() {
-                            Ok((outcome, at)) => (name, outcome, at),
-                            Err(_) => {
-                                let e = FedError::client(&name, "local training panicked");
-                                (name, Err(e), Instant::now())
-                            }
-                        })
-                        .collect()
+            let outcomes = in_threads(group, |(client, instr)| {
+                let outcome = client.fit(instr, deadline);
+                (outcome, Instant::now())
+            });
+            for ((client, _), outcome) in group.iter().zip(outcomes) {
+                let name = client.info().name;
+                let (outcome, at) = outcome.unwrap_or_else(|| {
+                    let e = FedError::client(&name, "local training panicked");
+                    (Err(e), Instant::now())
                 });
-            for (name, outcome, _) in &outcomes {
                 on_event(ServerEvent::ClientDone {
-                    client: name,
+                    client: &name,
                     ok: outcome.is_ok(),
                 });
+                results.push((name, outcome, at));
             }
-            results.extend(outcomes);
         }
 
         let mut updates = Vec::new();
@@ -312,14 +297,27 @@ impl Server {
                 .filter_map(|u| u.metrics.get("loss").copied()),
         );
 
-        // Every client evaluates its view of the new global model on its validation split.
+        // Every client evaluates its view of the new global model on its validation split,
+        // `parallel_clients` at a time; the results keep the clients' order.
+        let views: Vec<ModelState> = clients
+            .iter()
+            .map(|c| {
+                self.strategy
+                    .configure_fit(round + 1, &self.global, &c.info())
+            })
+            .collect();
         let mut evaluations: Vec<EvaluateResult> = Vec::new();
-        for client in clients.iter_mut() {
-            let info = client.info();
-            let view = self.strategy.configure_fit(round + 1, &self.global, &info);
-            match client.evaluate(round, &view) {
-                Ok(r) => evaluations.push(r),
-                Err(e) => failed.push((info.name, format!("evaluation failed: {e}"))),
+        let mut pairs: Vec<(&mut C, &ModelState)> = clients.iter_mut().zip(&views).collect();
+        for group in pairs.chunks_mut(chunk) {
+            let outcomes = in_threads(group, |(client, view)| client.evaluate(round, view));
+            for ((client, _), outcome) in group.iter().zip(outcomes) {
+                let outcome = outcome.unwrap_or_else(|| {
+                    Err(FedError::client(&client.info().name, "evaluation panicked"))
+                });
+                match outcome {
+                    Ok(r) => evaluations.push(r),
+                    Err(e) => failed.push((client.info().name, format!("evaluation failed: {e}"))),
+                }
             }
         }
         let report = RoundReport {
@@ -542,4 +540,16 @@ fn mean(values: impl Iterator<Item = f64>) -> f64 {
     } else {
         s / n as f64
     }
+}
+
+/// `f` on every item of `group`, each on its own thread; `None` where `f` panicked.
+fn in_threads<T: Send, R: Send>(group: &mut [T], f: impl Fn(&mut T) -> R + Sync) -> Vec<Option<R>> {
+    std::thread::scope(|scope| {
+        let f = &f;
+        let handles: Vec<_> = group
+            .iter_mut()
+            .map(|item| scope.spawn(move || f(item)))
+            .collect();
+        handles.into_iter().map(|h| h.join().ok()).collect()
+    })
 }
