@@ -63,7 +63,8 @@ struct Args {
     #[arg(long, value_delimiter = ',', conflicts_with = "seed")]
     seeds: Option<Vec<u64>>,
     /// "+ PL" methods: the share of each head's average taken from the sites that own its
-    /// organ, in [0, 1] (default 0.75), or "plain" for one mean over every site.
+    /// organ, in [0, 1] (default 1: each head from its owners; the other sites' terms then
+    /// shape only the shared representation), or "plain" for one mean over every site.
     #[arg(long)]
     head_owner_weight: Option<String>,
     /// "+ PL" methods: weight of the exclusion term (default 0.15).

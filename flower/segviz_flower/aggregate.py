@@ -23,7 +23,7 @@ The partial-label rule ("+ PL", ``segviz-fed/src/strategy/partial_labels.rs``) o
 or FedBN (``fedavg_pl``, ``fedbn_pl``) sends *every* head to *every* node (:func:`node_view`)
 and aggregates as the wrapped strategy: since every reply then carries every head, each head
 becomes the mean over all updates; with an owner weight ``a`` (``head-owner-weight``, default
-0.75) each head is instead ``a`` times the mean over its owners plus ``1 - a`` times the mean
+1) each head is instead ``a`` times the mean over its owners plus ``1 - a`` times the mean
 over the others (:func:`owner_weighted_head`). The representation follows the wrapped strategy (FedBN:
 its BatchNorm withheld after round 1). The nodes train the heads of the tasks they did not
 annotate with the exclusion and distillation terms, whose settings travel in the ``train``

@@ -141,11 +141,11 @@ def _number(
 
 
 def _owner_weight(config: Mapping[str, Any]) -> float | None:
-    """``head-owner-weight``: a number in [0, 1] (default 0.75), or ``"plain"`` for one plain
-    mean of each head over every node."""
+    """``head-owner-weight``: a number in [0, 1] (default 1: each head from its owners), or
+    ``"plain"`` for one plain mean of each head over every node."""
     if config.get("head-owner-weight") == "plain":
         return None
-    return _number(config, "head-owner-weight", float, 0.0, 0.75, maximum=1.0)
+    return _number(config, "head-owner-weight", float, 0.0, 1.0, maximum=1.0)
 
 
 def _absolute_path(config: Mapping[str, Any], key: str) -> Path:
@@ -187,7 +187,7 @@ class Settings:
     distillation_temperature: float = 2.0
     # Share of each head's average taken from its owners (segviz_fed's
     # PartialLabelConfig::owner_weight); None: one plain mean over every node.
-    head_owner_weight: float | None = 0.75
+    head_owner_weight: float | None = 1.0
     # Distil only where the teacher's organ probability exceeds this (PartialLabelConfig::
     # distillation_threshold); 0: on every voxel the node did not annotate.
     distillation_threshold: float = 0.5

@@ -398,11 +398,11 @@ class PartialLabels(Base):
         self.assertTrue(all(isinstance(c["partial-labels"], int) for c in configs))
         evaluation = next(m for m in nodes[0].received if m.metadata.message_type == "evaluate")
         self.assertNotIn("partial-labels", evaluation.content.config_records["config"])
-        # Every head is averaged over every reply, 0.75 of it from its owners (the default
-        # head-owner-weight). Liver: owners (4·1 + 2·4) / 6 = 2, the other 2: 2 per round;
-        # spleen: owner 2, others 2; kidney: owner 4, others (4·1 + 2·2) / 6.
+        # Every head comes from its owners (the default head-owner-weight, 1). Liver: owners
+        # (4·1 + 2·4) / 6 = 2 per round; spleen: owner 2; kidney: owner 4 (the others' mean,
+        # (4·1 + 2·2) / 6, is left out).
         g = initial_model().tensors
-        per_round = {"liver": 2.0, "spleen": 2.0, "kidney": 0.75 * 4.0 + 0.25 * 8.0 / 6.0}
+        per_round = {"liver": 2.0, "spleen": 2.0, "kidney": 4.0}
         for t in TASKS:
             np.testing.assert_allclose(final.tensors[f"heads.{t}.conv.weight"].data,
                                        g[f"heads.{t}.conv.weight"].data + 3 * per_round[t], rtol=0, atol=1e-5)

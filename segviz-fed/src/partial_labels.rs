@@ -37,8 +37,11 @@ pub const KEY_DISTILLATION_THRESHOLD: &str = "distillation_threshold";
 /// (`docs/partial_labels.md`).
 pub const DEFAULT_EXCLUSION_WEIGHT: f64 = 0.15;
 
-/// The default [`PartialLabelConfig::owner_weight`].
-pub const DEFAULT_OWNER_WEIGHT: f64 = 0.75;
+/// The default [`PartialLabelConfig::owner_weight`]: each head from the sites that own its
+/// organ, so the other sites' exclusion and distillation terms shape only the shared
+/// representation (at 0.75 their quarter of every head pulled the small organs' heads towards
+/// background; `docs/partial_labels.md`).
+pub const DEFAULT_OWNER_WEIGHT: f64 = 1.0;
 
 /// The default [`PartialLabelConfig::distillation_threshold`].
 pub const DEFAULT_DISTILLATION_THRESHOLD: f64 = 0.5;

@@ -280,6 +280,7 @@ fn python_and_rust_apply_the_partial_label_rule_identically() {
         (Some(0.75), "0.75", 1.0),
         (Some(0.3), "0.3", 1.0),
         (Some(0.75), "0.75", 3.0),
+        (Some(1.0), "1", 2.0),
     ] {
         let strategy = PartialLabels::new(
             Box::new(FedBn {
