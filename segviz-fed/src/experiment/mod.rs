@@ -686,22 +686,11 @@ impl Experiment {
     ) -> Result<Evaluation> {
         let organs = segmenter.organs()?;
         // (site, case, is the test site)
+        let sites = self.sites.iter().map(|s| (s, false));
         let mut jobs: Vec<(&SiteData, &str, bool)> = Vec::new();
-        for site in &self.sites {
-            jobs.extend(
-                site.split
-                    .validation
-                    .iter()
-                    .map(|c| (&**site, c.as_str(), false)),
-            );
-        }
-        if let Some(site) = &self.test_site {
-            jobs.extend(
-                site.split
-                    .validation
-                    .iter()
-                    .map(|c| (&**site, c.as_str(), true)),
-            );
+        for (site, test) in sites.chain(self.test_site.iter().map(|s| (s, true))) {
+            let cases = site.split.validation.iter();
+            jobs.extend(cases.map(|c| (&**site, c.as_str(), test)));
         }
         let scored = parallel_map(&jobs, self.config.parallel_clients, |&(site, id, test)| {
             let (score, _, _, prediction) =
