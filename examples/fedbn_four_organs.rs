@@ -54,6 +54,10 @@ struct Args {
     /// Fine-tuning epochs after federation.
     #[arg(long)]
     fine_tune_epochs: Option<usize>,
+    /// Learning rate of fine-tuning (default: the federation's final rate × 10). With
+    /// --resume, a finished federation is fine-tuned again without training its rounds.
+    #[arg(long)]
+    fine_tune_learning_rate: Option<f64>,
     /// Seed of phantoms, splits, initialisation and sampling.
     #[arg(long, default_value_t = 0)]
     seed: u64,
@@ -327,6 +331,9 @@ fn build_config(args: &Args) -> AnyResult<ExperimentConfig> {
     }
     if let Some(e) = args.fine_tune_epochs {
         config.fine_tune_epochs = e;
+    }
+    if let Some(lr) = args.fine_tune_learning_rate {
+        config.fine_tune_learning_rate = Some(lr);
     }
     if let Some(p) = args.parallel_clients {
         config.parallel_clients = p;

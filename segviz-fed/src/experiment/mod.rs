@@ -242,12 +242,11 @@ impl Experiment {
     }
 
     /// Everything that determines a federation's result besides its rounds, local epochs
-    /// and strategy: the configuration (except how many clients train at once) and a
-    /// fingerprint of the data. Stored with every checkpoint and compared on resume.
+    /// and strategy: the configuration's [`federation_settings`] and a fingerprint of the
+    /// data. Stored with every checkpoint and compared on resume.
     fn settings(&self) -> serde_json::Value {
-        let mut settings = serde_json::to_value(&self.config).unwrap_or_default();
+        let mut settings = federation_settings(&self.config);
         if let Some(map) = settings.as_object_mut() {
-            map.remove("parallel_clients");
             map.insert(
                 "data".into(),
                 serde_json::Value::String(self.data_fingerprint()),
@@ -723,6 +722,27 @@ impl Experiment {
     }
 }
 
+/// The settings a federation's checkpoints depend on: the whole configuration except what
+/// only matters before or after the rounds — how many clients train at once, which methods
+/// run, fine-tuning and the final BatchNorm re-estimation. So `--resume` can add a method
+/// that shares a finished federation (e.g. `fedbn_pl_ft` after `fedbn_pl`) or fine-tune it
+/// with other settings without training the rounds again.
+fn federation_settings(config: &ExperimentConfig) -> serde_json::Value {
+    let mut settings = serde_json::to_value(config).unwrap_or_default();
+    if let Some(map) = settings.as_object_mut() {
+        for key in [
+            "parallel_clients",
+            "methods",
+            "fine_tune_epochs",
+            "fine_tune_learning_rate",
+            "batch_norm_recalibration_epochs",
+        ] {
+            map.remove(key);
+        }
+    }
+    settings
+}
+
 /// Every per-volume figure as CSV (one row per method, table, volume and organ), quoted
 /// where a field needs it (site and case names come from the user's folders).
 fn results_csv(results: &ExperimentResults) -> std::result::Result<Vec<u8>, csv::Error> {
@@ -906,6 +926,49 @@ fn round_line(strategy: &str, report: &RoundReport) -> String {
         dice.join(", "),
         report.seconds
     )
+}
+
+#[cfg(test)]
+mod settings_tests {
+    use super::*;
+
+    #[test]
+    fn a_federation_checkpoint_ignores_what_happens_after_the_rounds() {
+        let quick = ExperimentConfig::quick();
+        let after = ExperimentConfig {
+            methods: vec![Method::FedbnPlFt],
+            fine_tune_epochs: 9,
+            fine_tune_learning_rate: Some(3e-4),
+            batch_norm_recalibration_epochs: 0,
+            parallel_clients: 1,
+            ..quick.clone()
+        };
+        assert_eq!(federation_settings(&quick), federation_settings(&after));
+        let reseeded = ExperimentConfig {
+            seed: 1,
+            ..quick.clone()
+        };
+        let plain_average = ExperimentConfig {
+            server_learning_rate: 1.0,
+            ..quick.clone()
+        };
+        for other in [reseeded, plain_average] {
+            assert_ne!(federation_settings(&quick), federation_settings(&other));
+        }
+    }
+
+    #[test]
+    fn settings_read_back_from_a_checkpoint_equal_the_settings_that_wrote_it() {
+        // The augmentation's f32 settings widened to f64 need 17 digits; a parser that is
+        // not correctly rounded reads some of them back one unit off, and every resume of
+        // such a run would be refused as "other settings".
+        for config in [ExperimentConfig::quick(), ExperimentConfig::paper()] {
+            let settings = federation_settings(&config);
+            let text = serde_json::to_vec_pretty(&settings).unwrap();
+            let back: serde_json::Value = serde_json::from_slice(&text).unwrap();
+            assert_eq!(back, settings);
+        }
+    }
 }
 
 #[cfg(test)]
