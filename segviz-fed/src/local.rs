@@ -517,10 +517,14 @@ fn objective_loss(
             let masks = head_masks(batch, annotated, device);
             let teacher_logits = match teacher {
                 Some(t) if distillation_weight > 0.0 => {
-                    let inner = t.device();
-                    let logits = t.forward(batch.image_tensor(&inner));
-                    let by_task: HashMap<&str, Tensor<5>> =
-                        t.tasks().iter().map(String::as_str).zip(logits).collect();
+                    // Only the heads of the organs this batch did not annotate are distilled.
+                    let features = t.features(batch.image_tensor(&t.device()));
+                    let mut by_task: HashMap<&str, Tensor<5>> = HashMap::new();
+                    for (task, head) in t.tasks().iter().zip(&t.heads) {
+                        if !annotated.contains(organ_of(task)?) {
+                            by_task.insert(task.as_str(), head.forward(features.clone()));
+                        }
+                    }
                     Some(by_task)
                 }
                 Some(_) => None,

@@ -203,7 +203,8 @@ impl FederatedClient for SiteClient {
             // The teacher normalises with the statistics of each batch, as the student
             // does: under FedBN the site's running statistics were gathered with its own
             // weights of the previous round, not with the averaged ones it just received.
-            } if distillation_weight > 0.0 => Some(model.deep_copy()?),
+            // It records no graph (`no_grad`): nothing flows back into it.
+            } if distillation_weight > 0.0 => Some(model.deep_copy()?.no_grad()),
             _ => None,
         };
         let epochs = instructions.local_epochs;
