@@ -58,6 +58,10 @@ struct Args {
     /// --resume, a finished federation is fine-tuned again without training its rounds.
     #[arg(long)]
     fine_tune_learning_rate: Option<f64>,
+    /// Fine-tune each site's whole model (representation block included), not its heads
+    /// only as the paper does.
+    #[arg(long)]
+    fine_tune_representation: bool,
     /// Seed of phantoms, splits, initialisation and sampling.
     #[arg(long, default_value_t = 0)]
     seed: u64,
@@ -334,6 +338,9 @@ fn build_config(args: &Args) -> AnyResult<ExperimentConfig> {
     }
     if let Some(lr) = args.fine_tune_learning_rate {
         config.fine_tune_learning_rate = Some(lr);
+    }
+    if args.fine_tune_representation {
+        config.fine_tune_representation = true;
     }
     if let Some(p) = args.parallel_clients {
         config.parallel_clients = p;

@@ -20,7 +20,7 @@ use segviz::fed::partial_labels::PartialLabelConfig;
 use segviz::fed::strategy::PartialLabels;
 use segviz::fed::{
     ClientInfo, ClientUpdate, EvaluateResult, FedAvg, FedBn, FedError, FedProx, FederatedClient,
-    FitInstructions, Server, ServerConfig, SiteClient, SiteData, Weighting,
+    FineTuning, FitInstructions, Server, ServerConfig, SiteClient, SiteData, Weighting,
 };
 
 fn tempdir(name: &str) -> PathBuf {
@@ -467,7 +467,12 @@ fn fine_tuning_changes_the_heads_only() {
     let global = model_config(&Organ::ALL).init(&device, 2).unwrap();
     let client = SiteClient::new(sites[0].clone(), &global, training(), window(), 5).unwrap();
     let before = client.local_state();
-    let after = client.fine_tuned(2, 1e-3, 9).unwrap().state();
+    let heads_only = FineTuning {
+        epochs: 2,
+        learning_rate: 1e-3,
+        representation: false,
+    };
+    let after = client.fine_tuned(heads_only, 9).unwrap().state();
     // Weights and BatchNorm statistics of the representation are untouched…
     assert_same(
         &after.representation(),
@@ -477,6 +482,28 @@ fn fine_tuning_changes_the_heads_only() {
     // …while the head learned.
     let task = &client.info().tasks[0];
     assert_ne!(after.head(task), before.head(task));
+}
+
+#[test]
+fn fine_tuning_the_representation_personalises_the_whole_model() {
+    let dir = tempdir("finetune-all");
+    let (sites, _) = sites(&dir);
+    let device = burn::tensor::Device::flex().autodiff();
+    let global = model_config(&Organ::ALL).init(&device, 2).unwrap();
+    let client = SiteClient::new(sites[0].clone(), &global, training(), window(), 5).unwrap();
+    let before = client.local_state();
+    let tuning = FineTuning {
+        epochs: 2,
+        learning_rate: 1e-3,
+        representation: true,
+    };
+    let after = client.fine_tuned(tuning, 9).unwrap().state();
+    assert_ne!(after.representation(), before.representation());
+    let task = &client.info().tasks[0];
+    assert_ne!(after.head(task), before.head(task));
+    // Only the site's own heads come back, and the client keeps the federated model.
+    assert_eq!(after.tasks(), client.info().tasks);
+    assert_eq!(client.local_state(), before);
 }
 
 /// A client with no data at all: it answers with a fixed state, after `delay`.

@@ -27,5 +27,5 @@ pub use error::{FedError, Result};
 pub use messages::{ClientUpdate, EvaluateResult, FitInstructions};
 pub use segviz_data::SiteData;
 pub use server::{RoundReport, Server, ServerConfig, ServerEvent};
-pub use site_client::SiteClient;
+pub use site_client::{FineTuning, SiteClient};
 pub use strategy::{AggregationStrategy, ClientInfo, FedAvg, FedBn, FedProx, Weighting};

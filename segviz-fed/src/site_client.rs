@@ -26,6 +26,18 @@ use crate::partial_labels::{
 use crate::strategy::ClientInfo;
 use segviz_data::SiteData;
 
+/// How [`SiteClient::fine_tuned`] fine-tunes a site's model after federation.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct FineTuning {
+    /// Epochs over the site's training data.
+    pub epochs: usize,
+    /// Initial learning rate of a fresh Adam (cosine to a tenth of it).
+    pub learning_rate: f64,
+    /// Whether the representation block (weights and BatchNorm statistics) trains too;
+    /// `false` trains the heads only (the paper).
+    pub representation: bool,
+}
+
 /// A site client. See the module documentation.
 ///
 /// The client keeps one [`LocalTrainer`] across rounds (its Adam moments and its place in
@@ -95,15 +107,21 @@ impl SiteClient {
         &self.site
     }
 
-    /// The local model restricted to the heads of the site's own organs, fine-tuned with
-    /// the representation block frozen (weights and BatchNorm statistics) for `epochs`
-    /// epochs with a fresh optimiser at `learning_rate` (cosine to a tenth of it), as after
-    /// federation (paper §4.3). The client itself is left as it is.
-    pub fn fine_tuned(&self, epochs: usize, learning_rate: f64, seed: u64) -> Result<SegVizModel> {
-        let own = self.model.subset(&self.tasks)?.freeze_representation();
+    /// The local model restricted to the heads of the site's own organs, fine-tuned for
+    /// `tuning.epochs` epochs with a fresh optimiser at `tuning.learning_rate` (cosine to a
+    /// tenth of it), as after federation (paper §4.3): the heads only, the representation
+    /// block frozen (weights and BatchNorm statistics), unless `tuning.representation`. The
+    /// client itself is left as it is.
+    pub fn fine_tuned(&self, tuning: FineTuning, seed: u64) -> Result<SegVizModel> {
+        let own = self.model.subset(&self.tasks)?;
+        let own = if tuning.representation {
+            own
+        } else {
+            own.freeze_representation()
+        };
         let training = LocalTrainingConfig {
-            learning_rate,
-            min_learning_rate: learning_rate / 10.0,
+            learning_rate: tuning.learning_rate,
+            min_learning_rate: tuning.learning_rate / 10.0,
             ..self.training.clone()
         };
         let (model, _) = train_alone(
@@ -112,13 +130,17 @@ impl SiteClient {
             TrainerOptions {
                 objective: Objective::TaskHeads,
                 training,
-                total_epochs: epochs,
-                restart_every: self.training.optimizer_restart.epochs(epochs),
+                total_epochs: tuning.epochs,
+                restart_every: self.training.optimizer_restart.epochs(tuning.epochs),
                 seed,
             },
             || {},
         )?;
-        Ok(model.unfreeze_representation())
+        Ok(if tuning.representation {
+            model
+        } else {
+            model.unfreeze_representation()
+        })
     }
 
     /// Re-estimates the BatchNorm statistics of the local model for its current weights on

@@ -37,7 +37,7 @@ use crate::error::{FedError, Result};
 use crate::evaluate::{score_case, Segmenter, VolumeScore};
 use crate::local::{train_alone, Objective, TrainerOptions, POOLED_HEAD};
 use crate::server::{check_checkpoint, RoundReport, Server, ServerConfig, ServerEvent};
-use crate::site_client::SiteClient;
+use crate::site_client::{FineTuning, SiteClient};
 use segviz_data::SiteData;
 
 /// What [`Experiment::new`] does with the output folder of an earlier run.
@@ -628,8 +628,11 @@ impl Experiment {
         let mut models = Vec::new();
         for client in clients {
             let tuned = client.fine_tuned(
-                self.config.fine_tune_epochs,
-                self.config.effective_fine_tune_learning_rate(),
+                FineTuning {
+                    epochs: self.config.fine_tune_epochs,
+                    learning_rate: self.config.effective_fine_tune_learning_rate(),
+                    representation: self.config.fine_tune_representation,
+                },
                 self.config.seed ^ 0xf17e,
             )?;
             on_event(ExperimentEvent::Advanced { units: 1 });
@@ -735,6 +738,7 @@ fn federation_settings(config: &ExperimentConfig) -> serde_json::Value {
             "methods",
             "fine_tune_epochs",
             "fine_tune_learning_rate",
+            "fine_tune_representation",
             "batch_norm_recalibration_epochs",
         ] {
             map.remove(key);
@@ -939,6 +943,7 @@ mod settings_tests {
             methods: vec![Method::FedbnPlFt],
             fine_tune_epochs: 9,
             fine_tune_learning_rate: Some(3e-4),
+            fine_tune_representation: true,
             batch_norm_recalibration_epochs: 0,
             parallel_clients: 1,
             ..quick.clone()

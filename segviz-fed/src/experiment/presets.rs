@@ -42,6 +42,11 @@ pub struct ExperimentConfig {
     /// is 0.
     #[serde(default)]
     pub fine_tune_learning_rate: Option<f64>,
+    /// Whether fine-tuning also trains the representation block (and its BatchNorm
+    /// statistics) of each site's model, a personalised model per site; `false` (the
+    /// paper's §4.3 and the default) trains the task heads only, the representation frozen.
+    #[serde(default)]
+    pub fine_tune_representation: bool,
     /// Epochs of forward passes with which each FedBN site re-estimates its BatchNorm
     /// statistics for the final averaged weights, before fine-tuning and scoring (see
     /// `segviz_fed::local::recalibrate_batch_norm`); 0 keeps the statistics of the last
@@ -113,6 +118,7 @@ impl ExperimentConfig {
             local_epochs: 2,
             fine_tune_epochs: 5,
             fine_tune_learning_rate: None,
+            fine_tune_representation: false,
             batch_norm_recalibration_epochs: 3,
             partial_labels: PartialLabelConfig::default(),
             server_learning_rate: 2.0,
