@@ -459,20 +459,27 @@ fn a_failing_client_is_left_out_and_rejoins_and_only_model_state_leaves_a_client
     }
 }
 
-#[test]
-fn fine_tuning_changes_the_heads_only() {
-    let dir = tempdir("finetune");
+/// The first site's client on a fresh global model, its state, and the state of its model
+/// fine-tuned for 2 epochs at 1e-3, with or without the representation block.
+fn fine_tune_first_site(name: &str, representation: bool) -> (SiteClient, ModelState, ModelState) {
+    let dir = tempdir(name);
     let (sites, _) = sites(&dir);
     let device = burn::tensor::Device::flex().autodiff();
     let global = model_config(&Organ::ALL).init(&device, 2).unwrap();
     let client = SiteClient::new(sites[0].clone(), &global, training(), window(), 5).unwrap();
     let before = client.local_state();
-    let heads_only = FineTuning {
+    let tuning = FineTuning {
         epochs: 2,
         learning_rate: 1e-3,
-        representation: false,
+        representation,
     };
-    let after = client.fine_tuned(heads_only, 9).unwrap().state();
+    let after = client.fine_tuned(tuning, 9).unwrap().state();
+    (client, before, after)
+}
+
+#[test]
+fn fine_tuning_changes_the_heads_only() {
+    let (client, before, after) = fine_tune_first_site("finetune", false);
     // Weights and BatchNorm statistics of the representation are untouched…
     assert_same(
         &after.representation(),
@@ -486,18 +493,7 @@ fn fine_tuning_changes_the_heads_only() {
 
 #[test]
 fn fine_tuning_the_representation_personalises_the_whole_model() {
-    let dir = tempdir("finetune-all");
-    let (sites, _) = sites(&dir);
-    let device = burn::tensor::Device::flex().autodiff();
-    let global = model_config(&Organ::ALL).init(&device, 2).unwrap();
-    let client = SiteClient::new(sites[0].clone(), &global, training(), window(), 5).unwrap();
-    let before = client.local_state();
-    let tuning = FineTuning {
-        epochs: 2,
-        learning_rate: 1e-3,
-        representation: true,
-    };
-    let after = client.fine_tuned(tuning, 9).unwrap().state();
+    let (client, before, after) = fine_tune_first_site("finetune-all", true);
     assert_ne!(after.representation(), before.representation());
     let task = &client.info().tasks[0];
     assert_ne!(after.head(task), before.head(task));
