@@ -136,11 +136,8 @@ impl SiteClient {
             },
             || {},
         )?;
-        Ok(if tuning.representation {
-            model
-        } else {
-            model.unfreeze_representation()
-        })
+        // Unfreezing a block that was never frozen changes nothing.
+        Ok(model.unfreeze_representation())
     }
 
     /// Re-estimates the BatchNorm statistics of the local model for its current weights on
