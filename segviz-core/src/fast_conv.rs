@@ -32,19 +32,15 @@ use burn::nn::conv::{Conv3d, ConvTranspose3d};
 use burn::nn::PaddingConfig3d;
 use burn::tensor::Tensor;
 
-/// `conv.forward(x)`, with the fast weight gradient when `x` lives on `Autodiff<Flex>`.
+/// `conv.forward(x)`, through [`crate::cpu_conv`]'s kernels when `x` lives on `Flex` or
+/// `Autodiff<Flex>`.
 ///
 /// # Shapes
 /// - input: `[n, c_in, d, h, w]`; output: `[n, c_out, d', h', w']`
 pub fn conv3d(conv: &Conv3d, x: Tensor<5>) -> Tensor<5> {
     #[cfg(feature = "flex")]
     if let PaddingConfig3d::Explicit(pd, ph, pw) = conv.padding {
-        let [_, c_in, ..] = conv.weight.dims();
-        if enabled()
-            && c_in <= FAST_WEIGHT_GRADIENT_MAX_CHANNELS
-            && conv.groups == 1
-            && conv.dilation == [1, 1, 1]
-        {
+        if enabled() && conv.groups == 1 && conv.dilation == [1, 1, 1] {
             let geometry = flex_ad::Geometry {
                 stride: conv.stride,
                 padding: [pd, ph, pw],
@@ -57,17 +53,14 @@ pub fn conv3d(conv: &Conv3d, x: Tensor<5>) -> Tensor<5> {
     conv.forward(x)
 }
 
-/// `conv.forward(x)`, with the fast weight gradient when `x` lives on `Autodiff<Flex>`.
+/// `conv.forward(x)`, through [`crate::cpu_conv`]'s kernels when `x` lives on `Flex` or
+/// `Autodiff<Flex>`.
 ///
 /// # Shapes
 /// - input: `[n, c_in, d, h, w]`; output: `[n, c_out, d', h', w']`
 pub fn conv_transpose3d(conv: &ConvTranspose3d, x: Tensor<5>) -> Tensor<5> {
     #[cfg(feature = "flex")]
-    if enabled()
-        && conv.channels[1] <= FAST_WEIGHT_GRADIENT_MAX_CHANNELS
-        && conv.groups == 1
-        && conv.dilation == [1, 1, 1]
-    {
+    if enabled() && conv.groups == 1 && conv.dilation == [1, 1, 1] {
         let geometry = flex_ad::Geometry {
             stride: conv.stride,
             padding: conv.padding,
@@ -80,13 +73,6 @@ pub fn conv_transpose3d(conv: &ConvTranspose3d, x: Tensor<5>) -> Tensor<5> {
     }
     conv.forward(x)
 }
-
-/// The custom weight gradient is taken when the tensor it correlates with the output
-/// gradient (a convolution's input, a transposed convolution's output gradient) has at most
-/// this many channels. Measured with `cargo bench --bench convolution` (docs/performance.md):
-/// 23 % faster than Burn's for the first layer (1 channel), 8–30 % slower from 16 channels
-/// on, where Burn's path has enough channels to keep its tiles busy.
-pub const FAST_WEIGHT_GRADIENT_MAX_CHANNELS: usize = 4;
 
 /// Whether the custom operations may be used: not when `SEGVIZ_REFERENCE_CONV` is set to
 /// anything but `0` (read once).
@@ -111,19 +97,19 @@ fn add_bias(y: Tensor<5>, bias: Option<Tensor<1>>) -> Tensor<5> {
 
 #[cfg(feature = "flex")]
 pub mod flex_ad {
-    //! The custom autodiff operations on `Autodiff<Flex>`, whatever the channel count
-    //! (benches call them directly; models go through [`super::conv3d`] and
-    //! [`super::conv_transpose3d`]).
+    //! The convolutions on `Flex` (inference) and `Autodiff<Flex>` (training) through the
+    //! kernels of [`crate::cpu_conv`], whatever the channel count (benches call them
+    //! directly; models go through [`super::conv3d`] and [`super::conv_transpose3d`]).
 
     use burn::backend::autodiff::checkpoint::base::Checkpointer;
     use burn::backend::autodiff::checkpoint::strategy::NoCheckpointing;
     use burn::backend::autodiff::grads::Gradients;
     use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
-    use burn::backend::ops::{FloatTensorOps, ModuleOps};
     use burn::backend::tensor::FloatTensor;
     use burn::backend::{Autodiff, Flex, TensorMetadata};
-    use burn::tensor::ops::{ConvOptions, ConvTransposeOptions};
-    use burn::tensor::{FloatDType, Shape, Slice, Tensor};
+    use burn::tensor::{DType, Tensor, TensorData};
+
+    use crate::cpu_conv::{self, ConvShape};
 
     type Ad = Autodiff<Flex, NoCheckpointing>;
 
@@ -136,78 +122,184 @@ pub mod flex_ad {
         pub padding: [usize; 3],
     }
 
-    impl Geometry {
-        fn conv_options(self) -> ConvOptions<3> {
-            ConvOptions::new(self.stride, self.padding, [1, 1, 1], 1)
-        }
-
-        fn transpose_options(self, padding_out: [usize; 3]) -> ConvTransposeOptions<3> {
-            ConvTransposeOptions::new(self.stride, self.padding, padding_out, [1, 1, 1], 1)
-        }
-    }
-
-    /// Both tensors as `Autodiff<Flex>` primitives, or `None` when they live elsewhere.
-    fn primitives(x: Tensor<5>, w: Tensor<5>) -> Option<(FloatTensor<Ad>, FloatTensor<Ad>)> {
-        let x = x.try_into_primitive::<Ad>().ok()?;
-        let w = w.try_into_primitive::<Ad>().ok()?;
-        Some((x, w))
-    }
-
-    /// `conv3d(x, w)` without bias, or `None` when `x` is not on `Autodiff<Flex>`.
+    /// `conv3d(x, w)` without bias, or `None` when `x` is on neither `Flex` nor
+    /// `Autodiff<Flex>`, is not `f32`, or the shapes do not make a convolution (Burn's own
+    /// path then reports it).
     pub fn conv3d(x: Tensor<5>, w: Tensor<5>, g: Geometry) -> Option<Tensor<5>> {
-        let (x, w) = primitives(x, w)?;
-        let out = match Conv3dBackward(g)
-            .prepare::<NoCheckpointing>([x.node(), w.node()])
-            .compute_bound()
-            .stateful()
-        {
-            OpsKind::Tracked(prep) => {
-                let (xp, wp) = (x.primitive().clone(), w.primitive().clone());
-                let y = Flex::conv3d(xp.clone(), wp.clone(), None, g.conv_options());
-                prep.finish((xp, wp), y)
-            }
-            OpsKind::UnTracked(prep) => prep.finish(Flex::conv3d(
-                x.into_primitive(),
-                w.into_primitive(),
-                None,
-                g.conv_options(),
-            )),
-        };
-        Some(Tensor::from_primitive::<Ad>(out))
+        if let (Ok(xp), Ok(wp)) = (
+            x.clone().try_into_primitive::<Ad>(),
+            w.clone().try_into_primitive::<Ad>(),
+        ) {
+            let s = conv_shape(&xp.primitive().clone(), &wp.primitive().clone(), g)?;
+            return Some(track(xp, wp, Conv3dBackward(s), |x, w| {
+                values(x, w, |x, w| (cpu_conv::forward(&s, x, w), s.output_dims()))
+            }));
+        }
+        let (x, w) = flex_pair(x, w)?;
+        let s = conv_shape(&x, &w, g)?;
+        let y = values(&x, &w, |x, w| {
+            (cpu_conv::forward(&s, x, w), s.output_dims())
+        })?;
+        Some(Tensor::from_primitive::<Flex>(y))
     }
 
-    /// `conv_transpose3d(x, w)` without bias, or `None` when `x` is not on
-    /// `Autodiff<Flex>`.
+    /// `conv_transpose3d(x, w)` without bias, or `None` under the same conditions as
+    /// [`conv3d`].
     pub fn conv_transpose3d(
         x: Tensor<5>,
         w: Tensor<5>,
         g: Geometry,
         padding_out: [usize; 3],
     ) -> Option<Tensor<5>> {
-        let (x, w) = primitives(x, w)?;
-        let options = g.transpose_options(padding_out);
-        let out = match ConvTranspose3dBackward(g, padding_out)
+        if let (Ok(xp), Ok(wp)) = (
+            x.clone().try_into_primitive::<Ad>(),
+            w.clone().try_into_primitive::<Ad>(),
+        ) {
+            let s = transposed_shape(
+                &xp.primitive().clone(),
+                &wp.primitive().clone(),
+                g,
+                padding_out,
+            )?;
+            return Some(track(xp, wp, ConvTranspose3dBackward(s), |x, w| {
+                values(x, w, |x, w| {
+                    (cpu_conv::input_gradient(&s, w, x), s.input_dims())
+                })
+            }));
+        }
+        let (x, w) = flex_pair(x, w)?;
+        let s = transposed_shape(&x, &w, g, padding_out)?;
+        let y = values(&x, &w, |x, w| {
+            (cpu_conv::input_gradient(&s, w, x), s.input_dims())
+        })?;
+        Some(Tensor::from_primitive::<Flex>(y))
+    }
+
+    fn flex_pair(x: Tensor<5>, w: Tensor<5>) -> Option<(FloatTensor<Flex>, FloatTensor<Flex>)> {
+        Some((
+            x.try_into_primitive::<Flex>().ok()?,
+            w.try_into_primitive::<Flex>().ok()?,
+        ))
+    }
+
+    /// Runs `forward` on the primitives and records `backward` for autodiff, keeping `x`
+    /// and `w` as its state.
+    fn track<
+        O: Backward<Flex, 2, State = (FloatTensor<Flex>, FloatTensor<Flex>)> + std::fmt::Debug,
+    >(
+        x: FloatTensor<Ad>,
+        w: FloatTensor<Ad>,
+        backward: O,
+        forward: impl Fn(&FloatTensor<Flex>, &FloatTensor<Flex>) -> Option<FloatTensor<Flex>>,
+    ) -> Tensor<5> {
+        let (xp, wp) = (x.primitive().clone(), w.primitive().clone());
+        // The shapes and dtype were checked by the caller, so `forward` gives a value.
+        let y = forward(&xp, &wp).expect("f32 operands of checked shapes");
+        let out = match backward
             .prepare::<NoCheckpointing>([x.node(), w.node()])
             .compute_bound()
             .stateful()
         {
-            OpsKind::Tracked(prep) => {
-                let (xp, wp) = (x.primitive().clone(), w.primitive().clone());
-                let y = Flex::conv_transpose3d(xp.clone(), wp.clone(), None, options);
-                prep.finish((xp, wp), y)
-            }
-            OpsKind::UnTracked(prep) => prep.finish(Flex::conv_transpose3d(
-                x.into_primitive(),
-                w.into_primitive(),
-                None,
-                options,
-            )),
+            OpsKind::Tracked(prep) => prep.finish((xp, wp), y),
+            OpsKind::UnTracked(prep) => prep.finish(y),
         };
-        Some(Tensor::from_primitive::<Ad>(out))
+        Tensor::from_primitive::<Ad>(out)
+    }
+
+    /// The shapes of `conv3d(x, w)`, when both are 5-D `f32` and the kernel fits.
+    fn conv_shape(x: &FloatTensor<Flex>, w: &FloatTensor<Flex>, g: Geometry) -> Option<ConvShape> {
+        if x.dtype() != DType::F32 || w.dtype() != DType::F32 {
+            return None;
+        }
+        let [n, c_in, d, h, wd] = x.shape().dims::<5>();
+        let [c_out, wc, kd, kh, kw] = w.shape().dims::<5>();
+        if wc != c_in {
+            return None;
+        }
+        let (input, kernel) = ([d, h, wd], [kd, kh, kw]);
+        Some(ConvShape {
+            batch: n,
+            c_in,
+            c_out,
+            input,
+            output: ConvShape::output_size(input, kernel, g.stride, g.padding)?,
+            kernel,
+            stride: g.stride,
+            padding: g.padding,
+        })
+    }
+
+    /// The shapes of the convolution whose input gradient is `conv_transpose3d(x, w)`: its
+    /// input is the transposed convolution's output, its output the transposed
+    /// convolution's input, and `w` (`[c_in, c_out, k]` as a transposed convolution's weight
+    /// is laid out) its weight as it stands.
+    fn transposed_shape(
+        x: &FloatTensor<Flex>,
+        w: &FloatTensor<Flex>,
+        g: Geometry,
+        padding_out: [usize; 3],
+    ) -> Option<ConvShape> {
+        if x.dtype() != DType::F32 || w.dtype() != DType::F32 {
+            return None;
+        }
+        let [n, c_in, d, h, wd] = x.shape().dims::<5>();
+        let [wc, c_out, kd, kh, kw] = w.shape().dims::<5>();
+        let kernel = [kd, kh, kw];
+        let output = [d, h, wd];
+        if wc != c_in
+            || padding_out
+                .iter()
+                .zip(g.stride)
+                .any(|(&po, s)| po >= s.max(1))
+        {
+            return None;
+        }
+        let mut input = [0; 3];
+        for i in 0..3 {
+            input[i] = ((output[i].checked_sub(1)? * g.stride[i]) + kernel[i] + padding_out[i])
+                .checked_sub(2 * g.padding[i])?;
+        }
+        let s = ConvShape {
+            batch: n,
+            c_in: c_out,
+            c_out: c_in,
+            input,
+            output,
+            kernel,
+            stride: g.stride,
+            padding: g.padding,
+        };
+        (ConvShape::output_size(input, kernel, g.stride, g.padding)? == output).then_some(s)
+    }
+
+    /// `f` on the values of `x` and `w` in row-major order, its result as a tensor.
+    fn values(
+        x: &FloatTensor<Flex>,
+        w: &FloatTensor<Flex>,
+        f: impl FnOnce(&[f32], &[f32]) -> (Vec<f32>, [usize; 5]),
+    ) -> Option<FloatTensor<Flex>> {
+        let (x, w) = (contiguous(x)?, contiguous(w)?);
+        let (values, dims) = f(x.as_slice::<f32>()?, w.as_slice::<f32>()?);
+        Some(FloatTensor::<Flex>::from_data(TensorData::new(
+            values, dims,
+        )))
+    }
+
+    /// The tensor itself when its values are contiguous from the start of its storage, a
+    /// contiguous copy otherwise; `None` when it is not `f32`.
+    fn contiguous(t: &FloatTensor<Flex>) -> Option<FloatTensor<Flex>> {
+        if t.dtype() != DType::F32 {
+            return None;
+        }
+        Some(if t.as_slice::<f32>().is_some() {
+            t.clone()
+        } else {
+            t.to_contiguous()
+        })
     }
 
     #[derive(Debug)]
-    struct Conv3dBackward(Geometry);
+    struct Conv3dBackward(ConvShape);
 
     impl Backward<Flex, 2> for Conv3dBackward {
         type State = (FloatTensor<Flex>, FloatTensor<Flex>);
@@ -216,21 +308,27 @@ pub mod flex_ad {
             let [node_x, node_w] = ops.parents;
             let grad = grads.consume::<Flex>(&ops.node);
             let (x, w) = ops.state;
-            let g = self.0;
+            let s = self.0;
             if let Some(node) = node_x {
-                let dx =
-                    Flex::conv3d_x_backward(x.clone(), w.clone(), grad.clone(), g.conv_options());
+                let dx = values(&grad, &w, |g, w| {
+                    (cpu_conv::input_gradient(&s, w, g), s.input_dims())
+                })
+                .expect("f32 gradient of an f32 convolution");
                 grads.register::<Flex>(node.id, dx);
             }
             if let Some(node) = node_w {
-                let kernel = kernel_of(&w);
-                grads.register::<Flex>(node.id, weight_gradient(x, grad, kernel, g));
+                let dw = values(&x, &grad, |x, g| {
+                    (cpu_conv::weight_gradient(&s, x, g), s.weight_dims())
+                })
+                .expect("f32 gradient of an f32 convolution");
+                grads.register::<Flex>(node.id, dw);
             }
         }
     }
 
+    /// A transposed convolution is the input gradient of the convolution `self.0`.
     #[derive(Debug)]
-    struct ConvTranspose3dBackward(Geometry, [usize; 3]);
+    struct ConvTranspose3dBackward(ConvShape);
 
     impl Backward<Flex, 2> for ConvTranspose3dBackward {
         type State = (FloatTensor<Flex>, FloatTensor<Flex>);
@@ -239,103 +337,25 @@ pub mod flex_ad {
             let [node_x, node_w] = ops.parents;
             let grad = grads.consume::<Flex>(&ops.node);
             let (x, w) = ops.state;
-            let (g, padding_out) = (self.0, self.1);
+            let s = self.0;
             if let Some(node) = node_x {
-                let dx = Flex::conv_transpose3d_x_backward(
-                    w.clone(),
-                    grad.clone(),
-                    g.transpose_options(padding_out),
-                );
+                // The adjoint of the convolution's input gradient is the convolution.
+                let dx = values(&grad, &w, |g, w| {
+                    (cpu_conv::forward(&s, g, w), s.output_dims())
+                })
+                .expect("f32 gradient of an f32 convolution");
                 grads.register::<Flex>(node.id, dx);
             }
             if let Some(node) = node_w {
-                // y[s·i + k − p] += x[i] · W[k]: the convolution weight gradient with the
-                // roles of input and output gradient swapped, `[c_in, c_out, k]` as the
-                // transposed convolution's weight is laid out.
-                let kernel = kernel_of(&w);
-                grads.register::<Flex>(node.id, weight_gradient(grad, x, kernel, g));
+                // y[s·i + k − p] += x[i] · W[k]: the convolution's weight gradient with its
+                // input the output gradient and its output gradient `x`.
+                let dw = values(&grad, &x, |g, x| {
+                    (cpu_conv::weight_gradient(&s, g, x), s.weight_dims())
+                })
+                .expect("f32 gradient of an f32 convolution");
+                grads.register::<Flex>(node.id, dw);
             }
         }
-    }
-
-    fn kernel_of(w: &FloatTensor<Flex>) -> [usize; 3] {
-        let [_, _, kd, kh, kw] = w.shape().dims::<5>();
-        [kd, kh, kw]
-    }
-
-    /// `dW[o, c, k] = Σ_{n, p} G[n, o, p] · X_pad[n, c, stride·p + k]`, shape
-    /// `[c_out, c_in, kd, kh, kw]`, where `G` is `[n, c_out, d', h', w']` and `X` is
-    /// `[n, c_in, d, h, w]` padded symmetrically by `g.padding` (zero outside, and cut to
-    /// the samples the output positions reach).
-    pub(crate) fn weight_gradient(
-        x: FloatTensor<Flex>,
-        grad: FloatTensor<Flex>,
-        kernel: [usize; 3],
-        g: Geometry,
-    ) -> FloatTensor<Flex> {
-        let [n, c_in, d, h, w] = x.shape().dims::<5>();
-        let [_, c_out, od, oh, ow] = grad.shape().dims::<5>();
-        let positions = n * od * oh * ow;
-        let device = x.device();
-        // The padded input, large enough for every offset's strided window.
-        let extent = |i: usize| g.stride[i] * ([od, oh, ow][i].max(1) - 1) + kernel[i];
-        let padded_shape = [
-            n,
-            c_in,
-            extent(0).max(d + g.padding[0]),
-            extent(1).max(h + g.padding[1]),
-            extent(2).max(w + g.padding[2]),
-        ];
-        let mut padded = Flex::float_zeros(Shape::new(padded_shape), &device, FloatDType::F32);
-        let inner = [
-            Slice::new(0, Some(n as isize), 1),
-            Slice::new(0, Some(c_in as isize), 1),
-            span(g.padding[0], d),
-            span(g.padding[1], h),
-            span(g.padding[2], w),
-        ];
-        padded = Flex::float_slice_assign(padded, &inner, x);
-        // G as [c_out, n·P].
-        let grad = Flex::float_reshape(
-            Flex::float_swap_dims(grad, 0, 1),
-            Shape::new([c_out, positions]),
-        );
-        let mut columns = Vec::with_capacity(kernel.iter().product());
-        for a in 0..kernel[0] {
-            for b in 0..kernel[1] {
-                for c in 0..kernel[2] {
-                    let window = [
-                        Slice::new(0, Some(n as isize), 1),
-                        Slice::new(0, Some(c_in as isize), 1),
-                        strided(a, od, g.stride[0]),
-                        strided(b, oh, g.stride[1]),
-                        strided(c, ow, g.stride[2]),
-                    ];
-                    let xk = Flex::float_slice(padded.clone(), &window);
-                    // [c_in, n·P], then its transpose (a view) for G · Xₖᵀ = [c_out, c_in].
-                    let xk = Flex::float_reshape(
-                        Flex::float_swap_dims(xk, 0, 1),
-                        Shape::new([c_in, positions]),
-                    );
-                    let dwk = Flex::float_matmul(grad.clone(), Flex::float_swap_dims(xk, 0, 1));
-                    columns.push(Flex::float_reshape(dwk, Shape::new([c_out, c_in, 1])));
-                }
-            }
-        }
-        let stacked = Flex::float_cat(columns, 2);
-        Flex::float_reshape(
-            stacked,
-            Shape::new([c_out, c_in, kernel[0], kernel[1], kernel[2]]),
-        )
-    }
-
-    fn span(start: usize, len: usize) -> Slice {
-        Slice::new(start as isize, Some((start + len) as isize), 1)
-    }
-
-    fn strided(offset: usize, count: usize, stride: usize) -> Slice {
-        let end = offset + stride * (count.max(1) - 1) + 1;
-        Slice::new(offset as isize, Some(end as isize), stride as isize)
     }
 }
 
@@ -491,36 +511,48 @@ mod tests {
     }
 
     #[test]
-    fn other_backends_and_inference_take_burns_path() {
-        // Without autodiff the operation is Burn's own, bit for bit.
+    fn inference_on_flex_takes_the_kernels_and_equals_burns_forward() {
         let device = Device::flex();
-        let conv = Conv3dConfig::new([2, 3], [3; 3])
-            .with_padding(PaddingConfig3d::Explicit(1, 1, 1))
-            .init(&device);
-        let x = Tensor::<5>::random([1, 2, 5, 4, 3], Distribution::Default, &device);
-        assert!(super::flex_ad::conv3d(
-            x.clone(),
-            conv.weight.val(),
-            super::flex_ad::Geometry {
-                stride: [1; 3],
-                padding: [1; 3]
-            }
-        )
-        .is_none());
-        assert_eq!(
-            conv3d(&conv, x.clone()).into_data(),
-            conv.forward(x).into_data()
-        );
-        // On the training device the custom operation is the one taken (so the gradient
-        // tests above compare it, not Burn's path with itself).
-        let device = Device::flex().autodiff();
-        let x = Tensor::<5>::random([1, 2, 5, 4, 3], Distribution::Default, &device);
-        let w = Tensor::<5>::random([3, 2, 3, 3, 3], Distribution::Default, &device);
         let geometry = super::flex_ad::Geometry {
-            stride: [1; 3],
+            stride: [2; 3],
             padding: [1; 3],
         };
-        assert!(super::flex_ad::conv3d(x.clone(), w.clone(), geometry).is_some());
-        assert!(super::flex_ad::conv_transpose3d(x, w.swap_dims(0, 1), geometry, [0; 3]).is_some());
+        let conv = Conv3dConfig::new([3, 4], [3; 3])
+            .with_stride([2; 3])
+            .with_padding(PaddingConfig3d::Explicit(1, 1, 1))
+            .init(&device);
+        let x = Tensor::<5>::random([2, 3, 7, 6, 5], Distribution::Default, &device);
+        // The kernels are the ones taken (so this compares them, not Burn's path with
+        // itself) ...
+        assert!(super::flex_ad::conv3d(x.clone(), conv.weight.val(), geometry).is_some());
+        let values = |t: Tensor<5>| t.into_data().try_to_vec::<f32>().unwrap();
+        // ... and agree with Burn's.
+        assert_close(
+            &values(conv3d(&conv, x.clone())),
+            &values(conv.forward(x)),
+            "inference conv3d",
+        );
+        let up = ConvTranspose3dConfig::new([3, 2], [3; 3])
+            .with_stride([2; 3])
+            .with_padding([1; 3])
+            .with_padding_out([1; 3])
+            .init(&device);
+        let x = Tensor::<5>::random([1, 3, 4, 3, 5], Distribution::Default, &device);
+        assert!(
+            super::flex_ad::conv_transpose3d(x.clone(), up.weight.val(), geometry, [1; 3])
+                .is_some()
+        );
+        assert_close(
+            &values(conv_transpose3d(&up, x.clone())),
+            &values(up.forward(x)),
+            "inference conv_transpose3d",
+        );
+        // Shapes that make no convolution are left to Burn's path (which reports them).
+        let tiny = Tensor::<5>::random([1, 3, 1, 1, 1], Distribution::Default, &device);
+        let no_padding = super::flex_ad::Geometry {
+            stride: [1; 3],
+            padding: [0; 3],
+        };
+        assert!(super::flex_ad::conv3d(tiny, conv.weight.val(), no_padding).is_none());
     }
 }

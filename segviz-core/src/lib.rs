@@ -14,6 +14,8 @@
 
 pub mod blocks;
 pub mod checkpoint;
+#[cfg(feature = "flex")]
+pub mod cpu_conv;
 pub mod error;
 pub mod fast_conv;
 pub mod fusion;

@@ -1,0 +1,591 @@
+//! 3-D convolution kernels for the CPU on contiguous `NCDHW` `f32` buffers: the forward
+//! pass, the input gradient and the weight gradient, each a matrix product over an unfolded
+//! ("im2col") copy of the input.
+//!
+//! For one batch item, the unfolded input of a convolution is the matrix `X` of
+//! `K = C_in·kd·kh·kw` rows and `P = d'·h'·w'` columns whose row `(c, a, b, e)` holds, for
+//! every output position `(z, y, x)`, the input sample `x[c, s·z + a − p, s·y + b − p,
+//! s·x + e − p]` (zero outside the volume). Then, with the weight `W` as `[C_out, K]` and the
+//! output (or its gradient) `G` as `[C_out, P]`:
+//! - forward: `Y = W · X`;
+//! - weight gradient: `dW = Σ_n G · Xᵀ`;
+//! - input gradient: `dX = Wᵀ · G`, folded back onto the input ("col2im", the adjoint of the
+//!   unfolding).
+//!
+//! Both layouts are the tensors' own (`NCDHW` in, `NCDHW` out), so no layout copy is made.
+//! A row of `X` is, output row by output row, a run of one input row: for stride 1 a plain
+//! copy with zeros at the borders, which is what makes this faster than Burn's `flex`
+//! kernel (an element-by-element gather over a channels-last copy, see
+//! `docs/performance.md`). The columns are processed in chunks of whole output rows, so the
+//! unfolded matrix is never larger than about [`CHUNK_ELEMENTS`] values.
+//!
+//! The transposed convolution needs no kernel of its own: its forward pass is a
+//! convolution's input gradient, its input gradient a convolution's forward pass and its
+//! weight gradient a convolution's weight gradient with the roles of input and output
+//! gradient swapped.
+//!
+//! Results depend only on the shapes, not on the number of threads: every sum runs in a
+//! fixed order.
+
+use gemm::Parallelism;
+use rayon::prelude::*;
+
+/// Target size (in values) of one chunk of the unfolded input: 4 MiB of `f32`.
+pub const CHUNK_ELEMENTS: usize = 1 << 20;
+
+/// Largest number of partial weight gradients summed at the end (one per group of chunks,
+/// computed in parallel).
+const WEIGHT_GRADIENT_GROUPS: usize = 8;
+
+/// Shapes of one convolution (no groups, no dilation, zero padding on both sides).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConvShape {
+    /// Batch size.
+    pub batch: usize,
+    /// Channels of the convolution's input.
+    pub c_in: usize,
+    /// Channels of the convolution's output.
+    pub c_out: usize,
+    /// Spatial size of the input.
+    pub input: [usize; 3],
+    /// Spatial size of the output.
+    pub output: [usize; 3],
+    /// Kernel size.
+    pub kernel: [usize; 3],
+    /// Stride per axis.
+    pub stride: [usize; 3],
+    /// Padding per axis, the same on both sides.
+    pub padding: [usize; 3],
+}
+
+impl ConvShape {
+    /// The output size a convolution of `input` gives:
+    /// `(input + 2·padding − kernel) / stride + 1` per axis, or `None` when the kernel does
+    /// not fit or a stride is zero.
+    pub fn output_size(
+        input: [usize; 3],
+        kernel: [usize; 3],
+        stride: [usize; 3],
+        padding: [usize; 3],
+    ) -> Option<[usize; 3]> {
+        let mut out = [0; 3];
+        for i in 0..3 {
+            let span = (input[i] + 2 * padding[i]).checked_sub(kernel[i])?;
+            out[i] = span.checked_div(stride[i])? + 1;
+        }
+        Some(out)
+    }
+
+    /// Rows of the unfolded input (and columns of the weight matrix).
+    pub fn rows(&self) -> usize {
+        self.c_in * self.kernel.iter().product::<usize>()
+    }
+
+    /// `[n, c_in, d, h, w]`.
+    pub fn input_dims(&self) -> [usize; 5] {
+        let [d, h, w] = self.input;
+        [self.batch, self.c_in, d, h, w]
+    }
+
+    /// `[n, c_out, d', h', w']`.
+    pub fn output_dims(&self) -> [usize; 5] {
+        let [d, h, w] = self.output;
+        [self.batch, self.c_out, d, h, w]
+    }
+
+    /// `[c_out, c_in, kd, kh, kw]`.
+    pub fn weight_dims(&self) -> [usize; 5] {
+        let [d, h, w] = self.kernel;
+        [self.c_out, self.c_in, d, h, w]
+    }
+
+    fn input_positions(&self) -> usize {
+        self.input.iter().product()
+    }
+
+    fn output_positions(&self) -> usize {
+        self.output.iter().product()
+    }
+
+    /// Whether every size is non-zero (the kernels need at least one value everywhere).
+    fn is_empty(&self) -> bool {
+        self.batch == 0
+            || self.c_in == 0
+            || self.c_out == 0
+            || self.output.contains(&0)
+            || self.input.contains(&0)
+            || self.kernel.contains(&0)
+    }
+
+    /// Chunks of whole output rows (`(z, y)` pairs), each unfolding to at most about
+    /// [`CHUNK_ELEMENTS`] values (at least one row).
+    fn chunks(&self) -> Vec<(usize, usize)> {
+        let rows = self.output[0] * self.output[1];
+        let per_row = self.rows() * self.output[2];
+        let step = (CHUNK_ELEMENTS / per_row.max(1)).clamp(1, rows.max(1));
+        (0..rows)
+            .step_by(step)
+            .map(|r| (r, (r + step).min(rows)))
+            .collect()
+    }
+
+    /// `(batch item, first row, end row)` for every chunk of every batch item.
+    fn tasks(&self) -> Vec<(usize, usize, usize)> {
+        let chunks = self.chunks();
+        (0..self.batch)
+            .flat_map(|n| chunks.iter().map(move |&(r0, r1)| (n, r0, r1)))
+            .collect()
+    }
+
+    /// The output columns `ow` whose input sample `ow·stride + e − padding` falls inside
+    /// the input along the last axis, as a range.
+    fn valid_columns(&self, e: usize) -> (usize, usize) {
+        let (s, p, w, ow) = (
+            self.stride[2],
+            self.padding[2],
+            self.input[2],
+            self.output[2],
+        );
+        let lo = if p > e { (p - e).div_ceil(s) } else { 0 };
+        let hi = if w + p > e {
+            ((w - 1 + p - e) / s + 1).min(ow)
+        } else {
+            0
+        };
+        (lo.min(hi), hi)
+    }
+
+    /// The input index `o·stride + k − padding` along `axis`, when inside the input.
+    fn source(&self, axis: usize, o: usize, k: usize) -> Option<usize> {
+        (o * self.stride[axis] + k)
+            .checked_sub(self.padding[axis])
+            .filter(|&i| i < self.input[axis])
+    }
+}
+
+/// A pointer that may be shared between threads writing disjoint parts of one buffer.
+#[derive(Clone, Copy)]
+struct SharedMut(*mut f32);
+// SAFETY: only used for writes to disjoint elements (distinct output columns per task).
+unsafe impl Send for SharedMut {}
+unsafe impl Sync for SharedMut {}
+
+/// Fills `col` (`rows() × (r1 − r0)·w'`, row-major) with the unfolded input of batch item
+/// `x` (`[c_in, d, h, w]`) for output rows `r0..r1`.
+fn unfold(s: &ConvShape, x: &[f32], (r0, r1): (usize, usize), col: &mut [f32]) {
+    let [kd, kh, kw] = s.kernel;
+    let [_, ih, iw] = s.input;
+    let [_, oh, ow] = s.output;
+    let width = (r1 - r0) * ow;
+    let plane = s.input_positions();
+    let stride = s.stride[2];
+    for c in 0..s.c_in {
+        let xc = &x[c * plane..(c + 1) * plane];
+        for a in 0..kd {
+            for b in 0..kh {
+                for e in 0..kw {
+                    let row = ((c * kd + a) * kh + b) * kw + e;
+                    let dst = &mut col[row * width..(row + 1) * width];
+                    let (lo, hi) = s.valid_columns(e);
+                    for (i, r) in (r0..r1).enumerate() {
+                        let out = &mut dst[i * ow..(i + 1) * ow];
+                        let (z, y) = (r / oh, r % oh);
+                        let (Some(sz), Some(sy)) = (s.source(0, z, a), s.source(1, y, b)) else {
+                            out.fill(0.0);
+                            continue;
+                        };
+                        let src = &xc[(sz * ih + sy) * iw..(sz * ih + sy + 1) * iw];
+                        out[..lo].fill(0.0);
+                        out[hi..].fill(0.0);
+                        if lo < hi {
+                            let first = lo * stride + e - s.padding[2];
+                            if stride == 1 {
+                                out[lo..hi].copy_from_slice(&src[first..first + hi - lo]);
+                            } else {
+                                for (o, v) in out[lo..hi]
+                                    .iter_mut()
+                                    .zip(src[first..].iter().step_by(stride))
+                                {
+                                    *o = *v;
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Adds the unfolded gradient `col` (as [`unfold`] lays it out) of output rows `r0..r1`
+/// back onto channel `c` of the input gradient `dx` (`[d, h, w]`).
+fn fold_channel(s: &ConvShape, col: &[f32], (r0, r1): (usize, usize), c: usize, dx: &mut [f32]) {
+    let [kd, kh, kw] = s.kernel;
+    let [_, ih, iw] = s.input;
+    let [_, oh, ow] = s.output;
+    let width = (r1 - r0) * ow;
+    let stride = s.stride[2];
+    for a in 0..kd {
+        for b in 0..kh {
+            for e in 0..kw {
+                let row = ((c * kd + a) * kh + b) * kw + e;
+                let src = &col[row * width..(row + 1) * width];
+                let (lo, hi) = s.valid_columns(e);
+                if lo >= hi {
+                    continue;
+                }
+                let first = lo * stride + e - s.padding[2];
+                for (i, r) in (r0..r1).enumerate() {
+                    let (z, y) = (r / oh, r % oh);
+                    let (Some(sz), Some(sy)) = (s.source(0, z, a), s.source(1, y, b)) else {
+                        continue;
+                    };
+                    let dst = &mut dx[(sz * ih + sy) * iw..(sz * ih + sy + 1) * iw];
+                    let run = &src[i * ow + lo..i * ow + hi];
+                    for (d, v) in dst[first..].iter_mut().step_by(stride).zip(run) {
+                        *d += *v;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// `dst (m×n) = [dst +] lhs (m×k) · rhs (k×n)`, strides in elements as (row, column).
+#[allow(clippy::too_many_arguments)]
+fn matmul(
+    (m, n, k): (usize, usize, usize),
+    dst: *mut f32,
+    dst_strides: (isize, isize),
+    accumulate: bool,
+    lhs: *const f32,
+    lhs_strides: (isize, isize),
+    rhs: *const f32,
+    rhs_strides: (isize, isize),
+    parallelism: Parallelism,
+) {
+    // SAFETY: every caller passes pointers into live buffers that hold the whole m×k, k×n
+    // and m×n matrices at the given strides, and no other thread writes the m×n block.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst,
+            dst_strides.1,
+            dst_strides.0,
+            accumulate,
+            lhs,
+            lhs_strides.1,
+            lhs_strides.0,
+            rhs,
+            rhs_strides.1,
+            rhs_strides.0,
+            1.0,
+            1.0,
+            false,
+            false,
+            false,
+            parallelism,
+        );
+    }
+}
+
+/// Forward convolution: `x` `[n, c_in, d, h, w]`, `w` `[c_out, c_in, kd, kh, kw]`, result
+/// `[n, c_out, d', h', w']` (no bias).
+pub fn forward(s: &ConvShape, x: &[f32], w: &[f32]) -> Vec<f32> {
+    let (p_in, p_out, k) = (s.input_positions(), s.output_positions(), s.rows());
+    let mut y = vec![0f32; s.batch * s.c_out * p_out];
+    if s.is_empty() {
+        return y;
+    }
+    let out = SharedMut(y.as_mut_ptr());
+    let ow = s.output[2];
+    s.tasks()
+        .into_par_iter()
+        .for_each_init(Vec::new, |col: &mut Vec<f32>, (n, r0, r1)| {
+            let width = (r1 - r0) * ow;
+            col.resize(k * width, 0.0);
+            unfold(
+                s,
+                &x[n * s.c_in * p_in..(n + 1) * s.c_in * p_in],
+                (r0, r1),
+                col,
+            );
+            let out = out;
+            // Columns r0·w'..r1·w' of every output channel of item n: disjoint per task.
+            let dst = out.0.wrapping_add(n * s.c_out * p_out + r0 * ow);
+            matmul(
+                (s.c_out, width, k),
+                dst,
+                (p_out as isize, 1),
+                false,
+                w.as_ptr(),
+                (k as isize, 1),
+                col.as_ptr(),
+                (width as isize, 1),
+                Parallelism::None,
+            );
+        });
+    y
+}
+
+/// Weight gradient: `x` `[n, c_in, d, h, w]`, `grad` (of the output)
+/// `[n, c_out, d', h', w']`, result `[c_out, c_in, kd, kh, kw]`.
+pub fn weight_gradient(s: &ConvShape, x: &[f32], grad: &[f32]) -> Vec<f32> {
+    let (p_in, p_out, k) = (s.input_positions(), s.output_positions(), s.rows());
+    let size = s.c_out * k;
+    if s.is_empty() {
+        return vec![0f32; size];
+    }
+    let tasks = s.tasks();
+    // A fixed split of the tasks into groups (it depends on the shapes only), each summed
+    // into its own partial gradient; the partials are added in group order.
+    let memory_bound = (1usize << 22) / size.max(1);
+    let groups = tasks
+        .len()
+        .min(WEIGHT_GRADIENT_GROUPS)
+        .min(memory_bound)
+        .max(1);
+    let per_group = tasks.len().div_ceil(groups);
+    let ow = s.output[2];
+    let partials: Vec<Vec<f32>> = tasks
+        .par_chunks(per_group)
+        .map(|group| {
+            let mut dw = vec![0f32; size];
+            let mut col = Vec::new();
+            for &(n, r0, r1) in group {
+                let width = (r1 - r0) * ow;
+                col.resize(k * width, 0.0);
+                unfold(
+                    s,
+                    &x[n * s.c_in * p_in..(n + 1) * s.c_in * p_in],
+                    (r0, r1),
+                    &mut col,
+                );
+                let g = &grad[n * s.c_out * p_out + r0 * ow..];
+                // dW (c_out×K) += G[:, chunk] (c_out×width) · colᵀ (width×K)
+                matmul(
+                    (s.c_out, k, width),
+                    dw.as_mut_ptr(),
+                    (k as isize, 1),
+                    true,
+                    g.as_ptr(),
+                    (p_out as isize, 1),
+                    col.as_ptr(),
+                    (1, width as isize),
+                    Parallelism::None,
+                );
+            }
+            dw
+        })
+        .collect();
+    let mut partials = partials.into_iter();
+    let mut dw = partials.next().unwrap_or_else(|| vec![0f32; size]);
+    for partial in partials {
+        for (a, b) in dw.iter_mut().zip(&partial) {
+            *a += *b;
+        }
+    }
+    dw
+}
+
+/// Input gradient: `w` `[c_out, c_in, kd, kh, kw]`, `grad` (of the output)
+/// `[n, c_out, d', h', w']`, result `[n, c_in, d, h, w]`.
+pub fn input_gradient(s: &ConvShape, w: &[f32], grad: &[f32]) -> Vec<f32> {
+    let (p_in, p_out, k) = (s.input_positions(), s.output_positions(), s.rows());
+    let mut dx = vec![0f32; s.batch * s.c_in * p_in];
+    if s.is_empty() {
+        return dx;
+    }
+    let ow = s.output[2];
+    let chunks = s.chunks();
+    let mut col = Vec::new();
+    let kernel: usize = s.kernel.iter().product();
+    for n in 0..s.batch {
+        let dx_n = &mut dx[n * s.c_in * p_in..(n + 1) * s.c_in * p_in];
+        for &(r0, r1) in &chunks {
+            let width = (r1 - r0) * ow;
+            col.resize(k * width, 0.0);
+            let g = &grad[n * s.c_out * p_out + r0 * ow..];
+            // col (K×width) = Wᵀ (K×c_out) · G[:, chunk] (c_out×width)
+            matmul(
+                (k, width, s.c_out),
+                col.as_mut_ptr(),
+                (width as isize, 1),
+                false,
+                w.as_ptr(),
+                (1, k as isize),
+                g.as_ptr(),
+                (p_out as isize, 1),
+                Parallelism::Rayon(0),
+            );
+            // Each channel's rows fold onto that channel alone: one task per channel.
+            let col = &col[..k * width];
+            dx_n.par_chunks_mut(p_in).enumerate().for_each(|(c, dx_c)| {
+                let rows = &col[c * kernel * width..(c + 1) * kernel * width];
+                fold_channel_rows(s, rows, (r0, r1), dx_c);
+            });
+        }
+    }
+    dx
+}
+
+/// [`fold_channel`] for the `kd·kh·kw` rows of one channel, given alone.
+fn fold_channel_rows(s: &ConvShape, rows: &[f32], chunk: (usize, usize), dx: &mut [f32]) {
+    let single = ConvShape { c_in: 1, ..*s };
+    fold_channel(&single, rows, chunk, 0, dx);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The convolution by its definition, one output value at a time.
+    fn naive_forward(s: &ConvShape, x: &[f32], w: &[f32]) -> Vec<f32> {
+        let [d, h, wd] = s.input;
+        let [od, oh, ow] = s.output;
+        let [kd, kh, kw] = s.kernel;
+        let mut y = vec![0f32; s.batch * s.c_out * od * oh * ow];
+        for n in 0..s.batch {
+            for o in 0..s.c_out {
+                for z in 0..od {
+                    for yy in 0..oh {
+                        for xx in 0..ow {
+                            let mut acc = 0f32;
+                            for c in 0..s.c_in {
+                                for a in 0..kd {
+                                    for b in 0..kh {
+                                        for e in 0..kw {
+                                            let iz = (z * s.stride[0] + a) as isize
+                                                - s.padding[0] as isize;
+                                            let iy = (yy * s.stride[1] + b) as isize
+                                                - s.padding[1] as isize;
+                                            let ix = (xx * s.stride[2] + e) as isize
+                                                - s.padding[2] as isize;
+                                            if iz < 0
+                                                || iy < 0
+                                                || ix < 0
+                                                || iz >= d as isize
+                                                || iy >= h as isize
+                                                || ix >= wd as isize
+                                            {
+                                                continue;
+                                            }
+                                            let xi = (((n * s.c_in + c) * d + iz as usize) * h
+                                                + iy as usize)
+                                                * wd
+                                                + ix as usize;
+                                            let wi =
+                                                (((o * s.c_in + c) * kd + a) * kh + b) * kw + e;
+                                            acc += x[xi] * w[wi];
+                                        }
+                                    }
+                                }
+                            }
+                            y[(((n * s.c_out + o) * od + z) * oh + yy) * ow + xx] = acc;
+                        }
+                    }
+                }
+            }
+        }
+        y
+    }
+
+    fn values(len: usize, seed: f32) -> Vec<f32> {
+        (0..len)
+            .map(|i| ((i as f32 + seed) * 0.731).sin())
+            .collect()
+    }
+
+    fn dot(a: &[f32], b: &[f32]) -> f64 {
+        a.iter().zip(b).map(|(x, y)| *x as f64 * *y as f64).sum()
+    }
+
+    fn shape(
+        c_in: usize,
+        c_out: usize,
+        input: [usize; 3],
+        k: usize,
+        st: usize,
+        p: usize,
+    ) -> ConvShape {
+        let kernel = [k; 3];
+        let (stride, padding) = ([st; 3], [p; 3]);
+        ConvShape {
+            batch: 2,
+            c_in,
+            c_out,
+            input,
+            output: ConvShape::output_size(input, kernel, stride, padding).unwrap(),
+            kernel,
+            stride,
+            padding,
+        }
+    }
+
+    fn cases() -> Vec<ConvShape> {
+        vec![
+            shape(1, 3, [5, 6, 7], 3, 1, 1),
+            shape(2, 2, [7, 5, 9], 3, 2, 1),
+            shape(3, 2, [6, 7, 5], 3, 2, 0),
+            shape(2, 3, [9, 4, 11], 5, 3, 2),
+            shape(1, 1, [3, 3, 3], 1, 1, 0),
+            shape(2, 1, [4, 5, 6], 2, 2, 0),
+            // Padding larger than the input's border reach on the last axis.
+            shape(1, 2, [3, 4, 2], 3, 1, 2),
+        ]
+    }
+
+    #[test]
+    fn the_forward_pass_equals_the_definition() {
+        for s in cases() {
+            let x = values(s.batch * s.c_in * s.input_positions(), 0.3);
+            let w = values(s.c_out * s.rows(), 1.7);
+            let fast = forward(&s, &x, &w);
+            let slow = naive_forward(&s, &x, &w);
+            for (a, b) in fast.iter().zip(&slow) {
+                assert!((a - b).abs() <= 1e-4 * (1.0 + b.abs()), "{s:?}: {a} vs {b}");
+            }
+        }
+    }
+
+    /// Both gradients are the adjoints of the forward pass: for any `g`,
+    /// `⟨g, conv(x, w)⟩ = ⟨dX(g), x⟩ = ⟨dW(g), w⟩`.
+    #[test]
+    fn the_gradients_are_the_adjoints_of_the_forward_pass() {
+        for s in cases() {
+            let x = values(s.batch * s.c_in * s.input_positions(), 0.9);
+            let w = values(s.c_out * s.rows(), 2.3);
+            let g = values(s.batch * s.c_out * s.output_positions(), 5.1);
+            let y = forward(&s, &x, &w);
+            let reference = dot(&g, &y);
+            let by_input = dot(&input_gradient(&s, &w, &g), &x);
+            let by_weight = dot(&weight_gradient(&s, &x, &g), &w);
+            let tolerance = 1e-4 * (1.0 + reference.abs());
+            assert!(
+                (by_input - reference).abs() <= tolerance,
+                "{s:?}: dX {by_input} vs {reference}"
+            );
+            assert!(
+                (by_weight - reference).abs() <= tolerance,
+                "{s:?}: dW {by_weight} vs {reference}"
+            );
+        }
+    }
+
+    #[test]
+    fn chunks_cover_every_output_row_once_and_stay_near_the_target_size() {
+        let s = shape(16, 16, [16, 64, 64], 3, 1, 1);
+        let chunks = s.chunks();
+        assert!(chunks.len() > 1);
+        assert_eq!(chunks[0].0, 0);
+        assert_eq!(chunks.last().unwrap().1, 16 * 64);
+        for pair in chunks.windows(2) {
+            assert_eq!(pair[0].1, pair[1].0);
+        }
+        for &(r0, r1) in &chunks {
+            assert!((r1 - r0) * s.output[2] * s.rows() <= CHUNK_ELEMENTS);
+        }
+    }
+}
