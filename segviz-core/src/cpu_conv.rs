@@ -27,6 +27,9 @@
 //! Results depend only on the shapes, not on the number of threads: every sum runs in a
 //! fixed order.
 
+use std::borrow::Cow;
+use std::cell::RefCell;
+
 use gemm::Parallelism;
 use rayon::prelude::*;
 
@@ -99,6 +102,15 @@ impl ConvShape {
         [self.c_out, self.c_in, d, h, w]
     }
 
+    /// Spatial size of the input padded on both sides.
+    fn padded(&self) -> [usize; 3] {
+        let mut padded = self.input;
+        for (size, p) in padded.iter_mut().zip(self.padding) {
+            *size += 2 * p;
+        }
+        padded
+    }
+
     fn input_positions(&self) -> usize {
         self.input.iter().product()
     }
@@ -136,31 +148,6 @@ impl ConvShape {
             .flat_map(|n| chunks.iter().map(move |&(r0, r1)| (n, r0, r1)))
             .collect()
     }
-
-    /// The output columns `ow` whose input sample `ow·stride + e − padding` falls inside
-    /// the input along the last axis, as a range.
-    fn valid_columns(&self, e: usize) -> (usize, usize) {
-        let (s, p, w, ow) = (
-            self.stride[2],
-            self.padding[2],
-            self.input[2],
-            self.output[2],
-        );
-        let lo = if p > e { (p - e).div_ceil(s) } else { 0 };
-        let hi = if w + p > e {
-            ((w - 1 + p - e) / s + 1).min(ow)
-        } else {
-            0
-        };
-        (lo.min(hi), hi)
-    }
-
-    /// The input index `o·stride + k − padding` along `axis`, when inside the input.
-    fn source(&self, axis: usize, o: usize, k: usize) -> Option<usize> {
-        (o * self.stride[axis] + k)
-            .checked_sub(self.padding[axis])
-            .filter(|&i| i < self.input[axis])
-    }
 }
 
 /// A pointer that may be shared between threads writing disjoint parts of one buffer.
@@ -170,44 +157,103 @@ struct SharedMut(*mut f32);
 unsafe impl Send for SharedMut {}
 unsafe impl Sync for SharedMut {}
 
-/// Fills `col` (`rows() × (r1 − r0)·w'`, row-major) with the unfolded input of batch item
-/// `x` (`[c_in, d, h, w]`) for output rows `r0..r1`.
+thread_local! {
+    /// Each thread's buffer for one chunk of the unfolded input, kept between calls so that
+    /// it is neither zeroed nor faulted in again for every chunk.
+    static SCRATCH: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+}
+
+/// `f` on `len` values of this thread's scratch buffer (their contents are left over from
+/// earlier calls: `f` must write every value before reading it). A fresh buffer when the
+/// thread's own is in use further up its stack (a rayon worker may run another chunk's task
+/// while it waits).
+fn with_scratch<R>(len: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
+    SCRATCH.with(|cell| match cell.try_borrow_mut() {
+        Ok(mut buffer) => {
+            if buffer.len() < len {
+                buffer.resize(len, 0.0);
+            }
+            f(&mut buffer[..len])
+        }
+        Err(_) => f(&mut vec![0.0; len]),
+    })
+}
+
+/// `x` (`channels` volumes of the input's size, one after the other) with `padding` zeros
+/// on both sides of every axis; `x` itself when there is no padding.
+fn pad<'a>(s: &ConvShape, x: &'a [f32], channels: usize) -> Cow<'a, [f32]> {
+    if s.padding == [0; 3] {
+        return Cow::Borrowed(&x[..channels * s.input_positions()]);
+    }
+    let [pd, ph, pw] = s.padded();
+    let [d, h, w] = s.input;
+    let [p0, p1, p2] = s.padding;
+    let mut out = vec![0f32; channels * pd * ph * pw];
+    out.par_chunks_mut(pd * ph * pw)
+        .zip(x.par_chunks(d * h * w))
+        .for_each(|(padded, volume)| {
+            for (z, plane) in volume.chunks_exact(h * w).enumerate() {
+                for (y, row) in plane.chunks_exact(w).enumerate() {
+                    let start = ((z + p0) * ph + y + p1) * pw + p2;
+                    padded[start..start + w].copy_from_slice(row);
+                }
+            }
+        });
+    Cow::Owned(out)
+}
+
+/// The inverse of [`pad`]: the inside of `channels` padded volumes.
+fn crop(s: &ConvShape, padded: Vec<f32>, channels: usize) -> Vec<f32> {
+    if s.padding == [0; 3] {
+        return padded;
+    }
+    let [pd, ph, pw] = s.padded();
+    let [d, h, w] = s.input;
+    let [p0, p1, p2] = s.padding;
+    let mut out = vec![0f32; channels * d * h * w];
+    out.par_chunks_mut(d * h * w)
+        .zip(padded.par_chunks(pd * ph * pw))
+        .for_each(|(volume, padded)| {
+            for (z, plane) in volume.chunks_exact_mut(h * w).enumerate() {
+                for (y, row) in plane.chunks_exact_mut(w).enumerate() {
+                    let start = ((z + p0) * ph + y + p1) * pw + p2;
+                    row.copy_from_slice(&padded[start..start + w]);
+                }
+            }
+        });
+    out
+}
+
+/// Where in a padded channel the sample of output row `r` (a `(z, y)` pair), column 0,
+/// kernel offset `(a, b, e)` lies.
+fn source_start(s: &ConvShape, r: usize, [a, b, e]: [usize; 3]) -> usize {
+    let [_, ph, pw] = s.padded();
+    let (z, y) = (r / s.output[1], r % s.output[1]);
+    ((z * s.stride[0] + a) * ph + y * s.stride[1] + b) * pw + e
+}
+
+/// Fills `col` (`rows() × (r1 − r0)·w'`, row-major) with the unfolded input of one batch
+/// item, `x` being its channels padded by [`pad`], for output rows `r0..r1`.
 fn unfold(s: &ConvShape, x: &[f32], (r0, r1): (usize, usize), col: &mut [f32]) {
     let [kd, kh, kw] = s.kernel;
-    let [_, ih, iw] = s.input;
-    let [_, oh, ow] = s.output;
+    let ow = s.output[2];
     let width = (r1 - r0) * ow;
-    let plane = s.input_positions();
+    let channel = s.padded().iter().product::<usize>();
     let stride = s.stride[2];
+    let mut rows = col[..s.rows() * width].chunks_exact_mut(width);
     for c in 0..s.c_in {
-        let xc = &x[c * plane..(c + 1) * plane];
+        let xc = &x[c * channel..(c + 1) * channel];
         for a in 0..kd {
             for b in 0..kh {
                 for e in 0..kw {
-                    let row = ((c * kd + a) * kh + b) * kw + e;
-                    let dst = &mut col[row * width..(row + 1) * width];
-                    let (lo, hi) = s.valid_columns(e);
-                    for (i, r) in (r0..r1).enumerate() {
-                        let out = &mut dst[i * ow..(i + 1) * ow];
-                        let (z, y) = (r / oh, r % oh);
-                        let (Some(sz), Some(sy)) = (s.source(0, z, a), s.source(1, y, b)) else {
-                            out.fill(0.0);
-                            continue;
-                        };
-                        let src = &xc[(sz * ih + sy) * iw..(sz * ih + sy + 1) * iw];
-                        out[..lo].fill(0.0);
-                        out[hi..].fill(0.0);
-                        if lo < hi {
-                            let first = lo * stride + e - s.padding[2];
-                            if stride == 1 {
-                                out[lo..hi].copy_from_slice(&src[first..first + hi - lo]);
-                            } else {
-                                for (o, v) in out[lo..hi]
-                                    .iter_mut()
-                                    .zip(src[first..].iter().step_by(stride))
-                                {
-                                    *o = *v;
-                                }
+                    let dst = rows.next().expect("one row per channel and offset");
+                    for (out, r) in dst.chunks_exact_mut(ow).zip(r0..r1) {
+                        let start = source_start(s, r, [a, b, e]);
+                        if stride == 1 {
+                            out.copy_from_slice(&xc[start..start + ow]);
+                        } else {
+                            for (o, v) in out.iter_mut().zip(xc[start..].iter().step_by(stride)) {
+                                *o = *v;
                             }
                         }
                     }
@@ -217,32 +263,21 @@ fn unfold(s: &ConvShape, x: &[f32], (r0, r1): (usize, usize), col: &mut [f32]) {
     }
 }
 
-/// Adds the unfolded gradient `col` (as [`unfold`] lays it out) of output rows `r0..r1`
-/// back onto channel `c` of the input gradient `dx` (`[d, h, w]`).
-fn fold_channel(s: &ConvShape, col: &[f32], (r0, r1): (usize, usize), c: usize, dx: &mut [f32]) {
+/// Adds the `kd·kh·kw` rows of one channel of an unfolded gradient (as [`unfold`] lays
+/// them out) for output rows `r0..r1` back onto that channel's padded input gradient.
+fn fold_channel(s: &ConvShape, col: &[f32], (r0, r1): (usize, usize), dx: &mut [f32]) {
     let [kd, kh, kw] = s.kernel;
-    let [_, ih, iw] = s.input;
-    let [_, oh, ow] = s.output;
+    let ow = s.output[2];
     let width = (r1 - r0) * ow;
     let stride = s.stride[2];
+    let mut rows = col.chunks_exact(width);
     for a in 0..kd {
         for b in 0..kh {
             for e in 0..kw {
-                let row = ((c * kd + a) * kh + b) * kw + e;
-                let src = &col[row * width..(row + 1) * width];
-                let (lo, hi) = s.valid_columns(e);
-                if lo >= hi {
-                    continue;
-                }
-                let first = lo * stride + e - s.padding[2];
-                for (i, r) in (r0..r1).enumerate() {
-                    let (z, y) = (r / oh, r % oh);
-                    let (Some(sz), Some(sy)) = (s.source(0, z, a), s.source(1, y, b)) else {
-                        continue;
-                    };
-                    let dst = &mut dx[(sz * ih + sy) * iw..(sz * ih + sy + 1) * iw];
-                    let run = &src[i * ow + lo..i * ow + hi];
-                    for (d, v) in dst[first..].iter_mut().step_by(stride).zip(run) {
+                let src = rows.next().expect("one row per offset");
+                for (run, r) in src.chunks_exact(ow).zip(r0..r1) {
+                    let start = source_start(s, r, [a, b, e]);
+                    for (d, v) in dx[start..].iter_mut().step_by(stride).zip(run) {
                         *d += *v;
                     }
                 }
@@ -294,21 +329,21 @@ fn matmul(
 /// Forward convolution: `x` `[n, c_in, d, h, w]`, `w` `[c_out, c_in, kd, kh, kw]`, result
 /// `[n, c_out, d', h', w']` (no bias).
 pub fn forward(s: &ConvShape, x: &[f32], w: &[f32]) -> Vec<f32> {
-    let (p_in, p_out, k) = (s.input_positions(), s.output_positions(), s.rows());
+    let (p_out, k) = (s.output_positions(), s.rows());
     let mut y = vec![0f32; s.batch * s.c_out * p_out];
     if s.is_empty() {
         return y;
     }
+    let x = pad(s, x, s.batch * s.c_in);
+    let channel = s.padded().iter().product::<usize>();
     let out = SharedMut(y.as_mut_ptr());
     let ow = s.output[2];
-    s.tasks()
-        .into_par_iter()
-        .for_each_init(Vec::new, |col: &mut Vec<f32>, (n, r0, r1)| {
-            let width = (r1 - r0) * ow;
-            col.resize(k * width, 0.0);
+    s.tasks().into_par_iter().for_each(|(n, r0, r1)| {
+        let width = (r1 - r0) * ow;
+        with_scratch(k * width, |col| {
             unfold(
                 s,
-                &x[n * s.c_in * p_in..(n + 1) * s.c_in * p_in],
+                &x[n * s.c_in * channel..(n + 1) * s.c_in * channel],
                 (r0, r1),
                 col,
             );
@@ -327,17 +362,20 @@ pub fn forward(s: &ConvShape, x: &[f32], w: &[f32]) -> Vec<f32> {
                 Parallelism::None,
             );
         });
+    });
     y
 }
 
 /// Weight gradient: `x` `[n, c_in, d, h, w]`, `grad` (of the output)
 /// `[n, c_out, d', h', w']`, result `[c_out, c_in, kd, kh, kw]`.
 pub fn weight_gradient(s: &ConvShape, x: &[f32], grad: &[f32]) -> Vec<f32> {
-    let (p_in, p_out, k) = (s.input_positions(), s.output_positions(), s.rows());
+    let (p_out, k) = (s.output_positions(), s.rows());
     let size = s.c_out * k;
     if s.is_empty() {
         return vec![0f32; size];
     }
+    let x = pad(s, x, s.batch * s.c_in);
+    let channel = s.padded().iter().product::<usize>();
     let tasks = s.tasks();
     // A fixed split of the tasks into groups (it depends on the shapes only), each summed
     // into its own partial gradient; the partials are added in group order.
@@ -353,29 +391,29 @@ pub fn weight_gradient(s: &ConvShape, x: &[f32], grad: &[f32]) -> Vec<f32> {
         .par_chunks(per_group)
         .map(|group| {
             let mut dw = vec![0f32; size];
-            let mut col = Vec::new();
             for &(n, r0, r1) in group {
                 let width = (r1 - r0) * ow;
-                col.resize(k * width, 0.0);
-                unfold(
-                    s,
-                    &x[n * s.c_in * p_in..(n + 1) * s.c_in * p_in],
-                    (r0, r1),
-                    &mut col,
-                );
-                let g = &grad[n * s.c_out * p_out + r0 * ow..];
-                // dW (c_out×K) += G[:, chunk] (c_out×width) · colᵀ (width×K)
-                matmul(
-                    (s.c_out, k, width),
-                    dw.as_mut_ptr(),
-                    (k as isize, 1),
-                    true,
-                    g.as_ptr(),
-                    (p_out as isize, 1),
-                    col.as_ptr(),
-                    (1, width as isize),
-                    Parallelism::None,
-                );
+                with_scratch(k * width, |col| {
+                    unfold(
+                        s,
+                        &x[n * s.c_in * channel..(n + 1) * s.c_in * channel],
+                        (r0, r1),
+                        col,
+                    );
+                    let g = &grad[n * s.c_out * p_out + r0 * ow..];
+                    // dW (c_out×K) += G[:, chunk] (c_out×width) · colᵀ (width×K)
+                    matmul(
+                        (s.c_out, k, width),
+                        dw.as_mut_ptr(),
+                        (k as isize, 1),
+                        true,
+                        g.as_ptr(),
+                        (p_out as isize, 1),
+                        col.as_ptr(),
+                        (1, width as isize),
+                        Parallelism::None,
+                    );
+                });
             }
             dw
         })
@@ -393,48 +431,45 @@ pub fn weight_gradient(s: &ConvShape, x: &[f32], grad: &[f32]) -> Vec<f32> {
 /// Input gradient: `w` `[c_out, c_in, kd, kh, kw]`, `grad` (of the output)
 /// `[n, c_out, d', h', w']`, result `[n, c_in, d, h, w]`.
 pub fn input_gradient(s: &ConvShape, w: &[f32], grad: &[f32]) -> Vec<f32> {
-    let (p_in, p_out, k) = (s.input_positions(), s.output_positions(), s.rows());
-    let mut dx = vec![0f32; s.batch * s.c_in * p_in];
+    let (p_out, k) = (s.output_positions(), s.rows());
+    let channel = s.padded().iter().product::<usize>();
+    let mut dx = vec![0f32; s.batch * s.c_in * channel];
     if s.is_empty() {
-        return dx;
+        return crop(s, dx, s.batch * s.c_in);
     }
     let ow = s.output[2];
     let chunks = s.chunks();
-    let mut col = Vec::new();
     let kernel: usize = s.kernel.iter().product();
-    for n in 0..s.batch {
-        let dx_n = &mut dx[n * s.c_in * p_in..(n + 1) * s.c_in * p_in];
-        for &(r0, r1) in &chunks {
-            let width = (r1 - r0) * ow;
-            col.resize(k * width, 0.0);
-            let g = &grad[n * s.c_out * p_out + r0 * ow..];
-            // col (K×width) = Wᵀ (K×c_out) · G[:, chunk] (c_out×width)
-            matmul(
-                (k, width, s.c_out),
-                col.as_mut_ptr(),
-                (width as isize, 1),
-                false,
-                w.as_ptr(),
-                (1, k as isize),
-                g.as_ptr(),
-                (p_out as isize, 1),
-                Parallelism::Rayon(0),
-            );
-            // Each channel's rows fold onto that channel alone: one task per channel.
-            let col = &col[..k * width];
-            dx_n.par_chunks_mut(p_in).enumerate().for_each(|(c, dx_c)| {
-                let rows = &col[c * kernel * width..(c + 1) * kernel * width];
-                fold_channel_rows(s, rows, (r0, r1), dx_c);
-            });
+    let largest = chunks
+        .iter()
+        .map(|&(r0, r1)| (r1 - r0) * ow)
+        .max()
+        .unwrap_or(0);
+    with_scratch(k * largest, |col| {
+        for (n, dx_n) in dx.chunks_exact_mut(s.c_in * channel).enumerate() {
+            for &(r0, r1) in &chunks {
+                let width = (r1 - r0) * ow;
+                let g = &grad[n * s.c_out * p_out + r0 * ow..];
+                // col (K×width) = Wᵀ (K×c_out) · G[:, chunk] (c_out×width)
+                matmul(
+                    (k, width, s.c_out),
+                    col.as_mut_ptr(),
+                    (width as isize, 1),
+                    false,
+                    w.as_ptr(),
+                    (1, k as isize),
+                    g.as_ptr(),
+                    (p_out as isize, 1),
+                    Parallelism::Rayon(0),
+                );
+                // Each channel's rows fold onto that channel alone: one task per channel.
+                dx_n.par_chunks_mut(channel)
+                    .zip(col[..k * width].par_chunks(kernel * width))
+                    .for_each(|(dx_c, rows)| fold_channel(s, rows, (r0, r1), dx_c));
+            }
         }
-    }
-    dx
-}
-
-/// [`fold_channel`] for the `kd·kh·kw` rows of one channel, given alone.
-fn fold_channel_rows(s: &ConvShape, rows: &[f32], chunk: (usize, usize), dx: &mut [f32]) {
-    let single = ConvShape { c_in: 1, ..*s };
-    fold_channel(&single, rows, chunk, 0, dx);
+    });
+    crop(s, dx, s.batch * s.c_in)
 }
 
 #[cfg(test)]
