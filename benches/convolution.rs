@@ -1,10 +1,9 @@
 //! One convolution of the paper-size U-Net (channels 16–256, 128×128×32 patches, batch 2),
-//! forward alone and forward + backward (input and weight gradients), through Burn's own
-//! path (`conv.forward`) and through the custom operation of `segviz_core::fast_conv::flex_ad`
-//! (the CPU backend's weight gradient as one GEMM per kernel offset; the model takes it only
-//! where it measured faster, see `FAST_WEIGHT_GRADIENT_MAX_CHANNELS`). The shapes are those of the U-Net's layers: the first strided
-//! convolution, a stride-1 convolution of each of the next levels, and a transposed
-//! convolution of the way up.
+//! forward alone (inference) and forward + backward (input and weight gradients), through
+//! Burn's own path (`conv.forward`) and through `segviz_core::fast_conv::flex_ad` (the
+//! `cpu_conv` kernels the model takes on the CPU backend). The shapes are those of the
+//! U-Net's layers: the first strided convolution, a stride-1 convolution of each of the next
+//! levels, and a transposed convolution of the way up.
 //!
 //! `cargo bench --bench convolution`
 
@@ -115,9 +114,11 @@ fn convolution(c: &mut Criterion) {
         group.sample_size(10);
         let layer = (case.layer)(&device);
         let x = Tensor::<5>::random([BATCH, ch, d, h, w], Distribution::Default, &device);
-        group.bench_function("forward", |b| {
-            b.iter(|| run(&layer, x.clone(), false).into_data())
-        });
+        for (label, fast) in [("forward_burn", false), ("forward_custom", true)] {
+            group.bench_function(label, |b| {
+                b.iter(|| run(&layer, x.clone(), fast).into_data())
+            });
+        }
         let layer = (case.layer)(&train);
         let xt =
             Tensor::<5>::random([BATCH, ch, d, h, w], Distribution::Default, &train).require_grad();

@@ -157,6 +157,13 @@ struct SharedMut(*mut f32);
 unsafe impl Send for SharedMut {}
 unsafe impl Sync for SharedMut {}
 
+impl SharedMut {
+    /// The pointer `offset` values further on.
+    fn at(self, offset: usize) -> *mut f32 {
+        self.0.wrapping_add(offset)
+    }
+}
+
 thread_local! {
     /// Each thread's buffer for one chunk of the unfolded input, kept between calls so that
     /// it is neither zeroed nor faulted in again for every chunk.
@@ -347,9 +354,8 @@ pub fn forward(s: &ConvShape, x: &[f32], w: &[f32]) -> Vec<f32> {
                 (r0, r1),
                 col,
             );
-            let out = out;
             // Columns r0·w'..r1·w' of every output channel of item n: disjoint per task.
-            let dst = out.0.wrapping_add(n * s.c_out * p_out + r0 * ow);
+            let dst = out.at(n * s.c_out * p_out + r0 * ow);
             matmul(
                 (s.c_out, width, k),
                 dst,

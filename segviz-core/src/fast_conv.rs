@@ -1,31 +1,26 @@
-//! 3-D convolutions whose weight gradient on the CPU backend is a matrix product per kernel
-//! offset.
+//! The U-Net's 3-D convolutions, through SegViz's own CPU kernels on Burn's `flex` backend.
 //!
-//! Burn's `flex` backend has fast forward kernels for `conv3d` and `conv_transpose3d`, but
-//! no backward kernel of its own: the generic weight gradient is a `conv3d` whose kernel is
-//! the whole output gradient. `flex` runs that shape through its im2col path with one tile
-//! per input channel and a handful of elements per copy: slow when the input has few
-//! channels, and for the U-Net's first layer it holds a 27-fold copy of the input (see
-//! `docs/performance.md`).
+//! Burn 0.22.1's `flex` backend has forward kernels for `conv3d` and `conv_transpose3d`
+//! (an element-by-element im2col over a channels-last copy) and no backward kernel of its
+//! own: the generic weight gradient is a `conv3d` whose kernel is the whole output
+//! gradient. On the CPU both made a training step about three times slower than PyTorch's
+//! (see `docs/performance.md`).
 //!
-//! Here, for a model trained on `Autodiff<Flex>`, both convolutions are custom autodiff
-//! operations (through Burn's `extension` feature, no fork):
-//! - forward: `flex`'s own kernel;
-//! - input gradient: Burn's reference (a transposed convolution for `conv3d`, a convolution
-//!   for `conv_transpose3d`, both fast on `flex`);
-//! - weight gradient: for each of the kernel's offsets `k`, the input (padded) sampled at
-//!   `stride·p + k` for every output position `p` is one `[C_in, N·P]` matrix, and
-//!   `dW[:, :, k] = G · Xₖᵀ` with the output gradient `G` as `[C_out, N·P]`: one GEMM per
-//!   offset, 27 for a 3×3×3 kernel, with only one shifted copy of the input alive at a time;
+//! Here both convolutions are custom operations (through Burn's `extension` feature, no
+//! fork): on `Flex` (inference) a plain forward pass, on `Autodiff<Flex>` (training) an
+//! autodiff operation with its own backward pass, all four computed by [`crate::cpu_conv`]
+//! (unfold + GEMM, fold):
+//! - convolution: forward, input gradient, weight gradient;
+//! - transposed convolution: forward (a convolution's input gradient), input gradient (a
+//!   convolution's forward pass), weight gradient (a convolution's weight gradient with the
+//!   roles of input and output gradient swapped);
 //! - bias: added outside the operation, so autodiff sums its gradient.
 //!
 //! Any other backend (including `Autodiff<Flex>` with gradient checkpointing), grouped or
-//! dilated convolutions, and padding modes other than explicit take Burn's own path
-//! unchanged, and so do convolutions with more than [`FAST_WEIGHT_GRADIENT_MAX_CHANNELS`]
-//! channels in the correlated tensor, where Burn's weight gradient measured faster.
-//! [`conv3d`] and [`conv_transpose3d`] are what the U-Net's blocks call. Setting the
-//! environment variable `SEGVIZ_REFERENCE_CONV=1` sends every convolution through Burn's
-//! path (for before/after measurements).
+//! dilated convolutions, tensors other than `f32`, and padding modes other than explicit
+//! take Burn's own path unchanged. [`conv3d`] and [`conv_transpose3d`] are what the U-Net's
+//! blocks call. Setting the environment variable `SEGVIZ_REFERENCE_CONV=1` sends every
+//! convolution through Burn's path (for before/after measurements).
 
 use burn::nn::conv::{Conv3d, ConvTranspose3d};
 #[cfg(feature = "flex")]
