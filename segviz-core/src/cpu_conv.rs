@@ -434,10 +434,22 @@ pub fn weight_gradient(s: &ConvShape, x: &[f32], grad: &[f32]) -> Vec<f32> {
     dw
 }
 
+/// Input channels folded by one task of [`input_gradient`]: about 128 rows of the unfolded
+/// gradient for a 3×3×3 kernel. A function of the shapes only, so results do not depend on
+/// the number of threads.
+fn channels_per_task(s: &ConvShape) -> usize {
+    let kernel: usize = s.kernel.iter().product();
+    (128 / kernel.max(1)).clamp(1, s.c_in.max(1))
+}
+
 /// Input gradient: `w` `[c_out, c_in, kd, kh, kw]`, `grad` (of the output)
 /// `[n, c_out, d', h', w']`, result `[n, c_in, d, h, w]`.
+///
+/// The unfolded gradient's rows of one input channel fold onto that channel alone, so each
+/// task takes one batch item and a block of input channels: it computes those channels'
+/// rows chunk by chunk and folds them, independent of every other task.
 pub fn input_gradient(s: &ConvShape, w: &[f32], grad: &[f32]) -> Vec<f32> {
-    let (p_out, k) = (s.output_positions(), s.rows());
+    let p_out = s.output_positions();
     let channel = s.padded().iter().product::<usize>();
     let mut dx = vec![0f32; s.batch * s.c_in * channel];
     if s.is_empty() {
@@ -446,34 +458,49 @@ pub fn input_gradient(s: &ConvShape, w: &[f32], grad: &[f32]) -> Vec<f32> {
     let ow = s.output[2];
     let chunks = s.chunks();
     let kernel: usize = s.kernel.iter().product();
+    let k = s.rows();
+    let block = channels_per_task(s);
     let largest = chunks
         .iter()
         .map(|&(r0, r1)| (r1 - r0) * ow)
         .max()
         .unwrap_or(0);
-    with_scratch(k * largest, |col| {
-        for (n, dx_n) in dx.chunks_exact_mut(s.c_in * channel).enumerate() {
+    let tasks = dx
+        .chunks_exact_mut(s.c_in * channel)
+        .enumerate()
+        .flat_map(|(n, item)| {
+            item.chunks_mut(block * channel)
+                .enumerate()
+                .map(move |(b, dx_block)| (n, b * block, dx_block))
+        })
+        .collect::<Vec<_>>();
+    tasks.into_par_iter().for_each(|(n, c0, dx_block)| {
+        let channels = dx_block.len() / channel;
+        let rows = channels * kernel;
+        with_scratch(rows * largest, |col| {
             for &(r0, r1) in &chunks {
                 let width = (r1 - r0) * ow;
                 let g = &grad[n * s.c_out * p_out + r0 * ow..];
-                // col (K×width) = Wᵀ (K×c_out) · G[:, chunk] (c_out×width)
+                // col (rows×width) = W[:, c0..]ᵀ (rows×c_out) · G[:, chunk] (c_out×width)
                 matmul(
-                    (k, width, s.c_out),
+                    (rows, width, s.c_out),
                     col.as_mut_ptr(),
                     (width as isize, 1),
                     false,
-                    w.as_ptr(),
+                    w[c0 * kernel..].as_ptr(),
                     (1, k as isize),
                     g.as_ptr(),
                     (p_out as isize, 1),
-                    Parallelism::Rayon(0),
+                    Parallelism::None,
                 );
-                // Each channel's rows fold onto that channel alone: one task per channel.
-                dx_n.par_chunks_mut(channel)
-                    .zip(col[..k * width].par_chunks(kernel * width))
-                    .for_each(|(dx_c, rows)| fold_channel(s, rows, (r0, r1), dx_c));
+                for (dx_c, rows) in dx_block
+                    .chunks_exact_mut(channel)
+                    .zip(col[..rows * width].chunks_exact(kernel * width))
+                {
+                    fold_channel(s, rows, (r0, r1), dx_c);
+                }
             }
-        }
+        });
     });
     crop(s, dx, s.batch * s.c_in)
 }
@@ -575,6 +602,8 @@ mod tests {
             shape(2, 1, [4, 5, 6], 2, 2, 0),
             // Padding larger than the input's border reach on the last axis.
             shape(1, 2, [3, 4, 2], 3, 1, 2),
+            // Input channels in blocks of 4 and 2 for the input gradient's tasks.
+            shape(6, 2, [4, 5, 3], 3, 1, 1),
         ]
     }
 
