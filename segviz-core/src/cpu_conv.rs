@@ -186,24 +186,31 @@ fn with_scratch<R>(len: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
     })
 }
 
+/// For every input row `(z, y)` of one channel, where it starts in the volume and where in
+/// the padded volume.
+fn row_starts(s: &ConvShape) -> impl Iterator<Item = (usize, usize)> + '_ {
+    let [_, ph, pw] = s.padded();
+    let [d, h, w] = s.input;
+    let [p0, p1, p2] = s.padding;
+    (0..d).flat_map(move |z| {
+        (0..h).map(move |y| ((z * h + y) * w, ((z + p0) * ph + y + p1) * pw + p2))
+    })
+}
+
 /// `x` (`channels` volumes of the input's size, one after the other) with `padding` zeros
 /// on both sides of every axis; `x` itself when there is no padding.
 fn pad<'a>(s: &ConvShape, x: &'a [f32], channels: usize) -> Cow<'a, [f32]> {
+    let (inner, w) = (s.input_positions(), s.input[2]);
     if s.padding == [0; 3] {
-        return Cow::Borrowed(&x[..channels * s.input_positions()]);
+        return Cow::Borrowed(&x[..channels * inner]);
     }
-    let [pd, ph, pw] = s.padded();
-    let [d, h, w] = s.input;
-    let [p0, p1, p2] = s.padding;
-    let mut out = vec![0f32; channels * pd * ph * pw];
-    out.par_chunks_mut(pd * ph * pw)
-        .zip(x.par_chunks(d * h * w))
-        .for_each(|(padded, volume)| {
-            for (z, plane) in volume.chunks_exact(h * w).enumerate() {
-                for (y, row) in plane.chunks_exact(w).enumerate() {
-                    let start = ((z + p0) * ph + y + p1) * pw + p2;
-                    padded[start..start + w].copy_from_slice(row);
-                }
+    let padded = s.padded().iter().product::<usize>();
+    let mut out = vec![0f32; channels * padded];
+    out.par_chunks_mut(padded)
+        .zip(x.par_chunks(inner))
+        .for_each(|(to, from)| {
+            for (i, o) in row_starts(s) {
+                to[o..o + w].copy_from_slice(&from[i..i + w]);
             }
         });
     Cow::Owned(out)
@@ -214,18 +221,13 @@ fn crop(s: &ConvShape, padded: Vec<f32>, channels: usize) -> Vec<f32> {
     if s.padding == [0; 3] {
         return padded;
     }
-    let [pd, ph, pw] = s.padded();
-    let [d, h, w] = s.input;
-    let [p0, p1, p2] = s.padding;
-    let mut out = vec![0f32; channels * d * h * w];
-    out.par_chunks_mut(d * h * w)
-        .zip(padded.par_chunks(pd * ph * pw))
-        .for_each(|(volume, padded)| {
-            for (z, plane) in volume.chunks_exact_mut(h * w).enumerate() {
-                for (y, row) in plane.chunks_exact_mut(w).enumerate() {
-                    let start = ((z + p0) * ph + y + p1) * pw + p2;
-                    row.copy_from_slice(&padded[start..start + w]);
-                }
+    let (inner, w) = (s.input_positions(), s.input[2]);
+    let mut out = vec![0f32; channels * inner];
+    out.par_chunks_mut(inner)
+        .zip(padded.par_chunks(s.padded().iter().product::<usize>()))
+        .for_each(|(to, from)| {
+            for (i, o) in row_starts(s) {
+                to[i..i + w].copy_from_slice(&from[o..o + w]);
             }
         });
     out
@@ -242,7 +244,6 @@ fn source_start(s: &ConvShape, r: usize, [a, b, e]: [usize; 3]) -> usize {
 /// Fills `col` (`rows() × (r1 − r0)·w'`, row-major) with the unfolded input of one batch
 /// item, `x` being its channels padded by [`pad`], for output rows `r0..r1`.
 fn unfold(s: &ConvShape, x: &[f32], (r0, r1): (usize, usize), col: &mut [f32]) {
-    let [kd, kh, kw] = s.kernel;
     let ow = s.output[2];
     let width = (r1 - r0) * ow;
     let channel = s.padded().iter().product::<usize>();
@@ -250,19 +251,14 @@ fn unfold(s: &ConvShape, x: &[f32], (r0, r1): (usize, usize), col: &mut [f32]) {
     let mut rows = col[..s.rows() * width].chunks_exact_mut(width);
     for c in 0..s.c_in {
         let xc = &x[c * channel..(c + 1) * channel];
-        for a in 0..kd {
-            for b in 0..kh {
-                for e in 0..kw {
-                    let dst = rows.next().expect("one row per channel and offset");
-                    for (out, r) in dst.chunks_exact_mut(ow).zip(r0..r1) {
-                        let start = source_start(s, r, [a, b, e]);
-                        if stride == 1 {
-                            out.copy_from_slice(&xc[start..start + ow]);
-                        } else {
-                            for (o, v) in out.iter_mut().zip(xc[start..].iter().step_by(stride)) {
-                                *o = *v;
-                            }
-                        }
+        for (offset, dst) in offsets(s.kernel).zip(&mut rows) {
+            for (out, r) in dst.chunks_exact_mut(ow).zip(r0..r1) {
+                let start = source_start(s, r, offset);
+                if stride == 1 {
+                    out.copy_from_slice(&xc[start..start + ow]);
+                } else {
+                    for (o, v) in out.iter_mut().zip(xc[start..].iter().step_by(stride)) {
+                        *o = *v;
                     }
                 }
             }
@@ -270,24 +266,38 @@ fn unfold(s: &ConvShape, x: &[f32], (r0, r1): (usize, usize), col: &mut [f32]) {
     }
 }
 
+/// The kernel offsets `(a, b, e)` in row-major order (the order of the unfolded rows).
+fn offsets([kd, kh, kw]: [usize; 3]) -> impl Iterator<Item = [usize; 3]> {
+    (0..kd).flat_map(move |a| (0..kh).flat_map(move |b| (0..kw).map(move |e| [a, b, e])))
+}
+
+/// `f(col, width)` on the unfolded input (`rows() × width`) of batch item `n` for output
+/// rows `r0..r1`, `x` being the whole batch padded by [`pad`].
+fn with_unfolded<R>(
+    s: &ConvShape,
+    x: &[f32],
+    (n, r0, r1): (usize, usize, usize),
+    f: impl FnOnce(&[f32], usize) -> R,
+) -> R {
+    let width = (r1 - r0) * s.output[2];
+    let item = s.c_in * s.padded().iter().product::<usize>();
+    with_scratch(s.rows() * width, |col| {
+        unfold(s, &x[n * item..(n + 1) * item], (r0, r1), col);
+        f(col, width)
+    })
+}
+
 /// Adds the `kd·kh·kw` rows of one channel of an unfolded gradient (as [`unfold`] lays
 /// them out) for output rows `r0..r1` back onto that channel's padded input gradient.
 fn fold_channel(s: &ConvShape, col: &[f32], (r0, r1): (usize, usize), dx: &mut [f32]) {
-    let [kd, kh, kw] = s.kernel;
     let ow = s.output[2];
     let width = (r1 - r0) * ow;
     let stride = s.stride[2];
-    let mut rows = col.chunks_exact(width);
-    for a in 0..kd {
-        for b in 0..kh {
-            for e in 0..kw {
-                let src = rows.next().expect("one row per offset");
-                for (run, r) in src.chunks_exact(ow).zip(r0..r1) {
-                    let start = source_start(s, r, [a, b, e]);
-                    for (d, v) in dx[start..].iter_mut().step_by(stride).zip(run) {
-                        *d += *v;
-                    }
-                }
+    for (offset, src) in offsets(s.kernel).zip(col.chunks_exact(width)) {
+        for (run, r) in src.chunks_exact(ow).zip(r0..r1) {
+            let start = source_start(s, r, offset);
+            for (d, v) in dx[start..].iter_mut().step_by(stride).zip(run) {
+                *d += *v;
             }
         }
     }
@@ -342,18 +352,10 @@ pub fn forward(s: &ConvShape, x: &[f32], w: &[f32]) -> Vec<f32> {
         return y;
     }
     let x = pad(s, x, s.batch * s.c_in);
-    let channel = s.padded().iter().product::<usize>();
     let out = SharedMut(y.as_mut_ptr());
     let ow = s.output[2];
     s.tasks().into_par_iter().for_each(|(n, r0, r1)| {
-        let width = (r1 - r0) * ow;
-        with_scratch(k * width, |col| {
-            unfold(
-                s,
-                &x[n * s.c_in * channel..(n + 1) * s.c_in * channel],
-                (r0, r1),
-                col,
-            );
+        with_unfolded(s, &x, (n, r0, r1), |col, width| {
             // Columns r0·w'..r1·w' of every output channel of item n: disjoint per task.
             let dst = out.at(n * s.c_out * p_out + r0 * ow);
             matmul(
@@ -381,7 +383,6 @@ pub fn weight_gradient(s: &ConvShape, x: &[f32], grad: &[f32]) -> Vec<f32> {
         return vec![0f32; size];
     }
     let x = pad(s, x, s.batch * s.c_in);
-    let channel = s.padded().iter().product::<usize>();
     let tasks = s.tasks();
     // A fixed split of the tasks into groups (it depends on the shapes only), each summed
     // into its own partial gradient; the partials are added in group order.
@@ -398,14 +399,7 @@ pub fn weight_gradient(s: &ConvShape, x: &[f32], grad: &[f32]) -> Vec<f32> {
         .map(|group| {
             let mut dw = vec![0f32; size];
             for &(n, r0, r1) in group {
-                let width = (r1 - r0) * ow;
-                with_scratch(k * width, |col| {
-                    unfold(
-                        s,
-                        &x[n * s.c_in * channel..(n + 1) * s.c_in * channel],
-                        (r0, r1),
-                        col,
-                    );
+                with_unfolded(s, &x, (n, r0, r1), |col, width| {
                     let g = &grad[n * s.c_out * p_out + r0 * ow..];
                     // dW (c_out×K) += G[:, chunk] (c_out×width) · colᵀ (width×K)
                     matmul(
