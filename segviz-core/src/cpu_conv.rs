@@ -13,10 +13,10 @@
 //!   unfolding).
 //!
 //! Both layouts are the tensors' own (`NCDHW` in, `NCDHW` out), so no layout copy is made.
-//! A row of `X` is, output row by output row, a run of one input row: for stride 1 a plain
-//! copy with zeros at the borders, which is what makes this faster than Burn's `flex`
-//! kernel (an element-by-element gather over a channels-last copy, see
-//! `docs/performance.md`). The columns are processed in chunks of whole output rows, so the
+//! The input is padded once; a row of `X` is then, output row by output row, a run of one
+//! padded input row: for stride 1 a plain copy with no bounds to check, which is what makes
+//! this faster than Burn's `flex` kernel (an element-by-element gather over a channels-last
+//! copy, see `docs/performance.md`). The columns are processed in chunks of whole output rows, so the
 //! unfolded matrix is never larger than about [`CHUNK_ELEMENTS`] values.
 //!
 //! The transposed convolution needs no kernel of its own: its forward pass is a
