@@ -125,7 +125,7 @@ pub mod flex_ad {
             x.clone().try_into_primitive::<Ad>(),
             w.clone().try_into_primitive::<Ad>(),
         ) {
-            let s = conv_shape(&xp.primitive().clone(), &wp.primitive().clone(), g)?;
+            let s = conv_shape(xp.primitive(), wp.primitive(), g)?;
             return Some(track(xp, wp, Conv3dBackward(s), |x, w| {
                 values(x, w, |x, w| (cpu_conv::forward(&s, x, w), s.output_dims()))
             }));
@@ -150,12 +150,7 @@ pub mod flex_ad {
             x.clone().try_into_primitive::<Ad>(),
             w.clone().try_into_primitive::<Ad>(),
         ) {
-            let s = transposed_shape(
-                &xp.primitive().clone(),
-                &wp.primitive().clone(),
-                g,
-                padding_out,
-            )?;
+            let s = transposed_shape(xp.primitive(), wp.primitive(), g, padding_out)?;
             return Some(track(xp, wp, ConvTranspose3dBackward(s), |x, w| {
                 values(x, w, |x, w| {
                     (cpu_conv::input_gradient(&s, w, x), s.input_dims())
