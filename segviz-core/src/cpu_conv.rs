@@ -304,8 +304,12 @@ fn fold_channel(s: &ConvShape, col: &[f32], (r0, r1): (usize, usize), dx: &mut [
 }
 
 /// `dst (m×n) = [dst +] lhs (m×k) · rhs (k×n)`, strides in elements as (row, column).
+///
+/// # Safety
+/// The three pointers must reach every element of their whole matrix at the given strides,
+/// inside live buffers, and no other thread may access the `m×n` block of `dst` meanwhile.
 #[allow(clippy::too_many_arguments)]
-fn matmul(
+unsafe fn matmul(
     (m, n, k): (usize, usize, usize),
     dst: *mut f32,
     dst_strides: (isize, isize),
@@ -316,8 +320,7 @@ fn matmul(
     rhs_strides: (isize, isize),
     parallelism: Parallelism,
 ) {
-    // SAFETY: every caller passes pointers into live buffers that hold the whole m×k, k×n
-    // and m×n matrices at the given strides, and no other thread writes the m×n block.
+    // SAFETY: the caller's promise is `gemm`'s requirement.
     unsafe {
         gemm::gemm(
             m,
@@ -358,17 +361,21 @@ pub fn forward(s: &ConvShape, x: &[f32], w: &[f32]) -> Vec<f32> {
         with_unfolded(s, &x, (n, r0, r1), |col, width| {
             // Columns r0·w'..r1·w' of every output channel of item n: disjoint per task.
             let dst = out.at(n * s.c_out * p_out + r0 * ow);
-            matmul(
-                (s.c_out, width, k),
-                dst,
-                (p_out as isize, 1),
-                false,
-                w.as_ptr(),
-                (k as isize, 1),
-                col.as_ptr(),
-                (width as isize, 1),
-                Parallelism::None,
-            );
+            // SAFETY: `y` holds c_out rows of p_out values from `dst`'s item on, `w` is
+            // c_out×k and `col` k×width; no other task writes these columns.
+            unsafe {
+                matmul(
+                    (s.c_out, width, k),
+                    dst,
+                    (p_out as isize, 1),
+                    false,
+                    w.as_ptr(),
+                    (k as isize, 1),
+                    col.as_ptr(),
+                    (width as isize, 1),
+                    Parallelism::None,
+                )
+            };
         });
     });
     y
@@ -402,17 +409,21 @@ pub fn weight_gradient(s: &ConvShape, x: &[f32], grad: &[f32]) -> Vec<f32> {
                 with_unfolded(s, &x, (n, r0, r1), |col, width| {
                     let g = &grad[n * s.c_out * p_out + r0 * ow..];
                     // dW (c_out×K) += G[:, chunk] (c_out×width) · colᵀ (width×K)
-                    matmul(
-                        (s.c_out, k, width),
-                        dw.as_mut_ptr(),
-                        (k as isize, 1),
-                        true,
-                        g.as_ptr(),
-                        (p_out as isize, 1),
-                        col.as_ptr(),
-                        (1, width as isize),
-                        Parallelism::None,
-                    );
+                    // SAFETY: `dw` is this group's own c_out×k buffer, `g` holds c_out rows
+                    // of p_out values from the chunk's first column, `col` is k×width.
+                    unsafe {
+                        matmul(
+                            (s.c_out, k, width),
+                            dw.as_mut_ptr(),
+                            (k as isize, 1),
+                            true,
+                            g.as_ptr(),
+                            (p_out as isize, 1),
+                            col.as_ptr(),
+                            (1, width as isize),
+                            Parallelism::None,
+                        )
+                    };
                 });
             }
             dw
@@ -476,17 +487,21 @@ pub fn input_gradient(s: &ConvShape, w: &[f32], grad: &[f32]) -> Vec<f32> {
                 let width = (r1 - r0) * ow;
                 let g = &grad[n * s.c_out * p_out + r0 * ow..];
                 // col (rows×width) = W[:, c0..]ᵀ (rows×c_out) · G[:, chunk] (c_out×width)
-                matmul(
-                    (rows, width, s.c_out),
-                    col.as_mut_ptr(),
-                    (width as isize, 1),
-                    false,
-                    w[c0 * kernel..].as_ptr(),
-                    (1, k as isize),
-                    g.as_ptr(),
-                    (p_out as isize, 1),
-                    Parallelism::None,
-                );
+                // SAFETY: `col` is this thread's rows×width scratch, `w` from channel c0 on
+                // reaches rows×c_out values at strides (1, k), `g` c_out rows of p_out.
+                unsafe {
+                    matmul(
+                        (rows, width, s.c_out),
+                        col.as_mut_ptr(),
+                        (width as isize, 1),
+                        false,
+                        w[c0 * kernel..].as_ptr(),
+                        (1, k as isize),
+                        g.as_ptr(),
+                        (p_out as isize, 1),
+                        Parallelism::None,
+                    )
+                };
                 for (dx_c, rows) in dx_block
                     .chunks_exact_mut(channel)
                     .zip(col[..rows * width].chunks_exact(kernel * width))
