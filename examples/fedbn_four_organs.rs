@@ -95,6 +95,10 @@ struct Args {
     /// Clients trained at the same time.
     #[arg(long)]
     parallel_clients: Option<usize>,
+    /// Channels of the representation block's levels, comma separated, one more than its
+    /// strides (quick preset: 8,16,32,64; paper: 16,32,64,128,256). For every method.
+    #[arg(long, value_delimiter = ',')]
+    channels: Option<Vec<usize>>,
     /// Output folder (results, models, predictions, figures, checkpoints).
     #[arg(long, default_value = "runs/fedbn_four_organs")]
     out: PathBuf,
@@ -344,6 +348,21 @@ fn build_config(args: &Args) -> AnyResult<ExperimentConfig> {
     }
     if let Some(p) = args.parallel_clients {
         config.parallel_clients = p;
+    }
+    if let Some(channels) = &args.channels {
+        let levels = config.representation.strides.len() + 1;
+        if channels.len() != levels {
+            return Err(format!(
+                "--channels: the {} preset's representation block has {levels} levels, got {} channels",
+                config.preset,
+                channels.len()
+            )
+            .into());
+        }
+        config.representation = config
+            .representation
+            .clone()
+            .with_channels(channels.clone());
     }
     if args.uniform_weights {
         config.weighting = Weighting::Uniform;
