@@ -99,6 +99,9 @@ struct Args {
     /// strides (quick preset: 8,16,32,64; paper: 16,32,64,128,256). For every method.
     #[arg(long, value_delimiter = ',')]
     channels: Option<Vec<usize>>,
+    /// Train every method without data augmentation (an ablation; every preset augments).
+    #[arg(long)]
+    no_augmentation: bool,
     /// Output folder (results, models, predictions, figures, checkpoints).
     #[arg(long, default_value = "runs/fedbn_four_organs")]
     out: PathBuf,
@@ -363,6 +366,9 @@ fn build_config(args: &Args) -> AnyResult<ExperimentConfig> {
             .representation
             .clone()
             .with_channels(channels.clone());
+    }
+    if args.no_augmentation {
+        config.training.augment = None;
     }
     if args.uniform_weights {
         config.weighting = Weighting::Uniform;
