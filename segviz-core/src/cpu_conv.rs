@@ -257,8 +257,8 @@ fn unfold(s: &ConvShape, x: &[f32], (r0, r1): (usize, usize), col: &mut [f32]) {
                 if stride == 1 {
                     out.copy_from_slice(&xc[start..start + ow]);
                 } else {
-                    // Bounded to the samples read, so the compiler drops the bounds checks
-                    // and vectorises the gather.
+                    // Sliced to exactly the samples read: one bounds check for the run,
+                    // not an open-ended iterator.
                     let src = &xc[start..start + (ow - 1) * stride + 1];
                     for (i, o) in out.iter_mut().enumerate() {
                         *o = src[i * stride];
