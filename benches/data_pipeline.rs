@@ -2,7 +2,10 @@
 //! `.nii.gz`, reoriented, resampled to 1.5×1.5×2 mm, windowed, padded) and training patches
 //! per second from a cached volume with augmentation.
 //!
-//! `cargo bench --bench data_pipeline`
+//! `cargo bench --bench data_pipeline`. The scan and its labels are kept in the system's
+//! temporary folder (`segviz-data-pipeline/`, printed), so that
+//! `python3 benches/monai_reference.py --preprocess IMAGE LABEL` times MONAI's transforms on the
+//! same files with the same settings.
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use segviz::data::nifti_io::{write_labels, write_volume, VoxelType};
@@ -16,13 +19,19 @@ use segviz::data::{
 };
 
 fn preprocessing(c: &mut Criterion) {
-    let dir = std::env::temp_dir().join(format!("segviz-bench-{}", std::process::id()));
+    let dir = std::env::temp_dir().join("segviz-data-pipeline");
+    let _ = std::fs::remove_dir_all(dir.join("cache"));
     std::fs::create_dir_all(&dir).expect("temp dir");
     let (image, label) = ct_pair();
     let image_path = dir.join("ct.nii.gz");
     let label_path = dir.join("ct_label.nii.gz");
     write_volume(&image_path, &image, VoxelType::Int16).expect("write image");
     write_labels(&label_path, &label).expect("write label");
+    println!(
+        "scan: {} {} (for benches/monai_reference.py --preprocess)",
+        image_path.display(),
+        label_path.display()
+    );
     let config = PreprocessConfig::default();
     let mut group = c.benchmark_group("preprocess");
     group.sample_size(10);
@@ -55,7 +64,7 @@ fn preprocessing(c: &mut Criterion) {
         })
     });
     group.finish();
-    let _ = std::fs::remove_dir_all(&dir);
+    let _ = std::fs::remove_dir_all(dir.join("cache"));
 }
 
 fn patches(c: &mut Criterion) {

@@ -12,10 +12,18 @@ path): load, reorient to RAS, resample to 4×4×5 mm, window −200…250 HU, MO
 sigma_scale 0.125, 4 windows a batch) through a UNet with channels 8–64 and five output
 classes, arg-max, and nearest resampling back to the scan's grid.
 
-Not needed for the tests. Usage (torch and monai installed):
+With ``--preprocess IMAGE LABEL`` it times the preprocessing that
+``cargo bench --bench data_pipeline -- preprocess`` times (that bench writes the pair and prints
+the paths): load both, reorient to RAS, resample to 1.5×1.5×2 mm (bilinear for the image,
+nearest for the labels), window −200…200 HU with clipping, pad to a multiple of 16.
+
+Not needed for the tests. Usage (``pip install torch monai nibabel``; PyPI's torch wheel runs
+on the CPU):
 
     python3 benches/monai_reference.py --size all --steps 10
     python3 benches/monai_reference.py --predict /tmp/segviz-whole-scan/ct_512x512x100.nii.gz
+    python3 benches/monai_reference.py --preprocess /tmp/segviz-data-pipeline/ct.nii.gz \
+        /tmp/segviz-data-pipeline/ct_label.nii.gz
 """
 
 import argparse
@@ -110,7 +118,7 @@ def predict(path: str, repeats: int) -> dict:
     ).eval()
     load = LoadImage(image_only=True)
     channel_first = EnsureChannelFirst()
-    orient = Orientation(axcodes="RAS")
+    orient = Orientation(axcodes="RAS", labels=None)
     resample = Spacing(pixdim=(4.0, 4.0, 5.0), mode="bilinear")
     window = ScaleIntensityRange(a_min=-200.0, a_max=250.0, b_min=0.0, b_max=1.0, clip=True)
 
@@ -145,12 +153,58 @@ def predict(path: str, repeats: int) -> dict:
     }
 
 
+def preprocess(image_path: str, label_path: str, repeats: int) -> dict:
+    """Median seconds to preprocess one image and its labels (see the module docs)."""
+    from monai.transforms import (
+        Compose,
+        DivisiblePadd,
+        EnsureChannelFirstd,
+        LoadImaged,
+        Orientationd,
+        ScaleIntensityRanged,
+        Spacingd,
+    )
+
+    keys = ["image", "label"]
+    transform = Compose(
+        [
+            LoadImaged(keys=keys),
+            EnsureChannelFirstd(keys=keys),
+            Orientationd(keys=keys, axcodes="RAS", labels=None),
+            Spacingd(keys=keys, pixdim=(1.5, 1.5, 2.0), mode=("bilinear", "nearest")),
+            ScaleIntensityRanged(keys="image", a_min=-200.0, a_max=200.0, b_min=0.0, b_max=1.0, clip=True),
+            DivisiblePadd(keys=keys, k=16),
+        ]
+    )
+    seconds = []
+    shape = None
+    for step in range(repeats + 1):
+        start = time.perf_counter()
+        out = transform({"image": image_path, "label": label_path})
+        shape = list(out["image"].shape[1:])
+        if step >= 1:  # the first pass warms up allocators and imports
+            seconds.append(time.perf_counter() - start)
+    return {
+        **environment(),
+        "image": image_path,
+        "preprocessed_shape": shape,
+        "preprocess_s": round(statistics.median(seconds), 3),
+        "peak_rss_mib": peak_rss_mib(),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", default="all", choices=["all", *SIZES])
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--predict", metavar="SCAN", help="time one whole scan end to end instead")
+    parser.add_argument(
+        "--preprocess", nargs=2, metavar=("IMAGE", "LABEL"), help="time preprocessing of one pair instead"
+    )
     args = parser.parse_args()
+    if args.preprocess:
+        print(json.dumps(preprocess(*args.preprocess, args.steps)), flush=True)
+        return
     if args.predict:
         print(json.dumps(predict(args.predict, args.steps)), flush=True)
         return

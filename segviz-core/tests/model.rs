@@ -2,6 +2,7 @@
 
 mod common;
 
+use burn::tensor::Tensor;
 use common::*;
 use segviz_core::monai::monai_key;
 use segviz_core::{CoreError, SegVizConfig, TensorRole};
@@ -166,5 +167,32 @@ fn every_path_is_classified_and_maps_to_one_monai_key() {
             assert!(keys.insert(key.clone()), "{key} used twice");
         }
         assert!(t.batch_norm == key.contains(".adn.N."), "{path} -> {key}");
+    }
+}
+
+#[test]
+fn head_probabilities_are_the_softmax_organ_channel() {
+    use burn::tensor::activation::softmax;
+    let dev = device();
+    let model = tiny_config(&["liver", "spleen"]).init(&dev, 3).unwrap();
+    // Batch 2, so that each head's channel slices are strided views.
+    let x = Tensor::cat(
+        vec![
+            input([8, 8, 8], &dev),
+            input([8, 8, 8], &dev).mul_scalar(-2.0),
+        ],
+        0,
+    );
+    let logits = model.forward(x.clone());
+    let p = model.probabilities(x.clone());
+    assert_eq!(p.dims(), [2, 2, 8, 8, 8]);
+    for (k, l) in logits.into_iter().enumerate() {
+        let want = softmax(l, 1).slice([0..2, 1..2, 0..8, 0..8, 0..8]);
+        let got = p.clone().slice([0..2, k..k + 1, 0..8, 0..8, 0..8]);
+        let err: f32 = (got.clone() - want.clone()).abs().max().into_scalar();
+        assert!(err <= 1e-6, "head {k}: max |σ(l₁ − l₀) − softmax₁| = {err}");
+        let single = model.task_probability(x.clone(), k);
+        let err: f32 = (single - want).abs().max().into_scalar();
+        assert!(err <= 1e-6, "task_probability({k}): {err}");
     }
 }
