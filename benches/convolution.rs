@@ -3,7 +3,8 @@
 //! Burn's own path (`conv.forward`) and through `segviz_core::fast_conv::flex_ad` (the
 //! `cpu_conv` kernels the model takes on the CPU backend). The shapes are those of the
 //! U-Net's layers: the first strided convolution, a stride-1 convolution of each of the next
-//! levels, and a transposed convolution of the way up.
+//! levels, the head's last convolution (2 → 2 channels at full size) and a transposed
+//! convolution of the way up.
 //!
 //! `cargo bench --bench convolution`
 
@@ -48,6 +49,11 @@ fn cases() -> Vec<Case> {
             name: "conv_16to16_s1_64x64x16",
             input: [16, 16, 64, 64],
             layer: |d| conv(16, 16, 1)(d),
+        },
+        Case {
+            name: "conv_2to2_s1_128x128x32",
+            input: [2, 32, 128, 128],
+            layer: |d| conv(2, 2, 1)(d),
         },
         Case {
             name: "conv_32to32_s1_32x32x8",

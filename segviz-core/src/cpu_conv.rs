@@ -19,6 +19,12 @@
 //! copy, see `docs/performance.md`). The columns are processed in chunks of whole output rows, so the
 //! unfolded matrix is never larger than about [`CHUNK_ELEMENTS`] values.
 //!
+//! Stride-1 convolutions with few input channels on large planes skip the unfolding: on the
+//! padded grid every kernel offset is a plain shift of the padded input, so the samples of
+//! one kernel plane `(a, b)` form a strided matrix over `kw` shifted copies of the input, and
+//! `Y = Σ_(a,b) W_(a,b) · X_(a,b)` (see [`Grid`]). Their input gradient is the same kind of
+//! convolution of the output gradient with the flipped, transposed weight.
+//!
 //! The transposed convolution needs no kernel of its own: its forward pass is a
 //! convolution's input gradient, its input gradient a convolution's forward pass and its
 //! weight gradient a convolution's weight gradient with the roles of input and output
@@ -363,6 +369,15 @@ unsafe fn matmul(
 /// Forward convolution: `x` `[n, c_in, d, h, w]`, `w` `[c_out, c_in, kd, kh, kw]`, result
 /// `[n, c_out, d', h', w']` (no bias).
 pub fn forward(s: &ConvShape, x: &[f32], w: &[f32]) -> Vec<f32> {
+    if s.shifted_views_pay() {
+        forward_shifted(s, x, w)
+    } else {
+        forward_unfolded(s, x, w)
+    }
+}
+
+/// [`forward`] through the unfolded input.
+fn forward_unfolded(s: &ConvShape, x: &[f32], w: &[f32]) -> Vec<f32> {
     let (p_out, k) = (s.output_positions(), s.rows());
     let mut y = vec![0f32; s.batch * s.c_out * p_out];
     if s.is_empty() {
@@ -398,6 +413,15 @@ pub fn forward(s: &ConvShape, x: &[f32], w: &[f32]) -> Vec<f32> {
 /// Weight gradient: `x` `[n, c_in, d, h, w]`, `grad` (of the output)
 /// `[n, c_out, d', h', w']`, result `[c_out, c_in, kd, kh, kw]`.
 pub fn weight_gradient(s: &ConvShape, x: &[f32], grad: &[f32]) -> Vec<f32> {
+    if s.shifted_views_pay() {
+        weight_gradient_shifted(s, x, grad)
+    } else {
+        weight_gradient_unfolded(s, x, grad)
+    }
+}
+
+/// [`weight_gradient`] through the unfolded input.
+fn weight_gradient_unfolded(s: &ConvShape, x: &[f32], grad: &[f32]) -> Vec<f32> {
     let (p_out, k) = (s.output_positions(), s.rows());
     let size = s.c_out * k;
     if s.is_empty() {
@@ -467,7 +491,21 @@ fn channels_per_task(s: &ConvShape) -> usize {
 /// The unfolded gradient's rows of one input channel fold onto that channel alone, so each
 /// task takes one batch item and a block of input channels: it computes those channels'
 /// rows chunk by chunk and folds them, independent of every other task.
+///
+/// At stride 1 with `padding < kernel` on every axis, the input gradient is itself a
+/// stride-1 convolution of the output gradient (padded by `kernel − 1 − padding`) with the
+/// flipped, transposed weight; it runs as one when [`forward`] would use shifted views for it.
 pub fn input_gradient(s: &ConvShape, w: &[f32], grad: &[f32]) -> Vec<f32> {
+    if let Some(adjoint) = s.adjoint() {
+        if adjoint.shifted_views_pay() {
+            return forward_shifted(&adjoint, grad, &flip_transpose(s, w));
+        }
+    }
+    input_gradient_unfolded(s, w, grad)
+}
+
+/// [`input_gradient`] through the unfolded gradient, folded back.
+fn input_gradient_unfolded(s: &ConvShape, w: &[f32], grad: &[f32]) -> Vec<f32> {
     let p_out = s.output_positions();
     let channel = s.padded().iter().product::<usize>();
     let mut dx = vec![0f32; s.batch * s.c_in * channel];
@@ -526,6 +564,346 @@ pub fn input_gradient(s: &ConvShape, w: &[f32], grad: &[f32]) -> Vec<f32> {
         });
     });
     crop(s, dx, s.batch * s.c_in)
+}
+
+/// Largest ratio of padded-grid columns to output positions (`(h+2p)(w+2p) / h'w'`) at which
+/// a stride-1 convolution runs on shifted views (see [`forward_shifted`]) rather than on the
+/// unfolded input: the views compute every padded-grid column and drop the extra ones, so
+/// small planes waste more than they save.
+const SHIFTED_WASTE: f64 = 1.6;
+
+/// Most input channels for which a stride-1 convolution runs on shifted views. With more,
+/// the views measured slower than the unfolded input (criterion, `benches/convolution.rs`,
+/// forward and backward at 64×64×16 with AVX-512 products: 16 channels 21 % faster on views,
+/// 32 channels 21 % slower). The products read the views' rows in place, `c_in·kw` rows a
+/// whole padded channel apart, which we suspect costs TLB misses as the rows grow in number;
+/// we did not verify it.
+const SHIFTED_MAX_INPUT_CHANNELS: usize = 16;
+
+/// Target size (in values) of one task's block of the output (or of its gradient) on the
+/// padded grid in the shifted-view kernels.
+const SHIFTED_CHUNK_ELEMENTS: usize = 1 << 17;
+
+impl ConvShape {
+    /// Whether this convolution runs on shifted views of its input: stride 1, few input
+    /// channels and planes large enough that the padded grid wastes little (see
+    /// [`SHIFTED_WASTE`], [`SHIFTED_MAX_INPUT_CHANNELS`]).
+    fn shifted_views_pay(&self) -> bool {
+        if self.stride != [1; 3] || self.is_empty() || self.c_in > SHIFTED_MAX_INPUT_CHANNELS {
+            return false;
+        }
+        let [_, ph, pw] = self.padded();
+        let [_, oh, ow] = self.output;
+        (ph * pw) as f64 <= SHIFTED_WASTE * (oh * ow) as f64
+    }
+
+    /// The stride-1 convolution whose forward pass is this one's input gradient: output
+    /// gradient in, input gradient out, padded by `kernel − 1 − padding`; `None` at other
+    /// strides or when `padding ≥ kernel` on an axis.
+    fn adjoint(&self) -> Option<ConvShape> {
+        if self.stride != [1; 3] {
+            return None;
+        }
+        let mut padding = [0; 3];
+        for (i, p) in padding.iter_mut().enumerate() {
+            *p = (self.kernel[i].checked_sub(1)?).checked_sub(self.padding[i])?;
+        }
+        Some(ConvShape {
+            batch: self.batch,
+            c_in: self.c_out,
+            c_out: self.c_in,
+            input: self.output,
+            output: self.input,
+            kernel: self.kernel,
+            stride: [1; 3],
+            padding,
+        })
+    }
+}
+
+/// `w` `[c_out, c_in, kd, kh, kw]` flipped along every spatial axis and with its channel axes
+/// swapped: the weight of [`ConvShape::adjoint`].
+fn flip_transpose(s: &ConvShape, w: &[f32]) -> Vec<f32> {
+    let [kd, kh, kw] = s.kernel;
+    let kernel = kd * kh * kw;
+    let mut out = vec![0f32; w.len()];
+    for o in 0..s.c_out {
+        for c in 0..s.c_in {
+            let from = &w[(o * s.c_in + c) * kernel..][..kernel];
+            let to = &mut out[(c * s.c_out + o) * kernel..][..kernel];
+            for (t, f) in to.iter_mut().zip(from.iter().rev()) {
+                *t = *f;
+            }
+        }
+    }
+    out
+}
+
+/// The padded grid of a stride-1 convolution. Column `q = (z·ph + y)·pw + x` stands for
+/// output position `(z, y, x)` when `y < h'` and `x < w'` (other columns are computed and
+/// dropped); the input sample at kernel offset `(a, b, e)` is then padded value
+/// `q + (a·ph + b)·pw + e`, a plain shift, so for each offset the samples of all columns form
+/// one contiguous run of the padded input.
+///
+/// The kernel's offsets are split into `taps` consecutive ones (those of the last axis) that
+/// become rows of [`shifted_copies`], and the planes `(a, b)` they repeat over, one matrix
+/// product each.
+struct Grid {
+    /// Padded height and width.
+    ph: usize,
+    pw: usize,
+    /// Rows `(z, y)` of the grid: `d'·ph`.
+    rows: usize,
+    /// Columns up to the last output position, inclusive.
+    columns: usize,
+    /// Kernel offsets per plane: `kw`.
+    taps: usize,
+    /// Length of one row of [`shifted_copies`]: the padded volume less the last tap's shift.
+    row_len: usize,
+}
+
+impl Grid {
+    fn of(s: &ConvShape) -> Grid {
+        let [pd, ph, pw] = s.padded();
+        let [od, oh, ow] = s.output;
+        // Folding the last two axes (9 copies, 3 products) measured slower than the last
+        // one alone at every layer of the paper-size U-Net with 16 or fewer input channels.
+        let taps = s.kernel[2];
+        let mut g = Grid {
+            ph,
+            pw,
+            rows: od * ph,
+            columns: ((od - 1) * ph + oh - 1) * pw + ow,
+            taps,
+            row_len: 0,
+        };
+        g.row_len = pd * ph * pw - g.offset(s, taps - 1);
+        g
+    }
+
+    /// Where kernel offset `κ = (a·kh + b)·kw + e` reads, relative to column `q`.
+    fn offset(&self, s: &ConvShape, kappa: usize) -> usize {
+        let [_, kh, kw] = s.kernel;
+        let (a, b, e) = (kappa / (kh * kw), kappa / kw % kh, kappa % kw);
+        (a * self.ph + b) * self.pw + e
+    }
+
+    /// Where plane `t` (kernel offsets `t·taps..(t + 1)·taps`) starts reading.
+    fn shift(&self, s: &ConvShape, t: usize) -> usize {
+        self.offset(s, t * self.taps)
+    }
+
+    /// `(batch item, first grid row, end grid row)` for every task: blocks of whole grid
+    /// rows holding at most about [`SHIFTED_CHUNK_ELEMENTS`] values of a `channels`-row
+    /// matrix (at least one row).
+    fn tasks(&self, s: &ConvShape, channels: usize) -> Vec<(usize, usize, usize)> {
+        let step = (SHIFTED_CHUNK_ELEMENTS / (channels * self.pw).max(1)).clamp(1, self.rows);
+        (0..s.batch)
+            .flat_map(|n| {
+                (0..self.rows)
+                    .step_by(step)
+                    .map(move |r| (n, r, (r + step).min(self.rows)))
+            })
+            .filter(|&(_, r0, _)| r0 * self.pw < self.columns)
+            .collect()
+    }
+
+    /// Columns `q0..q0 + width` of the grid rows `r0..r1`.
+    fn span(&self, r0: usize, r1: usize) -> (usize, usize) {
+        let q0 = r0 * self.pw;
+        (q0, (r1 * self.pw).min(self.columns) - q0)
+    }
+}
+
+/// For every padded channel `x_c` of `xp`, one copy per tap `j` shifted by that tap's
+/// offset: row `(c, j)` of a batch item holds `x_c[q + offset(j)]` for `q < row_len`. With
+/// the rows `(c, j)` at one stride, the samples of plane `t` for columns `q0..` are one
+/// strided matrix (`c_in·taps` rows) starting at column `q0 + shift(t)`. `xp` itself when
+/// there is one tap.
+fn shifted_copies<'a>(s: &ConvShape, g: &Grid, xp: &'a [f32]) -> Cow<'a, [f32]> {
+    if g.taps == 1 {
+        return Cow::Borrowed(xp);
+    }
+    let channel = s.padded().iter().product::<usize>();
+    let mut out = vec![0f32; s.batch * s.c_in * g.taps * g.row_len];
+    out.par_chunks_mut(g.taps * g.row_len)
+        .zip(xp.par_chunks(channel))
+        .for_each(|(rows, xc)| {
+            for (j, row) in rows.chunks_exact_mut(g.row_len).enumerate() {
+                let from = g.offset(s, j);
+                row.copy_from_slice(&xc[from..from + g.row_len]);
+            }
+        });
+    Cow::Owned(out)
+}
+
+/// `w` `[c_out, c_in, kd, kh, kw]` as one `[c_out, c_in·taps]` matrix per plane of `g`.
+fn weight_by_plane(s: &ConvShape, g: &Grid, w: &[f32]) -> Vec<f32> {
+    let planes = s.kernel.iter().product::<usize>() / g.taps;
+    let kk = s.c_in * g.taps;
+    let mut out = vec![0f32; w.len()];
+    for o in 0..s.c_out {
+        for c in 0..s.c_in {
+            for t in 0..planes {
+                let from = &w[((o * s.c_in + c) * planes + t) * g.taps..][..g.taps];
+                out[(t * s.c_out + o) * kk + c * g.taps..][..g.taps].copy_from_slice(from);
+            }
+        }
+    }
+    out
+}
+
+/// The inverse of [`weight_by_plane`].
+fn weight_from_planes(s: &ConvShape, g: &Grid, by_plane: &[f32]) -> Vec<f32> {
+    let planes = s.kernel.iter().product::<usize>() / g.taps;
+    let kk = s.c_in * g.taps;
+    let mut out = vec![0f32; by_plane.len()];
+    for o in 0..s.c_out {
+        for c in 0..s.c_in {
+            for t in 0..planes {
+                out[((o * s.c_in + c) * planes + t) * g.taps..][..g.taps]
+                    .copy_from_slice(&by_plane[(t * s.c_out + o) * kk + c * g.taps..][..g.taps]);
+            }
+        }
+    }
+    out
+}
+
+/// Stride-1 [`forward`] on shifted views: per task (a batch item and a block of grid rows),
+/// `Y = Σ_(a,b) W_(a,b) · X_(a,b)` over the padded grid, `W_(a,b)` being `c_out × c_in·kw`
+/// and `X_(a,b)` the strided view of [`shifted_copies`] for plane `(a, b)`; then the grid's
+/// output columns are copied out. Nothing is unfolded beyond the `kw` shifted copies.
+fn forward_shifted(s: &ConvShape, x: &[f32], w: &[f32]) -> Vec<f32> {
+    let p_out = s.output_positions();
+    let mut y = vec![0f32; s.batch * s.c_out * p_out];
+    if s.is_empty() {
+        return y;
+    }
+    let g = Grid::of(s);
+    let xp = pad(s, x, s.batch * s.c_in);
+    let x3 = shifted_copies(s, &g, &xp);
+    let kk = s.c_in * g.taps;
+    let item = kk * g.row_len;
+    let planes = weight_by_plane(s, &g, w);
+    let [_, oh, ow] = s.output;
+    let out = SharedMut(y.as_mut_ptr());
+    g.tasks(s, s.c_out).into_par_iter().for_each(|(n, r0, r1)| {
+        let (q0, width) = g.span(r0, r1);
+        with_scratch(s.c_out * width, |yp| {
+            for (ab, wk) in planes.chunks_exact(s.c_out * kk).enumerate() {
+                let view = &x3[n * item + q0 + g.shift(s, ab)..];
+                // SAFETY: `yp` is c_out×width; `wk` is c_out×kk; `view` reaches kk rows
+                // of row_len values, of which it reads `width` from each row's start,
+                // and `q0 + shift + width ≤ row_len` (see `Grid`).
+                unsafe {
+                    matmul(
+                        (s.c_out, width, kk),
+                        yp.as_mut_ptr(),
+                        (width as isize, 1),
+                        ab > 0,
+                        wk.as_ptr(),
+                        (kk as isize, 1),
+                        view.as_ptr(),
+                        (g.row_len as isize, 1),
+                        Parallelism::None,
+                    )
+                };
+            }
+            for r in r0..r1 {
+                let (z, row) = (r / g.ph, r % g.ph);
+                if row >= oh {
+                    continue;
+                }
+                let from = (r - r0) * g.pw;
+                for o in 0..s.c_out {
+                    let to = (n * s.c_out + o) * p_out + (z * oh + row) * ow;
+                    let src = &yp[o * width + from..][..ow];
+                    // SAFETY: output row (z, row) of channel o of item n belongs to this
+                    // task alone (its grid row is in r0..r1) and lies inside `y`.
+                    unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), out.at(to), ow) };
+                }
+            }
+        });
+    });
+    y
+}
+
+/// `grad` `[n, c_out, d', h', w']` on the padded grid of `g`: `n·c_out` rows of `columns`
+/// values, zero in the columns that are not output positions.
+fn gradient_on_grid(s: &ConvShape, g: &Grid, grad: &[f32]) -> Vec<f32> {
+    let [_, oh, ow] = s.output;
+    let mut out = vec![0f32; s.batch * s.c_out * g.columns];
+    out.par_chunks_mut(g.columns)
+        .zip(grad.par_chunks(s.output_positions()))
+        .for_each(|(to, from)| {
+            for (r, src) in from.chunks_exact(ow).enumerate() {
+                let (z, row) = (r / oh, r % oh);
+                to[(z * g.ph + row) * g.pw..][..ow].copy_from_slice(src);
+            }
+        });
+    out
+}
+
+/// Stride-1 [`weight_gradient`] on shifted views: `dW_(a,b) = Σ G · X_(a,b)ᵀ` over the padded
+/// grid, the output gradient being zero in the grid's extra columns. Groups of tasks sum
+/// into their own partial gradients, added in a fixed order.
+fn weight_gradient_shifted(s: &ConvShape, x: &[f32], grad: &[f32]) -> Vec<f32> {
+    let size = s.c_out * s.rows();
+    if s.is_empty() {
+        return vec![0f32; size];
+    }
+    let g = Grid::of(s);
+    let xp = pad(s, x, s.batch * s.c_in);
+    let x3 = shifted_copies(s, &g, &xp);
+    let gp = gradient_on_grid(s, &g, grad);
+    let kk = s.c_in * g.taps;
+    let item = kk * g.row_len;
+    let tasks = g.tasks(s, s.c_out.max(kk));
+    let memory_bound = (1usize << 22) / size.max(1);
+    let groups = tasks
+        .len()
+        .min(WEIGHT_GRADIENT_GROUPS)
+        .min(memory_bound)
+        .max(1);
+    let per_group = tasks.len().div_ceil(groups);
+    let partials: Vec<Vec<f32>> = tasks
+        .par_chunks(per_group)
+        .map(|group| {
+            let mut dw = vec![0f32; size];
+            for &(n, r0, r1) in group {
+                let (q0, width) = g.span(r0, r1);
+                let gn = &gp[n * s.c_out * g.columns + q0..];
+                for (ab, dwk) in dw.chunks_exact_mut(s.c_out * kk).enumerate() {
+                    let view = &x3[n * item + q0 + g.shift(s, ab)..];
+                    // dW_(a,b) (c_out×kk) += G (c_out×width) · X_(a,b)ᵀ (width×kk)
+                    // SAFETY: `dwk` is this group's own c_out×kk block; `gn` holds c_out rows
+                    // of `columns` values from column q0; `view` as in `forward_shifted`.
+                    unsafe {
+                        matmul(
+                            (s.c_out, kk, width),
+                            dwk.as_mut_ptr(),
+                            (kk as isize, 1),
+                            true,
+                            gn.as_ptr(),
+                            (g.columns as isize, 1),
+                            view.as_ptr(),
+                            (1, g.row_len as isize),
+                            Parallelism::None,
+                        )
+                    };
+                }
+            }
+            dw
+        })
+        .collect();
+    let mut partials = partials.into_iter();
+    let mut dw = partials.next().unwrap_or_else(|| vec![0f32; size]);
+    for partial in partials {
+        for (a, b) in dw.iter_mut().zip(&partial) {
+            *a += *b;
+        }
+    }
+    weight_from_planes(s, &g, &dw)
 }
 
 #[cfg(test)]
@@ -665,6 +1043,66 @@ mod tests {
                 "{s:?}: dW {by_weight} vs {reference}"
             );
         }
+    }
+
+    /// Stride-1 shapes for the shifted-view kernels, whatever their padded grid wastes:
+    /// several kernel sizes and paddings (up to `kernel − 1`), odd planes, one or many tasks.
+    fn stride_one_cases() -> Vec<ConvShape> {
+        vec![
+            shape(1, 3, [5, 6, 7], 3, 1, 1),
+            shape(3, 2, [4, 9, 8], 3, 1, 0),
+            shape(2, 3, [6, 5, 7], 5, 1, 2),
+            shape(2, 2, [3, 4, 5], 2, 1, 1),
+            shape(1, 2, [3, 4, 2], 3, 1, 2),
+            shape(5, 4, [3, 7, 6], 1, 1, 0),
+            // Many grid rows: several tasks per batch item.
+            shape(4, 5, [6, 40, 37], 3, 1, 1),
+        ]
+    }
+
+    #[test]
+    fn shifted_views_compute_the_same_convolution_and_gradients() {
+        for s in stride_one_cases() {
+            let x = values(s.batch * s.c_in * s.input_positions(), 0.4);
+            let w = values(s.c_out * s.rows(), 1.1);
+            let g = values(s.batch * s.c_out * s.output_positions(), 3.7);
+            let close = |a: &[f32], b: &[f32], what: &str| {
+                assert_eq!(a.len(), b.len(), "{s:?}: {what}");
+                for (u, v) in a.iter().zip(b) {
+                    assert!(
+                        (u - v).abs() <= 1e-4 * (1.0 + v.abs()),
+                        "{s:?} {what}: {u} vs {v}"
+                    );
+                }
+            };
+            close(
+                &forward_shifted(&s, &x, &w),
+                &naive_forward(&s, &x, &w),
+                "forward",
+            );
+            close(
+                &weight_gradient_shifted(&s, &x, &g),
+                &weight_gradient_unfolded(&s, &x, &g),
+                "weight gradient",
+            );
+            let adjoint = s.adjoint().expect("stride 1, padding < kernel");
+            close(
+                &forward_shifted(&adjoint, &g, &flip_transpose(&s, &w)),
+                &input_gradient_unfolded(&s, &w, &g),
+                "input gradient",
+            );
+        }
+    }
+
+    #[test]
+    fn only_stride_one_convolutions_on_large_planes_take_shifted_views() {
+        assert!(shape(16, 16, [16, 64, 64], 3, 1, 1).shifted_views_pay());
+        assert!(!shape(16, 16, [16, 64, 64], 3, 2, 1).shifted_views_pay());
+        assert!(!shape(32, 32, [16, 64, 64], 3, 1, 1).shifted_views_pay());
+        // A 4×4 plane padded to 6×6 computes 2.25 times the columns it keeps.
+        assert!(!shape(16, 16, [4, 4, 4], 3, 1, 1).shifted_views_pay());
+        assert!(shape(1, 1, [3, 3, 3], 3, 1, 3).adjoint().is_none());
+        assert!(shape(1, 1, [6, 6, 6], 3, 2, 1).adjoint().is_none());
     }
 
     #[test]
