@@ -192,31 +192,66 @@ fn with_scratch<R>(len: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
     })
 }
 
-/// For every input row `(z, y)` of one channel, where it starts in the volume and where in
-/// the padded volume.
+/// For every input row `(z, y)` of one channel, where it starts in the volume and where its
+/// padded row starts in the padded volume.
 fn row_starts(s: &ConvShape) -> impl Iterator<Item = (usize, usize)> + '_ {
     let [_, ph, pw] = s.padded();
     let [d, h, w] = s.input;
-    let [p0, p1, p2] = s.padding;
-    (0..d).flat_map(move |z| {
-        (0..h).map(move |y| ((z * h + y) * w, ((z + p0) * ph + y + p1) * pw + p2))
-    })
+    let [p0, p1, _] = s.padding;
+    (0..d).flat_map(move |z| (0..h).map(move |y| ((z * h + y) * w, ((z + p0) * ph + y + p1) * pw)))
+}
+
+impl ConvShape {
+    /// Where each column `x` of a padded row is stored in the padded layout of [`pad`]: `x`
+    /// itself at stride 1 along the last axis; at stride `s`, the row's columns grouped by
+    /// `x mod s` (all columns `≡ 0`, then all `≡ 1`, …), so that the samples one output row
+    /// reads at one kernel offset, `e, e + s, e + 2s, …`, lie next to each other.
+    fn column_slots(&self) -> Vec<usize> {
+        let pw = self.padded()[2];
+        let st = self.stride[2].max(1);
+        let mut slots = vec![0; pw];
+        let mut next = 0;
+        for phase in 0..st.min(pw) {
+            for x in (phase..pw).step_by(st) {
+                slots[x] = next;
+                next += 1;
+            }
+        }
+        slots
+    }
+
+    /// Whether [`pad`] has anything to do: padding, or a stride along the last axis.
+    fn needs_layout(&self) -> bool {
+        self.padding != [0; 3] || self.stride[2] > 1
+    }
 }
 
 /// `x` (`channels` volumes of the input's size, one after the other) with `padding` zeros
-/// on both sides of every axis; `x` itself when there is no padding.
+/// on both sides of every axis, each padded row laid out by [`ConvShape::column_slots`];
+/// `x` itself when there is neither padding nor a stride along the last axis.
 fn pad<'a>(s: &ConvShape, x: &'a [f32], channels: usize) -> Cow<'a, [f32]> {
     let (inner, w) = (s.input_positions(), s.input[2]);
-    if s.padding == [0; 3] {
+    if !s.needs_layout() {
         return Cow::Borrowed(&x[..channels * inner]);
     }
     let padded = s.padded().iter().product::<usize>();
+    let slots = s.column_slots();
+    let slots = &slots[s.padding[2]..s.padding[2] + w];
     let mut out = vec![0f32; channels * padded];
     out.par_chunks_mut(padded)
         .zip(x.par_chunks(inner))
         .for_each(|(to, from)| {
             for (i, o) in row_starts(s) {
-                to[o..o + w].copy_from_slice(&from[i..i + w]);
+                let from = &from[i..i + w];
+                if s.stride[2] == 1 {
+                    let o = o + s.padding[2];
+                    to[o..o + w].copy_from_slice(from);
+                } else {
+                    let to = &mut to[o..o + s.padded()[2]];
+                    for (v, &slot) in from.iter().zip(slots) {
+                        to[slot] = *v;
+                    }
+                }
             }
         });
     Cow::Owned(out)
@@ -224,52 +259,68 @@ fn pad<'a>(s: &ConvShape, x: &'a [f32], channels: usize) -> Cow<'a, [f32]> {
 
 /// The inverse of [`pad`]: the inside of `channels` padded volumes.
 fn crop(s: &ConvShape, padded: Vec<f32>, channels: usize) -> Vec<f32> {
-    if s.padding == [0; 3] {
+    if !s.needs_layout() {
         return padded;
     }
     let (inner, w) = (s.input_positions(), s.input[2]);
+    let slots = s.column_slots();
+    let slots = &slots[s.padding[2]..s.padding[2] + w];
     let mut out = vec![0f32; channels * inner];
     out.par_chunks_mut(inner)
         .zip(padded.par_chunks(s.padded().iter().product::<usize>()))
         .for_each(|(to, from)| {
             for (i, o) in row_starts(s) {
-                to[i..i + w].copy_from_slice(&from[o..o + w]);
+                let to = &mut to[i..i + w];
+                if s.stride[2] == 1 {
+                    let o = o + s.padding[2];
+                    to.copy_from_slice(&from[o..o + w]);
+                } else {
+                    let from = &from[o..o + s.padded()[2]];
+                    for (v, &slot) in to.iter_mut().zip(slots) {
+                        *v = from[slot];
+                    }
+                }
             }
         });
     out
 }
 
-/// Where in a padded channel the sample of output row `r` (a `(z, y)` pair), column 0,
-/// kernel offset `(a, b, e)` lies.
-fn source_start(s: &ConvShape, r: usize, [a, b, e]: [usize; 3]) -> usize {
+/// For output rows `r0..r1` (`(z, y)` pairs), where each one's samples at kernel offset
+/// `(0, 0, 0)` start in a padded channel; offset `(a, b, e)` adds [`offset_start`].
+fn row_bases(s: &ConvShape, (r0, r1): (usize, usize)) -> Vec<usize> {
     let [_, ph, pw] = s.padded();
-    let (z, y) = (r / s.output[1], r % s.output[1]);
-    ((z * s.stride[0] + a) * ph + y * s.stride[1] + b) * pw + e
+    (r0..r1)
+        .map(|r| {
+            let (z, y) = (r / s.output[1], r % s.output[1]);
+            (z * s.stride[0] * ph + y * s.stride[1]) * pw
+        })
+        .collect()
+}
+
+/// What kernel offset `(a, b, e)` adds to a [`row_bases`] entry, `slots` being
+/// [`ConvShape::column_slots`]: the samples of one output row then lie at
+/// `start..start + w'` in the padded layout, at every stride.
+fn offset_start(s: &ConvShape, slots: &[usize], [a, b, e]: [usize; 3]) -> usize {
+    let [_, ph, pw] = s.padded();
+    (a * ph + b) * pw + slots[e]
 }
 
 /// Fills `col` (`rows() × (r1 − r0)·w'`, row-major) with the unfolded input of one batch
-/// item, `x` being its channels padded by [`pad`], for output rows `r0..r1`.
+/// item, `x` being its channels laid out by [`pad`], for output rows `r0..r1`: one copy of
+/// `w'` contiguous values per output row and kernel offset.
 fn unfold(s: &ConvShape, x: &[f32], (r0, r1): (usize, usize), col: &mut [f32]) {
     let ow = s.output[2];
     let width = (r1 - r0) * ow;
     let channel = s.padded().iter().product::<usize>();
-    let stride = s.stride[2];
+    let (bases, slots) = (row_bases(s, (r0, r1)), s.column_slots());
     let mut rows = col[..s.rows() * width].chunks_exact_mut(width);
     for c in 0..s.c_in {
         let xc = &x[c * channel..(c + 1) * channel];
         for (offset, dst) in offsets(s.kernel).zip(&mut rows) {
-            for (out, r) in dst.chunks_exact_mut(ow).zip(r0..r1) {
-                let start = source_start(s, r, offset);
-                if stride == 1 {
-                    out.copy_from_slice(&xc[start..start + ow]);
-                } else {
-                    // Sliced to exactly the samples read: one bounds check for the run,
-                    // not an open-ended iterator.
-                    let src = &xc[start..start + (ow - 1) * stride + 1];
-                    for (i, o) in out.iter_mut().enumerate() {
-                        *o = src[i * stride];
-                    }
-                }
+            let shift = offset_start(s, &slots, offset);
+            for (out, base) in dst.chunks_exact_mut(ow).zip(&bases) {
+                let start = base + shift;
+                out.copy_from_slice(&xc[start..start + ow]);
             }
         }
     }
@@ -297,27 +348,19 @@ fn with_unfolded<R>(
 }
 
 /// Adds the `kd·kh·kw` rows of one channel of an unfolded gradient (as [`unfold`] lays
-/// them out) for output rows `r0..r1` back onto that channel's padded input gradient.
+/// them out) for output rows `r0..r1` back onto that channel's padded input gradient (laid
+/// out as [`pad`] lays out the input): contiguous runs of `w'` values, a loop the compiler
+/// vectorises.
 fn fold_channel(s: &ConvShape, col: &[f32], (r0, r1): (usize, usize), dx: &mut [f32]) {
     let ow = s.output[2];
     let width = (r1 - r0) * ow;
-    let stride = s.stride[2];
+    let (bases, slots) = (row_bases(s, (r0, r1)), s.column_slots());
     for (offset, src) in offsets(s.kernel).zip(col.chunks_exact(width)) {
-        for (run, r) in src.chunks_exact(ow).zip(r0..r1) {
-            let start = source_start(s, r, offset);
-            if stride == 1 {
-                // Contiguous: a loop the compiler vectorises.
-                for (d, v) in dx[start..start + ow].iter_mut().zip(run) {
-                    *d += *v;
-                }
-            } else {
-                for (d, v) in dx[start..start + (ow - 1) * stride + 1]
-                    .iter_mut()
-                    .step_by(stride)
-                    .zip(run)
-                {
-                    *d += *v;
-                }
+        let shift = offset_start(s, &slots, offset);
+        for (run, base) in src.chunks_exact(ow).zip(&bases) {
+            let start = base + shift;
+            for (d, v) in dx[start..start + ow].iter_mut().zip(run) {
+                *d += *v;
             }
         }
     }
