@@ -69,8 +69,25 @@ pub fn conv_transpose3d(conv: &ConvTranspose3d, x: Tensor<5>) -> Tensor<5> {
     conv.forward(x)
 }
 
+/// `act.forward(x)` (PReLU with one slope). On `Autodiff<Flex>` it is one custom operation
+/// with its own backward pass: Burn composes PReLU there from a comparison, a product and a
+/// masked select, each a pass over the tensor forward and more backward. Elsewhere (including
+/// `Flex`, whose own PReLU is already one pass) Burn's path.
+///
+/// # Shapes
+/// - input and output: `[n, c, d, h, w]`
+pub fn prelu(act: &burn::nn::PRelu, x: Tensor<5>) -> Tensor<5> {
+    #[cfg(feature = "flex")]
+    if enabled() {
+        if let Some(y) = flex_ad::prelu(x.clone(), act.alpha.val()) {
+            return y;
+        }
+    }
+    act.forward(x)
+}
+
 /// Whether the custom operations may be used: not when `SEGVIZ_REFERENCE_CONV` is set to
-/// anything but `0` (read once).
+/// anything but `0` (read once; it covers [`prelu`] too).
 #[cfg_attr(not(feature = "flex"), allow(dead_code))]
 fn enabled() -> bool {
     static ENABLED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
@@ -103,6 +120,8 @@ pub mod flex_ad {
     use burn::backend::tensor::FloatTensor;
     use burn::backend::{Autodiff, Flex, TensorMetadata};
     use burn::tensor::{DType, Tensor, TensorData};
+
+    use rayon::prelude::*;
 
     use crate::cpu_conv::{self, ConvShape};
 
@@ -163,6 +182,112 @@ pub mod flex_ad {
             (cpu_conv::input_gradient(&s, w, x), s.input_dims())
         })?;
         Some(Tensor::from_primitive::<Flex>(y))
+    }
+
+    /// PReLU with one slope `alpha` (`[1]`) on `Autodiff<Flex>`: `x` where `x ≥ 0`, `α·x`
+    /// elsewhere, as Burn defines it, with a fused backward pass. `None` on other backends,
+    /// for other dtypes, or when `alpha` has more than one value.
+    pub fn prelu(x: Tensor<5>, alpha: Tensor<1>) -> Option<Tensor<5>> {
+        let (xp, ap) = (
+            x.try_into_primitive::<Ad>().ok()?,
+            alpha.try_into_primitive::<Ad>().ok()?,
+        );
+        if xp.primitive().dtype() != DType::F32
+            || ap.primitive().dtype() != DType::F32
+            || ap.primitive().shape().num_elements() != 1
+        {
+            return None;
+        }
+        let dims = xp.primitive().shape().dims::<5>();
+        Some(track(xp, ap, PreluBackward, move |x, a| {
+            values(x, a, |x, a| {
+                let slope = a[0];
+                let mut y = vec![0f32; x.len()];
+                y.par_chunks_mut(ELEMENTWISE_BLOCK)
+                    .zip(x.par_chunks(ELEMENTWISE_BLOCK))
+                    .for_each(|(y, x)| {
+                        for (y, &v) in y.iter_mut().zip(x) {
+                            *y = if v >= 0.0 { v } else { slope * v };
+                        }
+                    });
+                (y, dims)
+            })
+        }))
+    }
+
+    /// Values per task of the element-wise passes.
+    const ELEMENTWISE_BLOCK: usize = 1 << 15;
+
+    /// PReLU's backward pass: `dx = g` where `x ≥ 0` and `α·g` elsewhere; `dα = Σ g·x` over
+    /// `x < 0`, summed per block and the blocks in order (the same result on any number of
+    /// threads).
+    #[derive(Debug)]
+    struct PreluBackward;
+
+    impl Backward<Flex, 2> for PreluBackward {
+        type State = (FloatTensor<Flex>, FloatTensor<Flex>);
+
+        fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, _: &mut Checkpointer) {
+            let [node_x, node_a] = ops.parents;
+            let grad = grads.consume::<Flex>(&ops.node);
+            let (x, a) = ops.state;
+            let dims = x.shape().dims::<5>();
+            let (x, a, grad) = (
+                contiguous(&x).expect("f32 PReLU input"),
+                contiguous(&a).expect("f32 PReLU slope"),
+                contiguous(&grad).expect("f32 PReLU gradient"),
+            );
+            let (xs, gs) = (
+                x.as_slice::<f32>().expect("contiguous"),
+                grad.as_slice::<f32>().expect("contiguous"),
+            );
+            let slope = a.as_slice::<f32>().expect("contiguous")[0];
+            let mut dx = vec![0f32; if node_x.is_some() { xs.len() } else { 0 }];
+            let partial = |x: &[f32], g: &[f32], dx: Option<&mut [f32]>| -> f32 {
+                let mut sum = 0f32;
+                match dx {
+                    Some(dx) => {
+                        for ((d, &v), &g) in dx.iter_mut().zip(x).zip(g) {
+                            if v >= 0.0 {
+                                *d = g;
+                            } else {
+                                *d = slope * g;
+                                sum += g * v;
+                            }
+                        }
+                    }
+                    None => {
+                        for (&v, &g) in x.iter().zip(g) {
+                            if v < 0.0 {
+                                sum += g * v;
+                            }
+                        }
+                    }
+                }
+                sum
+            };
+            let sums: Vec<f32> = if node_x.is_some() {
+                dx.par_chunks_mut(ELEMENTWISE_BLOCK)
+                    .zip(xs.par_chunks(ELEMENTWISE_BLOCK))
+                    .zip(gs.par_chunks(ELEMENTWISE_BLOCK))
+                    .map(|((dx, x), g)| partial(x, g, Some(dx)))
+                    .collect()
+            } else {
+                xs.par_chunks(ELEMENTWISE_BLOCK)
+                    .zip(gs.par_chunks(ELEMENTWISE_BLOCK))
+                    .map(|(x, g)| partial(x, g, None))
+                    .collect()
+            };
+            if let Some(node) = node_x {
+                let dx = FloatTensor::<Flex>::from_data(TensorData::new(dx, dims));
+                grads.register::<Flex>(node.id, dx);
+            }
+            if let Some(node) = node_a {
+                let da: f32 = sums.iter().sum();
+                let da = FloatTensor::<Flex>::from_data(TensorData::new(vec![da], [1]));
+                grads.register::<Flex>(node.id, da);
+            }
+        }
     }
 
     fn flex_pair(x: Tensor<5>, w: Tensor<5>) -> Option<(FloatTensor<Flex>, FloatTensor<Flex>)> {
@@ -544,5 +669,49 @@ mod tests {
             padding: [0; 3],
         };
         assert!(super::flex_ad::conv3d(tiny, conv.weight.val(), no_padding).is_none());
+    }
+
+    #[test]
+    fn the_fused_prelu_and_its_gradients_equal_burns() {
+        let device = Device::flex().autodiff();
+        let x = Tensor::<5>::random([2, 3, 5, 6, 7], Distribution::Normal(0.0, 1.0), &device);
+        // Exact zeros too, where the two definitions' branches meet.
+        let x = x.clone().mask_fill(x.abs().lower_elem(0.05), 0.0);
+        let alpha = Tensor::<1>::from_data(TensorData::new(vec![0.3f32], [1]), &device);
+        let run = |fast: bool| {
+            let x = x.clone().require_grad();
+            let a = alpha.clone().require_grad();
+            let y = if fast {
+                flex_ad::prelu(x.clone(), a.clone()).expect("Autodiff<Flex>, f32, one slope")
+            } else {
+                burn::tensor::activation::prelu(x.clone(), a.clone())
+            };
+            let dims = y.dims();
+            let weights: Vec<f32> = (0..dims.iter().product::<usize>())
+                .map(|i| ((i as f32) * 0.377).cos())
+                .collect();
+            let r = Tensor::<5>::from_data(TensorData::new(weights, dims), &device);
+            let grads = (y.clone() * r).sum().backward();
+            let values = |t: Tensor<5>| t.into_data().try_to_vec::<f32>().unwrap();
+            [
+                values(y),
+                values(x.grad(&grads).expect("input gradient")),
+                a.grad(&grads)
+                    .expect("slope gradient")
+                    .into_data()
+                    .try_to_vec::<f32>()
+                    .unwrap(),
+            ]
+        };
+        let (fast, reference) = (run(true), run(false));
+        for (i, what) in ["output", "input grad", "slope grad"].iter().enumerate() {
+            assert_close(&fast[i], &reference[i], &format!("PReLU {what}"));
+        }
+        // Not on plain Flex (its own PReLU is already one pass), nor with one slope per channel.
+        let plain = Tensor::<5>::zeros([1, 2, 2, 2, 2], &Device::flex());
+        let one = Tensor::<1>::ones([1], &Device::flex());
+        assert!(flex_ad::prelu(plain, one).is_none());
+        let per_channel = Tensor::<1>::ones([3], &device);
+        assert!(flex_ad::prelu(x, per_channel).is_none());
     }
 }
