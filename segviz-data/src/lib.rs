@@ -42,7 +42,7 @@ pub use nifti_io::{read_header, read_labels, read_volume, write_labels, write_vo
 pub use orientation::{from_ras, orientation_code};
 pub use output::refuse_overwriting_inputs;
 pub use patches::{Patch, PatchSampler, PatchSamplerConfig};
-pub use preprocess::{preprocess_files, preprocess_pair, PreprocessConfig};
+pub use preprocess::{preprocess_files, preprocess_image, preprocess_pair, PreprocessConfig};
 
 pub use batches::{BatchStream, EpochPlan, HostBatch};
 pub use datasets::{CaseRef, Layout, Sample, SiteDataset};

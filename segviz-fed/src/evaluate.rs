@@ -305,9 +305,7 @@ pub fn segment_file(
     device: &Device,
 ) -> Result<(Volume<u8>, Vec<String>)> {
     let (original, warnings) = segviz_data::read_scan(image_path)?;
-    // The pipeline prepares an image with its label; an empty label goes along.
-    let empty = Volume::filled(original.geometry.clone(), 0u8);
-    let (image, _) = segviz_data::preprocess_pair(&original, &empty, preprocess)?;
+    let image = segviz_data::preprocess_image(&original, preprocess)?;
     let labels = segmenter.predict(&image, window, device)?.labels();
     Ok((
         to_original_grid(labels, &image, &original.geometry)?,

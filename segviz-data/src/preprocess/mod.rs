@@ -13,7 +13,9 @@ pub use config::PreprocessConfig;
 pub use crop::{crop, foreground_box, BoundingBox};
 pub use intensity::window_intensity;
 pub use pad::{pad, pad_to_multiple};
-pub use pipeline::{check_pair, preprocess_files, preprocess_pair, AFFINE_TOLERANCE};
+pub use pipeline::{
+    check_pair, preprocess_files, preprocess_image, preprocess_pair, AFFINE_TOLERANCE,
+};
 pub use resample::{
     resample_image_to_spacing, resample_labels_to_spacing, resample_nearest, resample_trilinear,
     resize_geometry, resize_image, resize_labels, spacing_geometry,

@@ -106,6 +106,16 @@ pub fn preprocess_files(
     preprocess_checked(&image, &label, config)
 }
 
+/// Prepares an image (HU) alone, as [`preprocess_pair`] prepares the image of a pair: what
+/// segmenting a scan needs, without carrying an empty label map through every step.
+///
+/// # Errors
+/// [`DataError::Config`] for an invalid config; resampling errors.
+pub fn preprocess_image(image: &Volume<f32>, config: &PreprocessConfig) -> Result<Volume<f32>> {
+    config.validate()?;
+    Ok(prepare(image, None, config)?.0)
+}
+
 fn preprocess_checked(
     image: &Volume<f32>,
     label: &Volume<u8>,
@@ -118,25 +128,42 @@ fn preprocess_checked(
         data: label.data.clone(),
         geometry: image.geometry.clone(),
     };
+    match prepare(image, Some(label), config)? {
+        (image, Some(label)) => Ok((image, label)),
+        (_, None) => Err(DataError::Config(
+            "preprocessing lost the label map (a bug; please report it)".into(),
+        )),
+    }
+}
+
+/// The recipe of [`preprocess_pair`] on an image and, when given, its label map (already on
+/// the image's grid).
+fn prepare(
+    image: &Volume<f32>,
+    label: Option<Volume<u8>>,
+    config: &PreprocessConfig,
+) -> Result<(Volume<f32>, Option<Volume<u8>>)> {
     let image = image.to_ras();
-    let label = label.to_ras();
+    let label = label.map(|l| l.to_ras());
     let image = resample_image_to_spacing(&image, config.pixdim)?;
-    let label = resample_labels_to_spacing(&label, config.pixdim)?;
+    let label = label
+        .map(|l| resample_labels_to_spacing(&l, config.pixdim))
+        .transpose()?;
     let mut image = window_intensity(&image, config.a_min, config.a_max, config.clip)?;
     let mut label = label;
     if config.crop_foreground {
         let threshold = config.foreground_threshold;
         if let Some(bounds) = foreground_box(&image, |v| v > threshold, config.crop_margin) {
             image = crop(&image, &bounds)?;
-            label = crop(&label, &bounds)?;
+            label = label.map(|l| crop(&l, &bounds)).transpose()?;
         }
     }
     if let Some(shape) = config.resize {
         image = resize_image(&image, shape)?;
-        label = resize_labels(&label, shape)?;
+        label = label.map(|l| resize_labels(&l, shape)).transpose()?;
     }
     let image = pad_to_multiple(&image, config.pad_multiple, 0.0);
-    let label = pad_to_multiple(&label, config.pad_multiple, 0);
+    let label = label.map(|l| pad_to_multiple(&l, config.pad_multiple, 0));
     Ok((image, label))
 }
 
@@ -186,6 +213,26 @@ mod tests {
             }
         }
         sum.map(|s| s / count)
+    }
+
+    #[test]
+    fn the_image_alone_is_prepared_as_the_image_of_a_pair() {
+        let (image, label) = pair();
+        let mut cropping = PreprocessConfig::default();
+        cropping.crop_foreground = true;
+        cropping.foreground_threshold = 0.5;
+        cropping.crop_margin = 1;
+        let mut resizing = PreprocessConfig::default();
+        resizing.resize = Some([8, 12, 10]);
+        for config in [PreprocessConfig::default(), cropping, resizing] {
+            let (from_pair, _) = preprocess_pair(&image, &label, &config).expect("pair");
+            let alone = preprocess_image(&image, &config).expect("image");
+            assert_eq!(alone.geometry, from_pair.geometry);
+            assert_eq!(alone.data, from_pair.data);
+        }
+        let mut bad = PreprocessConfig::default();
+        bad.pixdim = [0.0, 1.0, 1.0];
+        assert!(preprocess_image(&image, &bad).is_err());
     }
 
     #[test]
