@@ -471,53 +471,60 @@ fn weight_gradient_unfolded(s: &ConvShape, x: &[f32], grad: &[f32]) -> Vec<f32> 
         return vec![0f32; size];
     }
     let x = pad(s, x, s.batch * s.c_in);
-    let tasks = s.tasks();
-    // A fixed split of the tasks into groups (it depends on the shapes only), each summed
-    // into its own partial gradient; the partials are added in group order.
+    let ow = s.output[2];
+    grouped_sum(&s.tasks(), size, |&(n, r0, r1), dw| {
+        with_unfolded(s, &x, (n, r0, r1), |col, width| {
+            let g = &grad[n * s.c_out * p_out + r0 * ow..];
+            // dW (c_out×K) += G[:, chunk] (c_out×width) · colᵀ (width×K)
+            // SAFETY: `dw` is this group's own c_out×k buffer, `g` holds c_out rows
+            // of p_out values from the chunk's first column, `col` is k×width.
+            unsafe {
+                matmul(
+                    (s.c_out, k, width),
+                    dw.as_mut_ptr(),
+                    (k as isize, 1),
+                    true,
+                    g.as_ptr(),
+                    (p_out as isize, 1),
+                    col.as_ptr(),
+                    (1, width as isize),
+                    Parallelism::None,
+                )
+            };
+        });
+    })
+}
+
+/// `Σ_task add(task, partial)` over `size` values: the tasks are split into at most
+/// [`WEIGHT_GRADIENT_GROUPS`] groups by a rule that depends on the counts only, each group
+/// sums into its own partial in parallel, and the partials are added in group order, so the
+/// result does not depend on the number of threads.
+fn grouped_sum<T: Sync>(tasks: &[T], size: usize, add: impl Fn(&T, &mut [f32]) + Sync) -> Vec<f32> {
     let memory_bound = (1usize << 22) / size.max(1);
     let groups = tasks
         .len()
         .min(WEIGHT_GRADIENT_GROUPS)
         .min(memory_bound)
         .max(1);
-    let per_group = tasks.len().div_ceil(groups);
-    let ow = s.output[2];
+    let per_group = tasks.len().div_ceil(groups).max(1);
     let partials: Vec<Vec<f32>> = tasks
         .par_chunks(per_group)
         .map(|group| {
-            let mut dw = vec![0f32; size];
-            for &(n, r0, r1) in group {
-                with_unfolded(s, &x, (n, r0, r1), |col, width| {
-                    let g = &grad[n * s.c_out * p_out + r0 * ow..];
-                    // dW (c_out×K) += G[:, chunk] (c_out×width) · colᵀ (width×K)
-                    // SAFETY: `dw` is this group's own c_out×k buffer, `g` holds c_out rows
-                    // of p_out values from the chunk's first column, `col` is k×width.
-                    unsafe {
-                        matmul(
-                            (s.c_out, k, width),
-                            dw.as_mut_ptr(),
-                            (k as isize, 1),
-                            true,
-                            g.as_ptr(),
-                            (p_out as isize, 1),
-                            col.as_ptr(),
-                            (1, width as isize),
-                            Parallelism::None,
-                        )
-                    };
-                });
+            let mut partial = vec![0f32; size];
+            for task in group {
+                add(task, &mut partial);
             }
-            dw
+            partial
         })
         .collect();
     let mut partials = partials.into_iter();
-    let mut dw = partials.next().unwrap_or_else(|| vec![0f32; size]);
+    let mut sum = partials.next().unwrap_or_else(|| vec![0f32; size]);
     for partial in partials {
-        for (a, b) in dw.iter_mut().zip(&partial) {
+        for (a, b) in sum.iter_mut().zip(&partial) {
             *a += *b;
         }
     }
-    dw
+    sum
 }
 
 /// Input channels folded by one task of [`input_gradient`]: about 128 rows of the unfolded
@@ -901,51 +908,29 @@ fn weight_gradient_shifted(s: &ConvShape, x: &[f32], grad: &[f32]) -> Vec<f32> {
     let gp = gradient_on_grid(s, &g, grad);
     let kk = s.c_in * g.taps;
     let item = kk * g.row_len;
-    let tasks = g.tasks(s, s.c_out.max(kk));
-    let memory_bound = (1usize << 22) / size.max(1);
-    let groups = tasks
-        .len()
-        .min(WEIGHT_GRADIENT_GROUPS)
-        .min(memory_bound)
-        .max(1);
-    let per_group = tasks.len().div_ceil(groups);
-    let partials: Vec<Vec<f32>> = tasks
-        .par_chunks(per_group)
-        .map(|group| {
-            let mut dw = vec![0f32; size];
-            for &(n, r0, r1) in group {
-                let (q0, width) = g.span(r0, r1);
-                let gn = &gp[n * s.c_out * g.columns + q0..];
-                for (ab, dwk) in dw.chunks_exact_mut(s.c_out * kk).enumerate() {
-                    let view = &x3[n * item + q0 + g.shift(s, ab)..];
-                    // dW_(a,b) (c_out×kk) += G (c_out×width) · X_(a,b)ᵀ (width×kk)
-                    // SAFETY: `dwk` is this group's own c_out×kk block; `gn` holds c_out rows
-                    // of `columns` values from column q0; `view` as in `forward_shifted`.
-                    unsafe {
-                        matmul(
-                            (s.c_out, kk, width),
-                            dwk.as_mut_ptr(),
-                            (kk as isize, 1),
-                            true,
-                            gn.as_ptr(),
-                            (g.columns as isize, 1),
-                            view.as_ptr(),
-                            (1, g.row_len as isize),
-                            Parallelism::None,
-                        )
-                    };
-                }
-            }
-            dw
-        })
-        .collect();
-    let mut partials = partials.into_iter();
-    let mut dw = partials.next().unwrap_or_else(|| vec![0f32; size]);
-    for partial in partials {
-        for (a, b) in dw.iter_mut().zip(&partial) {
-            *a += *b;
+    let dw = grouped_sum(&g.tasks(s, s.c_out.max(kk)), size, |&(n, r0, r1), dw| {
+        let (q0, width) = g.span(r0, r1);
+        let gn = &gp[n * s.c_out * g.columns + q0..];
+        for (ab, dwk) in dw.chunks_exact_mut(s.c_out * kk).enumerate() {
+            let view = &x3[n * item + q0 + g.shift(s, ab)..];
+            // dW_(a,b) (c_out×kk) += G (c_out×width) · X_(a,b)ᵀ (width×kk)
+            // SAFETY: `dwk` is this group's own c_out×kk block; `gn` holds c_out rows
+            // of `columns` values from column q0; `view` as in `forward_shifted`.
+            unsafe {
+                matmul(
+                    (s.c_out, kk, width),
+                    dwk.as_mut_ptr(),
+                    (kk as isize, 1),
+                    true,
+                    gn.as_ptr(),
+                    (g.columns as isize, 1),
+                    view.as_ptr(),
+                    (1, g.row_len as isize),
+                    Parallelism::None,
+                )
+            };
         }
-    }
+    });
     weight_from_planes(s, &g, &dw)
 }
 

@@ -218,20 +218,26 @@ mod tests {
     #[test]
     fn the_image_alone_is_prepared_as_the_image_of_a_pair() {
         let (image, label) = pair();
-        let mut cropping = PreprocessConfig::default();
-        cropping.crop_foreground = true;
-        cropping.foreground_threshold = 0.5;
-        cropping.crop_margin = 1;
-        let mut resizing = PreprocessConfig::default();
-        resizing.resize = Some([8, 12, 10]);
+        let cropping = PreprocessConfig {
+            crop_foreground: true,
+            foreground_threshold: 0.5,
+            crop_margin: 1,
+            ..PreprocessConfig::default()
+        };
+        let resizing = PreprocessConfig {
+            resize: Some([8, 12, 10]),
+            ..PreprocessConfig::default()
+        };
         for config in [PreprocessConfig::default(), cropping, resizing] {
             let (from_pair, _) = preprocess_pair(&image, &label, &config).expect("pair");
             let alone = preprocess_image(&image, &config).expect("image");
             assert_eq!(alone.geometry, from_pair.geometry);
             assert_eq!(alone.data, from_pair.data);
         }
-        let mut bad = PreprocessConfig::default();
-        bad.pixdim = [0.0, 1.0, 1.0];
+        let bad = PreprocessConfig {
+            pixdim: [0.0, 1.0, 1.0],
+            ..PreprocessConfig::default()
+        };
         assert!(preprocess_image(&image, &bad).is_err());
     }
 
