@@ -12,11 +12,13 @@
 //! - input gradient: `dX = Wᵀ · G`, folded back onto the input ("col2im", the adjoint of the
 //!   unfolding).
 //!
-//! Both layouts are the tensors' own (`NCDHW` in, `NCDHW` out), so no layout copy is made.
-//! The input is padded once; a row of `X` is then, output row by output row, a run of one
-//! padded input row: for stride 1 a plain copy with no bounds to check, which is what makes
-//! this faster than Burn's `flex` kernel (an element-by-element gather over a channels-last
-//! copy, see `docs/performance.md`). The columns are processed in chunks of whole output rows, so the
+//! Both layouts are the tensors' own (`NCDHW` in, `NCDHW` out), so no layout copy is made
+//! beyond padding the input once. At a stride along the last axis, each padded row is stored
+//! grouped by column phase (`x mod stride`, see `ConvShape::column_slots`). A row of `X` is
+//! then, output row by output row, one contiguous run of one padded row, at every stride: a
+//! plain copy with no bounds to check, which is what makes this faster than Burn's `flex`
+//! kernel (an element-by-element gather over a channels-last copy, see
+//! `docs/performance.md`). The columns are processed in chunks of whole output rows, so the
 //! unfolded matrix is never larger than about [`CHUNK_ELEMENTS`] values.
 //!
 //! Stride-1 convolutions with few input channels on large planes skip the unfolding: on the
