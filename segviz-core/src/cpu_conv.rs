@@ -628,8 +628,9 @@ const SHIFTED_WASTE: f64 = 1.6;
 /// the views measured slower than the unfolded input (criterion, `benches/convolution.rs`,
 /// forward and backward at 64×64×16 with AVX-512 products: 16 channels 21 % faster on views,
 /// 32 channels 21 % slower). The products read the views' rows in place, `c_in·kw` rows a
-/// whole padded channel apart, which we suspect costs TLB misses as the rows grow in number;
-/// we did not verify it.
+/// whole padded channel apart (`gemm` does not pack them for so few output channels). Why
+/// that loses with more rows is open: transparent huge pages, which would remove TLB misses,
+/// changed nothing (64 channels at 16×16×4: 7.4 ms on views either way, 5.9 unfolded).
 const SHIFTED_MAX_INPUT_CHANNELS: usize = 16;
 
 /// Target size (in values) of one task's block of the output (or of its gradient) on the
