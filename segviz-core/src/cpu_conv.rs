@@ -350,16 +350,16 @@ fn with_unfolded<R>(
 }
 
 /// Adds the `kd·kh·kw` rows of one channel of an unfolded gradient (as [`unfold`] lays
-/// them out) for output rows `r0..r1` back onto that channel's padded input gradient (laid
-/// out as [`pad`] lays out the input): contiguous runs of `w'` values, a loop the compiler
+/// them out) for the output rows whose [`row_bases`] are `bases` back onto that channel's
+/// padded input gradient (laid out as [`pad`] lays out the input, `slots` being
+/// [`ConvShape::column_slots`]): contiguous runs of `w'` values, a loop the compiler
 /// vectorises.
-fn fold_channel(s: &ConvShape, col: &[f32], (r0, r1): (usize, usize), dx: &mut [f32]) {
+fn fold_channel(s: &ConvShape, col: &[f32], (bases, slots): (&[usize], &[usize]), dx: &mut [f32]) {
     let ow = s.output[2];
-    let width = (r1 - r0) * ow;
-    let (bases, slots) = (row_bases(s, (r0, r1)), s.column_slots());
+    let width = bases.len() * ow;
     for (offset, src) in offsets(s.kernel).zip(col.chunks_exact(width)) {
-        let shift = offset_start(s, &slots, offset);
-        for (run, base) in src.chunks_exact(ow).zip(&bases) {
+        let shift = offset_start(s, slots, offset);
+        for (run, base) in src.chunks_exact(ow).zip(bases) {
             let start = base + shift;
             for (d, v) in dx[start..start + ow].iter_mut().zip(run) {
                 *d += *v;
@@ -569,6 +569,7 @@ fn input_gradient_unfolded(s: &ConvShape, w: &[f32], grad: &[f32]) -> Vec<f32> {
     let kernel: usize = s.kernel.iter().product();
     let k = s.rows();
     let block = channels_per_task(s);
+    let slots = s.column_slots();
     let largest = chunks
         .iter()
         .map(|&(r0, r1)| (r1 - r0) * ow)
@@ -606,11 +607,12 @@ fn input_gradient_unfolded(s: &ConvShape, w: &[f32], grad: &[f32]) -> Vec<f32> {
                         Parallelism::None,
                     )
                 };
+                let bases = row_bases(s, (r0, r1));
                 for (dx_c, rows) in dx_block
                     .chunks_exact_mut(channel)
                     .zip(col[..rows * width].chunks_exact(kernel * width))
                 {
-                    fold_channel(s, rows, (r0, r1), dx_c);
+                    fold_channel(s, rows, (&bases, &slots), dx_c);
                 }
             }
         });
@@ -698,9 +700,10 @@ fn flip_transpose(s: &ConvShape, w: &[f32]) -> Vec<f32> {
 /// `q + (a·ph + b)·pw + e`, a plain shift, so for each offset the samples of all columns form
 /// one contiguous run of the padded input.
 ///
-/// The kernel's offsets are split into `taps` consecutive ones (those of the last axis) that
-/// become rows of [`shifted_copies`], and the planes `(a, b)` they repeat over, one matrix
-/// product each.
+/// The offsets `e` of the kernel's last axis become rows of [`shifted_copies`]; the planes
+/// `(a, b)` they repeat over are one matrix product each. (Folding the last two axes into the
+/// rows, 9 copies and 3 products, measured slower at every layer of the paper-size U-Net with
+/// 16 or fewer input channels.)
 struct Grid {
     /// Padded height and width.
     ph: usize,
@@ -709,9 +712,7 @@ struct Grid {
     rows: usize,
     /// Columns up to the last output position, inclusive.
     columns: usize,
-    /// Kernel offsets per plane: `kw`.
-    taps: usize,
-    /// Length of one row of [`shifted_copies`]: the padded volume less the last tap's shift.
+    /// Length of one row of [`shifted_copies`]: the padded volume less `kw − 1`.
     row_len: usize,
 }
 
@@ -719,31 +720,19 @@ impl Grid {
     fn of(s: &ConvShape) -> Grid {
         let [pd, ph, pw] = s.padded();
         let [od, oh, ow] = s.output;
-        // Folding the last two axes (9 copies, 3 products) measured slower than the last
-        // one alone at every layer of the paper-size U-Net with 16 or fewer input channels.
-        let taps = s.kernel[2];
-        let mut g = Grid {
+        Grid {
             ph,
             pw,
             rows: od * ph,
             columns: ((od - 1) * ph + oh - 1) * pw + ow,
-            taps,
-            row_len: 0,
-        };
-        g.row_len = pd * ph * pw - g.offset(s, taps - 1);
-        g
+            row_len: pd * ph * pw - (s.kernel[2] - 1),
+        }
     }
 
-    /// Where kernel offset `κ = (a·kh + b)·kw + e` reads, relative to column `q`.
-    fn offset(&self, s: &ConvShape, kappa: usize) -> usize {
-        let [_, kh, kw] = s.kernel;
-        let (a, b, e) = (kappa / (kh * kw), kappa / kw % kh, kappa % kw);
-        (a * self.ph + b) * self.pw + e
-    }
-
-    /// Where plane `t` (kernel offsets `t·taps..(t + 1)·taps`) starts reading.
-    fn shift(&self, s: &ConvShape, t: usize) -> usize {
-        self.offset(s, t * self.taps)
+    /// Where kernel plane `ab = a·kh + b` starts reading, relative to column `q`.
+    fn shift(&self, s: &ConvShape, ab: usize) -> usize {
+        let (a, b) = (ab / s.kernel[1], ab % s.kernel[1]);
+        (a * self.ph + b) * self.pw
     }
 
     /// `(batch item, first grid row, end grid row)` for every task: blocks of whole grid
@@ -768,58 +757,61 @@ impl Grid {
     }
 }
 
-/// For every padded channel `x_c` of `xp`, one copy per tap `j` shifted by that tap's
-/// offset: row `(c, j)` of a batch item holds `x_c[q + offset(j)]` for `q < row_len`. With
-/// the rows `(c, j)` at one stride, the samples of plane `t` for columns `q0..` are one
-/// strided matrix (`c_in·taps` rows) starting at column `q0 + shift(t)`. `xp` itself when
-/// there is one tap.
+/// For every padded channel `x_c` of `xp`, one copy per offset `e < kw` shifted by `e`: row
+/// `(c, e)` of a batch item holds `x_c[q + e]` for `q < row_len`. With the rows `(c, e)` at
+/// one stride, the samples of plane `(a, b)` for columns `q0..` are one strided matrix
+/// (`c_in·kw` rows) starting at column `q0 + shift(a, b)`. `xp` itself when `kw = 1`.
 fn shifted_copies<'a>(s: &ConvShape, g: &Grid, xp: &'a [f32]) -> Cow<'a, [f32]> {
-    if g.taps == 1 {
+    let kw = s.kernel[2];
+    if kw == 1 {
         return Cow::Borrowed(xp);
     }
     let channel = s.padded().iter().product::<usize>();
-    let mut out = vec![0f32; s.batch * s.c_in * g.taps * g.row_len];
-    out.par_chunks_mut(g.taps * g.row_len)
+    let mut out = vec![0f32; s.batch * s.c_in * kw * g.row_len];
+    out.par_chunks_mut(kw * g.row_len)
         .zip(xp.par_chunks(channel))
         .for_each(|(rows, xc)| {
-            for (j, row) in rows.chunks_exact_mut(g.row_len).enumerate() {
-                let from = g.offset(s, j);
-                row.copy_from_slice(&xc[from..from + g.row_len]);
+            for (e, row) in rows.chunks_exact_mut(g.row_len).enumerate() {
+                row.copy_from_slice(&xc[e..e + g.row_len]);
             }
         });
     Cow::Owned(out)
 }
 
-/// `w` `[c_out, c_in, kd, kh, kw]` as one `[c_out, c_in·taps]` matrix per plane of `g`.
-fn weight_by_plane(s: &ConvShape, g: &Grid, w: &[f32]) -> Vec<f32> {
-    let planes = s.kernel.iter().product::<usize>() / g.taps;
-    let kk = s.c_in * g.taps;
+/// `w` `[c_out, c_in, kd, kh, kw]` as one `[c_out, c_in·kw]` matrix per kernel plane
+/// `(a, b)`, planes in row-major order.
+fn weight_by_plane(s: &ConvShape, w: &[f32]) -> Vec<f32> {
     let mut out = vec![0f32; w.len()];
-    for o in 0..s.c_out {
-        for c in 0..s.c_in {
-            for t in 0..planes {
-                let from = &w[((o * s.c_in + c) * planes + t) * g.taps..][..g.taps];
-                out[(t * s.c_out + o) * kk + c * g.taps..][..g.taps].copy_from_slice(from);
-            }
-        }
-    }
+    for_each_plane_run(s, |from, to| {
+        out[to..to + s.kernel[2]].copy_from_slice(&w[from..][..s.kernel[2]])
+    });
     out
 }
 
 /// The inverse of [`weight_by_plane`].
-fn weight_from_planes(s: &ConvShape, g: &Grid, by_plane: &[f32]) -> Vec<f32> {
-    let planes = s.kernel.iter().product::<usize>() / g.taps;
-    let kk = s.c_in * g.taps;
+fn weight_from_planes(s: &ConvShape, by_plane: &[f32]) -> Vec<f32> {
     let mut out = vec![0f32; by_plane.len()];
+    for_each_plane_run(s, |from, to| {
+        out[from..from + s.kernel[2]].copy_from_slice(&by_plane[to..][..s.kernel[2]])
+    });
+    out
+}
+
+/// `f(weight offset, plane-layout offset)` for every run of `kw` values `(o, c, a, b, ·)`:
+/// where it starts in `[c_out, c_in, kd, kh, kw]` and in [`weight_by_plane`]'s layout.
+fn for_each_plane_run(s: &ConvShape, mut f: impl FnMut(usize, usize)) {
+    let [kd, kh, kw] = s.kernel;
+    let kk = s.c_in * kw;
     for o in 0..s.c_out {
         for c in 0..s.c_in {
-            for t in 0..planes {
-                out[((o * s.c_in + c) * planes + t) * g.taps..][..g.taps]
-                    .copy_from_slice(&by_plane[(t * s.c_out + o) * kk + c * g.taps..][..g.taps]);
+            for ab in 0..kd * kh {
+                f(
+                    ((o * s.c_in + c) * kd * kh + ab) * kw,
+                    (ab * s.c_out + o) * kk + c * kw,
+                );
             }
         }
     }
-    out
 }
 
 /// Stride-1 [`forward`] on shifted views: per task (a batch item and a block of grid rows),
@@ -835,9 +827,9 @@ fn forward_shifted(s: &ConvShape, x: &[f32], w: &[f32]) -> Vec<f32> {
     let g = Grid::of(s);
     let xp = pad(s, x, s.batch * s.c_in);
     let x3 = shifted_copies(s, &g, &xp);
-    let kk = s.c_in * g.taps;
+    let kk = s.c_in * s.kernel[2];
     let item = kk * g.row_len;
-    let planes = weight_by_plane(s, &g, w);
+    let planes = weight_by_plane(s, w);
     let [_, oh, ow] = s.output;
     let out = SharedMut(y.as_mut_ptr());
     g.tasks(s, s.c_out).into_par_iter().for_each(|(n, r0, r1)| {
@@ -909,7 +901,7 @@ fn weight_gradient_shifted(s: &ConvShape, x: &[f32], grad: &[f32]) -> Vec<f32> {
     let xp = pad(s, x, s.batch * s.c_in);
     let x3 = shifted_copies(s, &g, &xp);
     let gp = gradient_on_grid(s, &g, grad);
-    let kk = s.c_in * g.taps;
+    let kk = s.c_in * s.kernel[2];
     let item = kk * g.row_len;
     let dw = grouped_sum(&g.tasks(s, s.c_out.max(kk)), size, |&(n, r0, r1), dw| {
         let (q0, width) = g.span(r0, r1);
@@ -934,7 +926,7 @@ fn weight_gradient_shifted(s: &ConvShape, x: &[f32], grad: &[f32]) -> Vec<f32> {
             };
         }
     });
-    weight_from_planes(s, &g, &dw)
+    weight_from_planes(s, &dw)
 }
 
 #[cfg(test)]

@@ -244,42 +244,25 @@ pub mod flex_ad {
                 grad.as_slice::<f32>().expect("contiguous"),
             );
             let slope = a.as_slice::<f32>().expect("contiguous")[0];
-            let mut dx = vec![0f32; if node_x.is_some() { xs.len() } else { 0 }];
-            let partial = |x: &[f32], g: &[f32], dx: Option<&mut [f32]>| -> f32 {
-                let mut sum = 0f32;
-                match dx {
-                    Some(dx) => {
-                        for ((d, &v), &g) in dx.iter_mut().zip(x).zip(g) {
-                            if v >= 0.0 {
-                                *d = g;
-                            } else {
-                                *d = slope * g;
-                                sum += g * v;
-                            }
+            // One pass computes both; `dx` is kept only when `x` is tracked.
+            let mut dx = vec![0f32; xs.len()];
+            let sums: Vec<f32> = dx
+                .par_chunks_mut(ELEMENTWISE_BLOCK)
+                .zip(xs.par_chunks(ELEMENTWISE_BLOCK))
+                .zip(gs.par_chunks(ELEMENTWISE_BLOCK))
+                .map(|((dx, x), g)| {
+                    let mut sum = 0f32;
+                    for ((d, &v), &g) in dx.iter_mut().zip(x).zip(g) {
+                        if v >= 0.0 {
+                            *d = g;
+                        } else {
+                            *d = slope * g;
+                            sum += g * v;
                         }
                     }
-                    None => {
-                        for (&v, &g) in x.iter().zip(g) {
-                            if v < 0.0 {
-                                sum += g * v;
-                            }
-                        }
-                    }
-                }
-                sum
-            };
-            let sums: Vec<f32> = if node_x.is_some() {
-                dx.par_chunks_mut(ELEMENTWISE_BLOCK)
-                    .zip(xs.par_chunks(ELEMENTWISE_BLOCK))
-                    .zip(gs.par_chunks(ELEMENTWISE_BLOCK))
-                    .map(|((dx, x), g)| partial(x, g, Some(dx)))
-                    .collect()
-            } else {
-                xs.par_chunks(ELEMENTWISE_BLOCK)
-                    .zip(gs.par_chunks(ELEMENTWISE_BLOCK))
-                    .map(|(x, g)| partial(x, g, None))
-                    .collect()
-            };
+                    sum
+                })
+                .collect();
             if let Some(node) = node_x {
                 let dx = FloatTensor::<Flex>::from_data(TensorData::new(dx, dims));
                 grads.register::<Flex>(node.id, dx);
