@@ -27,6 +27,10 @@ struct Args {
     /// Timed steps (after two warm-up steps).
     #[arg(long, default_value_t = 10)]
     steps: usize,
+    /// Timed training steps, when they should differ from `--steps` (0 times inference
+    /// alone, e.g. to profile it; the training figure is then null).
+    #[arg(long)]
+    train_steps: Option<usize>,
 }
 
 const BATCH: usize = 2;
@@ -68,7 +72,8 @@ fn main() -> ExitCode {
     let yt = Tensor::<4, Int>::from_data(TensorData::new(y, [BATCH, d, h, w]), &train_device);
     let mut optim = OptimizerConfig::new().adam();
     let mut train_ms = Vec::new();
-    for step in 0..args.steps + 2 {
+    let train_steps = args.train_steps.unwrap_or(args.steps);
+    for step in 0..train_steps + 2 * usize::from(train_steps > 0) {
         let start = Instant::now();
         let loss = DiceLoss::new().dice_ce(model.forward(xt.clone()).remove(0), &yt);
         model = optimizer_step(model, &mut optim, loss.clone(), 1e-4);
@@ -95,7 +100,7 @@ fn main() -> ExitCode {
             "backend": segviz::backend_name(),
             "size": args.size,
             "batch": BATCH,
-            "train_step_ms": round2(median(&mut train_ms)),
+            "train_step_ms": (!train_ms.is_empty()).then(|| round2(median(&mut train_ms))),
             "inference_ms_per_patch": round2(median(&mut infer_ms)),
             "peak_rss_mib": peak_rss_mib(),
         })
