@@ -36,7 +36,7 @@ impl NormAct {
     /// # Shapes
     /// `[batch, channels, depth, height, width]` in and out.
     pub fn forward(&self, x: Tensor<5>) -> Tensor<5> {
-        crate::fast_conv::prelu(&self.act, self.norm.forward(x))
+        crate::fast_norm::norm_act(&self.norm, &self.act, x)
     }
 }
 

@@ -91,7 +91,7 @@ pub fn prelu(act: &burn::nn::PRelu, x: Tensor<5>) -> Tensor<5> {
 /// Whether the custom operations may be used: not when `SEGVIZ_REFERENCE_CONV` is set to
 /// anything but `0` (read once; it covers [`prelu`] too).
 #[cfg_attr(not(feature = "flex"), allow(dead_code))]
-fn enabled() -> bool {
+pub(crate) fn enabled() -> bool {
     static ENABLED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *ENABLED.get_or_init(|| {
         std::env::var("SEGVIZ_REFERENCE_CONV").map_or(true, |v| v.is_empty() || v == "0")
@@ -387,7 +387,7 @@ pub mod flex_ad {
 
     /// The tensor itself when its values are contiguous from the start of its storage, a
     /// contiguous copy otherwise; `None` when it is not `f32`.
-    fn contiguous(t: &FloatTensor<Flex>) -> Option<FloatTensor<Flex>> {
+    pub(crate) fn contiguous(t: &FloatTensor<Flex>) -> Option<FloatTensor<Flex>> {
         if t.dtype() != DType::F32 {
             return None;
         }

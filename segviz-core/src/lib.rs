@@ -18,6 +18,7 @@ pub mod checkpoint;
 pub mod cpu_conv;
 pub mod error;
 pub mod fast_conv;
+pub mod fast_norm;
 pub mod fusion;
 pub mod head;
 pub mod init;
