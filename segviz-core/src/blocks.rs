@@ -70,7 +70,11 @@ impl ConvUnit {
     /// - input: `[batch, in_channels, d, h, w]`
     /// - output: `[batch, out_channels, d / stride, h / stride, w / stride]`
     pub fn forward(&self, x: Tensor<5>) -> Tensor<5> {
-        let y = crate::fast_conv::conv3d(&self.conv, x);
+        self.after_conv(crate::fast_conv::conv3d(&self.conv, x))
+    }
+
+    /// The normalisation and activation applied to the convolution's output `y`.
+    fn after_conv(&self, y: Tensor<5>) -> Tensor<5> {
         match &self.adn {
             Some(adn) => adn.forward(y),
             None => y,
@@ -131,12 +135,17 @@ impl ResidualUnit {
     /// - input: `[batch, in_channels, d, h, w]`
     /// - output: `[batch, out_channels, d / stride, h / stride, w / stride]`
     pub fn forward(&self, x: Tensor<5>) -> Tensor<5> {
-        let shortcut = match &self.residual {
-            Some(conv) => crate::fast_conv::conv3d(conv, x.clone()),
-            None => x.clone(),
+        // The first conv and a residual conv read the same input: run them as a pair (one
+        // unfolding of the input on the CPU, see `fast_conv::conv3d_pair`).
+        let (mut y, shortcut, rest) = match (&self.residual, self.units.split_first()) {
+            (Some(conv), Some((first, rest))) => {
+                let (y, shortcut) = crate::fast_conv::conv3d_pair(&first.conv, conv, x);
+                (first.after_conv(y), shortcut, rest)
+            }
+            (None, _) => (x.clone(), x, &self.units[..]),
+            (Some(conv), None) => (x.clone(), crate::fast_conv::conv3d(conv, x), &[][..]),
         };
-        let mut y = x;
-        for unit in &self.units {
+        for unit in rest {
             y = unit.forward(y);
         }
         y + shortcut

@@ -50,6 +50,52 @@ pub fn conv3d(conv: &Conv3d, x: Tensor<5>) -> Tensor<5> {
     conv.forward(x)
 }
 
+/// `(a.forward(x), b.forward(x))` for two convolutions of the same input with the same
+/// geometry (kernel, stride, padding), as a residual unit's first convolution and its
+/// strided residual path are. On `Flex` and `Autodiff<Flex>` they run as one convolution
+/// with both weights stacked (`a`'s output channels first), then split: the input is
+/// padded and unfolded once, not twice, and the weight gradients share one unfolding too.
+/// Elsewhere, or when the geometries differ, two convolutions.
+///
+/// # Shapes
+/// - input: `[n, c_in, d, h, w]`; outputs: `[n, c_a, d', h', w']` and `[n, c_b, d', h', w']`
+pub fn conv3d_pair(a: &Conv3d, b: &Conv3d, x: Tensor<5>) -> (Tensor<5>, Tensor<5>) {
+    #[cfg(feature = "flex")]
+    if let PaddingConfig3d::Explicit(pd, ph, pw) = a.padding {
+        let same = a.padding == b.padding
+            && a.stride == b.stride
+            && a.kernel_size == b.kernel_size
+            && a.dilation == b.dilation
+            && a.groups == b.groups
+            && a.bias.is_some() == b.bias.is_some()
+            && a.weight.dims()[1..] == b.weight.dims()[1..];
+        if same && enabled() && a.groups == 1 && a.dilation == [1, 1, 1] && is_flex(&x) {
+            let geometry = flex_ad::Geometry {
+                stride: a.stride,
+                padding: [pd, ph, pw],
+            };
+            let weight = Tensor::cat(vec![a.weight.val(), b.weight.val()], 0);
+            if let Some(y) = flex_ad::conv3d(x.clone(), weight, geometry) {
+                let bias = a
+                    .bias
+                    .as_ref()
+                    .zip(b.bias.as_ref())
+                    .map(|(ba, bb)| Tensor::cat(vec![ba.val(), bb.val()], 0));
+                let y = add_bias(y, bias);
+                let (ca, cb) = (a.weight.dims()[0], b.weight.dims()[0]);
+                return (y.clone().narrow(1, 0, ca), y.narrow(1, ca, cb));
+            }
+        }
+    }
+    (conv3d(a, x.clone()), conv3d(b, x))
+}
+
+/// Whether `x` lives on `Flex` or `Autodiff<Flex>`, where [`flex_ad`]'s kernels run.
+#[cfg(feature = "flex")]
+fn is_flex(x: &Tensor<5>) -> bool {
+    x.device().inner() == burn::tensor::Device::flex()
+}
+
 /// `conv.forward(x)`, through [`crate::cpu_conv`]'s kernels when `x` lives on `Flex` or
 /// `Autodiff<Flex>`.
 ///
@@ -654,6 +700,78 @@ mod tests {
             padding: [0; 3],
         };
         assert!(super::flex_ad::conv3d(tiny, conv.weight.val(), no_padding).is_none());
+    }
+
+    #[test]
+    fn a_convolution_pair_equals_its_two_convolutions_with_gradients() {
+        let device = Device::flex().autodiff();
+        let x = Tensor::<5>::random([2, 3, 6, 7, 9], Distribution::Normal(0.0, 1.0), &device);
+        let pair = |stride: usize, c_b: usize| {
+            let a = Conv3dConfig::new([3, 4], [3, 3, 3])
+                .with_stride([stride; 3])
+                .with_padding(PaddingConfig3d::Explicit(1, 1, 1))
+                .init(&device);
+            let b = Conv3dConfig::new([3, c_b], [3, 3, 3])
+                .with_stride([stride; 3])
+                .with_padding(PaddingConfig3d::Explicit(1, 1, 1))
+                .init(&device);
+            (a, b)
+        };
+        for (stride, c_b) in [(2, 5), (1, 4)] {
+            let (a, b) = pair(stride, c_b);
+            let run = |fast: bool| {
+                let x = x.clone().require_grad();
+                let (ya, yb) = if fast {
+                    conv3d_pair(&a, &b, x.clone())
+                } else {
+                    (a.forward(x.clone()), b.forward(x.clone()))
+                };
+                let ra = ya.clone().sin();
+                let loss = (ya.clone() * ra.detach()).sum() + (yb.clone() * 0.7).cos().sum();
+                let grads = loss.backward();
+                let v = |t: Tensor<5>| t.into_data().try_to_vec::<f32>().unwrap();
+                let v1 = |t: Tensor<1>| t.into_data().try_to_vec::<f32>().unwrap();
+                let wa = a.weight.val().grad(&grads).expect("first weight gradient");
+                let wb = b.weight.val().grad(&grads).expect("second weight gradient");
+                let ba = a
+                    .bias
+                    .as_ref()
+                    .unwrap()
+                    .val()
+                    .grad(&grads)
+                    .expect("first bias");
+                let bb = b
+                    .bias
+                    .as_ref()
+                    .unwrap()
+                    .val()
+                    .grad(&grads)
+                    .expect("second bias");
+                [
+                    v(ya),
+                    v(yb),
+                    v(x.grad(&grads).expect("input gradient")),
+                    v(wa),
+                    v(wb),
+                    v1(ba),
+                    v1(bb),
+                ]
+            };
+            let (fast, reference) = (run(true), run(false));
+            let names = [
+                "first output",
+                "second output",
+                "input grad",
+                "first weight grad",
+            ];
+            let names =
+                names
+                    .iter()
+                    .chain(&["second weight grad", "first bias grad", "second bias grad"]);
+            for (i, what) in names.enumerate() {
+                assert_close(&fast[i], &reference[i], &format!("stride {stride}: {what}"));
+            }
+        }
     }
 
     #[test]
