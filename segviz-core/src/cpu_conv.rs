@@ -27,6 +27,12 @@
 //! `Y = Σ_(a,b) W_(a,b) · X_(a,b)` (see [`Grid`]). Their input gradient is the same kind of
 //! convolution of the output gradient with the flipped, transposed weight.
 //!
+//! On CPUs with AVX-512, every stride-1 convolution on large planes (any channel count, a
+//! kernel larger than 1×1×1) reads the padded input at those shifts directly instead
+//! ([`direct`]): output channels times vectors of grid columns are summed in registers, one
+//! vector load per input channel and kernel offset, so neither the shifted copies nor an
+//! unfolded matrix is made; its weight gradient sweeps the grid the same way.
+//!
 //! The transposed convolution needs no kernel of its own: its forward pass is a
 //! convolution's input gradient, its input gradient a convolution's forward pass and its
 //! weight gradient a convolution's weight gradient with the roles of input and output
@@ -460,10 +466,10 @@ fn forward_unfolded(s: &ConvShape, x: &[f32], w: &[f32]) -> Vec<f32> {
 /// Weight gradient: `x` `[n, c_in, d, h, w]`, `grad` (of the output)
 /// `[n, c_out, d', h', w']`, result `[c_out, c_in, kd, kh, kw]`.
 pub fn weight_gradient(s: &ConvShape, x: &[f32], grad: &[f32]) -> Vec<f32> {
-    if s.shifted_views_pay() {
-        weight_gradient_shifted(s, x, grad)
-    } else {
-        weight_gradient_unfolded(s, x, grad)
+    match s.forward_kernel() {
+        Kernel::Direct => direct::weight_gradient(s, x, grad),
+        Kernel::Shifted => weight_gradient_shifted(s, x, grad),
+        Kernel::Unfolded => weight_gradient_unfolded(s, x, grad),
     }
 }
 
@@ -673,14 +679,17 @@ impl ConvShape {
         (ph * pw) as f64 <= SHIFTED_WASTE * (oh * ow) as f64
     }
 
-    /// The kernel that computes this convolution's forward pass: the direct one for every
-    /// stride-1 convolution on large planes where the CPU has AVX-512 (measured faster than
-    /// both others there at every such layer of the paper-size U-Net: 16→16 channels at
-    /// 64×64×16 2.1×, 32→32 at 32×32×8 1.3×, forward; on smaller planes it lost, 64→64 at
-    /// 16×16×4 6.1 against 5.6 ms unfolded), shifted views for those with few input channels
-    /// elsewhere, the unfolded input for the rest.
+    /// The kernel that computes this convolution's forward pass and weight gradient (and,
+    /// through [`ConvShape::adjoint`], its input gradient): the direct one for every
+    /// stride-1 convolution on large planes where the CPU has AVX-512, unless its kernel is
+    /// 1×1×1 (a plain matrix product); shifted views for those with few input channels
+    /// elsewhere; the unfolded input for the rest. Measured on the paper-size U-Net, the
+    /// direct kernel was faster at every such layer: forward 16→16 channels at 64×64×16
+    /// 2.1×, 32→32 at 32×32×8 1.3×; weight gradient 1.4×, 1.2× and 2→2 at 128×128×32 2×.
+    /// On smaller planes it lost (forward 64→64 at 16×16×4: 6.1 against 5.6 ms unfolded),
+    /// and so did the 1×1×1 residual convolutions (weight gradient 2.2 against 1.1 ms).
     fn forward_kernel(&self) -> Kernel {
-        if self.on_large_planes() && direct::available() {
+        if self.on_large_planes() && self.kernel != [1; 3] && direct::available() {
             Kernel::Direct
         } else if self.shifted_views_pay() {
             Kernel::Shifted
@@ -777,6 +786,12 @@ impl Grid {
     /// matrix (at least one row).
     fn tasks(&self, s: &ConvShape, channels: usize) -> Vec<(usize, usize, usize)> {
         let step = (SHIFTED_CHUNK_ELEMENTS / (channels * self.pw).max(1)).clamp(1, self.rows);
+        self.tasks_of(s, step)
+    }
+
+    /// [`Grid::tasks`] with `step` grid rows a task (at least one, the last task fewer).
+    fn tasks_of(&self, s: &ConvShape, step: usize) -> Vec<(usize, usize, usize)> {
+        let step = step.clamp(1, self.rows);
         (0..s.batch)
             .flat_map(|n| {
                 (0..self.rows)
@@ -1170,7 +1185,7 @@ mod tests {
     }
 
     #[test]
-    fn the_direct_kernel_computes_the_same_convolution_and_input_gradient() {
+    fn the_direct_kernel_computes_the_same_convolution_and_gradients() {
         if !direct::available() {
             eprintln!(
                 "this CPU lacks AVX-512: the direct kernel is not used here, nothing to test"
@@ -1209,6 +1224,11 @@ mod tests {
                 &direct::forward(&adjoint, &g, &flip_transpose(&s, &w)),
                 &input_gradient_unfolded(&s, &w, &g),
                 "input gradient",
+            );
+            close(
+                &direct::weight_gradient(&s, &x, &g),
+                &weight_gradient_unfolded(&s, &x, &g),
+                "weight gradient",
             );
         }
     }

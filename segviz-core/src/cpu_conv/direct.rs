@@ -98,6 +98,64 @@ pub(super) fn forward(s: &ConvShape, x: &[f32], w: &[f32]) -> Vec<f32> {
     y
 }
 
+/// Columns per task of [`weight_gradient`]: each task sweeps its columns once per group of
+/// output channels, input channel and group of kernel offsets, so they should stay in the
+/// second-level cache.
+const WEIGHT_GRADIENT_COLUMNS: usize = 2048;
+
+/// Stride-1 weight gradient (see [`super::weight_gradient`]) by the direct kernel:
+/// `dW[o, c, t] = Σ_n Σ_q g[n, o, q] · xp[n, c, q + shift(t)]` over the padded grid, the
+/// output gradient spread onto the grid with zeros in its extra columns. Each task (a
+/// batch item and a block of grid rows) sums into its group's partial gradient; the groups
+/// are added in order.
+///
+/// # Panics
+/// As [`forward`].
+pub(super) fn weight_gradient(s: &ConvShape, x: &[f32], grad: &[f32]) -> Vec<f32> {
+    assert!(available() && s.stride == [1; 3], "direct kernel: {s:?}");
+    let size = s.c_out * s.rows();
+    if s.is_empty() {
+        return vec![0f32; size];
+    }
+    let g = Grid::of(s);
+    let xp = pad(s, x, s.batch * s.c_in);
+    let gp = super::gradient_on_grid(s, &g, grad);
+    let channel = s.padded().iter().product::<usize>();
+    let item = s.c_in * channel;
+    let shifts: Vec<usize> = offsets(s.kernel)
+        .map(|[a, b, e]| (a * g.ph + b) * g.pw + e)
+        .collect();
+    let block = Block {
+        c_in: s.c_in,
+        c_out: s.c_out,
+        channel,
+        shifts: &shifts,
+        weight: &[],
+    };
+    let rows_per_task = (WEIGHT_GRADIENT_COLUMNS / g.pw).max(1);
+    let tasks = g.tasks_of(s, rows_per_task);
+    super::grouped_sum(&tasks, size, |&(n, r0, r1), dw| {
+        let (q0, width) = g.span(r0, r1);
+        let xn = &xp[n * item..(n + 1) * item];
+        let gn = &gp[n * s.c_out * g.columns..(n + 1) * s.c_out * g.columns];
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `available()` was asserted; `xn` holds c_in padded channels and every
+        // column read lies inside them (see `Grid`); `gn` holds c_out rows of `columns`
+        // values and the task reads columns q0..q0 + width ≤ columns of each; `dw` is the
+        // group's own c_out × c_in × taps partial gradient.
+        unsafe {
+            avx512::weight_block(
+                &block,
+                xn.as_ptr().add(q0),
+                gn.as_ptr().add(q0),
+                g.columns,
+                width,
+                dw,
+            )
+        };
+    })
+}
+
 /// What every block of one convolution shares.
 struct Block<'a> {
     c_in: usize,
@@ -114,7 +172,7 @@ struct Block<'a> {
 mod avx512 {
     use std::arch::x86_64::{
         __m512, _mm512_fmadd_ps, _mm512_mask_storeu_ps, _mm512_maskz_loadu_ps, _mm512_set1_ps,
-        _mm512_setzero_ps,
+        _mm512_setzero_ps, _mm512_storeu_ps,
     };
 
     use super::Block;
@@ -153,6 +211,129 @@ mod avx512 {
                 }
             }
         }
+    }
+
+    /// Adds to `dw` (`[c_out, c_in, taps]`) the weight gradient of grid columns
+    /// `0..width` counted from `x` (column `q0` of the first padded input channel) and `g`
+    /// (column `q0` of the first output-gradient row, rows `g_row` values apart).
+    ///
+    /// # Safety
+    /// As [`grid_block`] for `x`; `g + o·g_row + j` must lie in a live buffer for every
+    /// `o < c_out` and `j < width`; `dw` must hold `c_out·c_in·taps` values.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn weight_block(
+        b: &Block<'_>,
+        x: *const f32,
+        g: *const f32,
+        g_row: usize,
+        width: usize,
+        dw: &mut [f32],
+    ) {
+        let taps = b.shifts.len();
+        let mut o = 0;
+        // SAFETY: the caller's promise covers every group of channels and offsets.
+        unsafe {
+            while o < b.c_out {
+                let left = b.c_out - o;
+                let group = if left >= 8 {
+                    8
+                } else if left >= 4 {
+                    4
+                } else if left >= 2 {
+                    2
+                } else {
+                    1
+                };
+                for c in 0..b.c_in {
+                    let mut t = 0;
+                    while t < taps {
+                        let at = Sweep {
+                            x: x.wrapping_add(c * b.channel),
+                            g: g.wrapping_add(o * g_row),
+                            g_row,
+                            width,
+                            first_tap: t,
+                        };
+                        let out = &mut dw[(o * b.c_in + c) * taps + t..];
+                        let stride = b.c_in * taps;
+                        t += match (group, taps - t) {
+                            (8, 3..) => sweep::<8, 3>(b, &at, out, stride),
+                            (8, 2) => sweep::<8, 2>(b, &at, out, stride),
+                            (8, _) => sweep::<8, 1>(b, &at, out, stride),
+                            (4, 3..) => sweep::<4, 3>(b, &at, out, stride),
+                            (4, 2) => sweep::<4, 2>(b, &at, out, stride),
+                            (4, _) => sweep::<4, 1>(b, &at, out, stride),
+                            (2, 3..) => sweep::<2, 3>(b, &at, out, stride),
+                            (2, 2) => sweep::<2, 2>(b, &at, out, stride),
+                            (2, _) => sweep::<2, 1>(b, &at, out, stride),
+                            (_, 3..) => sweep::<1, 3>(b, &at, out, stride),
+                            (_, 2) => sweep::<1, 2>(b, &at, out, stride),
+                            (_, _) => sweep::<1, 1>(b, &at, out, stride),
+                        };
+                    }
+                }
+                o += group;
+            }
+        }
+    }
+
+    /// Where one [`sweep`] reads.
+    struct Sweep {
+        /// Column `q0` of one padded input channel.
+        x: *const f32,
+        /// Column `q0` of the group's first output-gradient row.
+        g: *const f32,
+        g_row: usize,
+        width: usize,
+        first_tap: usize,
+    }
+
+    /// `out[i·stride + k] += Σ_j g[i, j] · x[j + shift(first_tap + k)]` for `OG` gradient
+    /// rows and `TG` offsets, over columns `0..width` in 16 lanes, each lane summed in
+    /// column order and the lanes added in order. Returns `TG`.
+    #[target_feature(enable = "avx512f")]
+    unsafe fn sweep<const OG: usize, const TG: usize>(
+        b: &Block<'_>,
+        at: &Sweep,
+        out: &mut [f32],
+        stride: usize,
+    ) -> usize {
+        let mut shifts = [0usize; TG];
+        shifts.copy_from_slice(&b.shifts[at.first_tap..at.first_tap + TG]);
+        let mut acc: [[__m512; TG]; OG] = [[_mm512_setzero_ps(); TG]; OG];
+        let mut j = 0;
+        while j < at.width {
+            let left = at.width - j;
+            let mask = if left >= LANES {
+                u16::MAX
+            } else {
+                ((1u32 << left) - 1) as u16
+            };
+            let mut xv: [__m512; TG] = [_mm512_setzero_ps(); TG];
+            for (value, &shift) in xv.iter_mut().zip(&shifts) {
+                // SAFETY: columns below `width` at this shift lie in the padded channel
+                // (the caller's promise); masked-off lanes are not read.
+                *value = unsafe { _mm512_maskz_loadu_ps(mask, at.x.wrapping_add(j + shift)) };
+            }
+            for (i, row) in acc.iter_mut().enumerate() {
+                // SAFETY: row i of the group, columns below `width`.
+                let gv =
+                    unsafe { _mm512_maskz_loadu_ps(mask, at.g.wrapping_add(i * at.g_row + j)) };
+                for (a, &xval) in row.iter_mut().zip(&xv) {
+                    *a = _mm512_fmadd_ps(gv, xval, *a);
+                }
+            }
+            j += LANES;
+        }
+        for (i, row) in acc.iter().enumerate() {
+            for (k, &a) in row.iter().enumerate() {
+                let mut lanes = [0f32; LANES];
+                // SAFETY: `lanes` holds 16 values.
+                unsafe { _mm512_storeu_ps(lanes.as_mut_ptr(), a) };
+                out[i * stride + k] += lanes.iter().sum::<f32>();
+            }
+        }
+        TG
     }
 
     /// Output channels `o..o + CO` of [`grid_block`], `NV` vectors of columns at a time;
