@@ -38,6 +38,12 @@ impl NormAct {
     pub fn forward(&self, x: Tensor<5>) -> Tensor<5> {
         crate::fast_norm::norm_act(&self.norm, &self.act, x)
     }
+
+    /// [`NormAct::forward`] of `x + bias`, the bias left by a convolution (see
+    /// [`crate::fast_conv::conv3d_deferred`]).
+    pub fn forward_biased(&self, x: Tensor<5>, bias: Option<Tensor<1>>) -> Tensor<5> {
+        crate::fast_norm::norm_act_biased(&self.norm, &self.act, x, bias)
+    }
 }
 
 /// A 3×3×3 convolution followed (unless it is the network's last layer) by BatchNorm and
@@ -70,14 +76,15 @@ impl ConvUnit {
     /// - input: `[batch, in_channels, d, h, w]`
     /// - output: `[batch, out_channels, d / stride, h / stride, w / stride]`
     pub fn forward(&self, x: Tensor<5>) -> Tensor<5> {
-        self.after_conv(crate::fast_conv::conv3d(&self.conv, x))
+        self.after_conv(crate::fast_conv::conv3d_deferred(&self.conv, x))
     }
 
-    /// The normalisation and activation applied to the convolution's output `y`.
-    fn after_conv(&self, y: Tensor<5>) -> Tensor<5> {
+    /// The normalisation and activation applied to the convolution's output `y`, plus the
+    /// bias the convolution left (folded into the normalisation where it can be).
+    fn after_conv(&self, (y, bias): crate::fast_conv::Deferred) -> Tensor<5> {
         match &self.adn {
-            Some(adn) => adn.forward(y),
-            None => y,
+            Some(adn) => adn.forward_biased(y, bias),
+            None => crate::fast_conv::add_bias(y, bias),
         }
     }
 }
@@ -139,7 +146,7 @@ impl ResidualUnit {
         // unfolding of the input on the CPU, see `fast_conv::conv3d_pair`).
         let (mut y, shortcut, rest) = match (&self.residual, self.units.split_first()) {
             (Some(conv), Some((first, rest))) => {
-                let (y, shortcut) = crate::fast_conv::conv3d_pair(&first.conv, conv, x);
+                let (y, shortcut) = crate::fast_conv::conv3d_pair_deferred(&first.conv, conv, x);
                 (first.after_conv(y), shortcut, rest)
             }
             (None, _) => (x.clone(), x, &self.units[..]),
@@ -190,10 +197,9 @@ impl UpBlock {
     /// - input: `[batch, in_channels, d, h, w]`
     /// - output: `[batch, out_channels, d·stride, h·stride, w·stride]`
     pub fn forward(&self, x: Tensor<5>) -> Tensor<5> {
-        let y = self
-            .upsample_adn
-            .forward(crate::fast_conv::conv_transpose3d(&self.upsample, x));
-        self.refine.forward(y)
+        let (y, bias) = crate::fast_conv::conv_transpose3d_deferred(&self.upsample, x);
+        self.refine
+            .forward(self.upsample_adn.forward_biased(y, bias))
     }
 }
 

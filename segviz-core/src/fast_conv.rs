@@ -29,12 +29,28 @@ use burn::nn::conv::{Conv3d, ConvTranspose3d};
 use burn::nn::PaddingConfig3d;
 use burn::tensor::Tensor;
 
+/// A convolution's output before its bias: `(x ⊛ w, Some(bias))` when the bias is left to
+/// the caller, `(conv.forward(x), None)` when it has been added.
+pub type Deferred = (Tensor<5>, Option<Tensor<1>>);
+
 /// `conv.forward(x)`, through [`crate::cpu_conv`]'s kernels when `x` lives on `Flex` or
 /// `Autodiff<Flex>`.
 ///
 /// # Shapes
 /// - input: `[n, c_in, d, h, w]`; output: `[n, c_out, d', h', w']`
 pub fn conv3d(conv: &Conv3d, x: Tensor<5>) -> Tensor<5> {
+    conv3d_with(conv, x, false).0
+}
+
+/// [`conv3d`], leaving the bias to the caller where `x` lives on plain `Flex` (inference):
+/// [`crate::fast_norm::norm_act`] folds it into its own pass, which saves one pass over
+/// the output.
+pub fn conv3d_deferred(conv: &Conv3d, x: Tensor<5>) -> Deferred {
+    let defer = defers_bias(&x);
+    conv3d_with(conv, x, defer)
+}
+
+fn conv3d_with(conv: &Conv3d, x: Tensor<5>, defer: bool) -> Deferred {
     #[cfg(feature = "flex")]
     if let PaddingConfig3d::Explicit(pd, ph, pw) = conv.padding {
         if enabled() && conv.groups == 1 && conv.dilation == [1, 1, 1] {
@@ -43,11 +59,36 @@ pub fn conv3d(conv: &Conv3d, x: Tensor<5>) -> Tensor<5> {
                 padding: [pd, ph, pw],
             };
             if let Some(y) = flex_ad::conv3d(x.clone(), conv.weight.val(), geometry) {
-                return add_bias(y, conv.bias.as_ref().map(|b| b.val()));
+                return finish(y, conv.bias.as_ref().map(|b| b.val()), defer);
             }
         }
     }
-    conv.forward(x)
+    let _ = defer;
+    (conv.forward(x), None)
+}
+
+/// `(y, bias)` when the bias is deferred, `(y + bias, None)` otherwise.
+#[cfg_attr(not(feature = "flex"), allow(dead_code))]
+fn finish(y: Tensor<5>, bias: Option<Tensor<1>>, defer: bool) -> Deferred {
+    if defer {
+        (y, bias)
+    } else {
+        (add_bias(y, bias), None)
+    }
+}
+
+/// Whether a convolution of `x` may leave its bias to the caller: on plain `Flex`, where the
+/// custom kernels and [`crate::fast_norm`]'s inference pass run.
+fn defers_bias(x: &Tensor<5>) -> bool {
+    #[cfg(feature = "flex")]
+    {
+        enabled() && !x.device().is_autodiff() && is_flex(x)
+    }
+    #[cfg(not(feature = "flex"))]
+    {
+        let _ = x;
+        false
+    }
 }
 
 /// `(a.forward(x), b.forward(x))` for two convolutions of the same input with the same
@@ -60,6 +101,18 @@ pub fn conv3d(conv: &Conv3d, x: Tensor<5>) -> Tensor<5> {
 /// # Shapes
 /// - input: `[n, c_in, d, h, w]`; outputs: `[n, c_a, d', h', w']` and `[n, c_b, d', h', w']`
 pub fn conv3d_pair(a: &Conv3d, b: &Conv3d, x: Tensor<5>) -> (Tensor<5>, Tensor<5>) {
+    let ((ya, bias), yb) = conv3d_pair_with(a, b, x, false);
+    (add_bias(ya, bias), yb)
+}
+
+/// [`conv3d_pair`], leaving the first output's bias to the caller as [`conv3d_deferred`]
+/// does; the second output has its bias.
+pub fn conv3d_pair_deferred(a: &Conv3d, b: &Conv3d, x: Tensor<5>) -> (Deferred, Tensor<5>) {
+    let defer = defers_bias(&x);
+    conv3d_pair_with(a, b, x, defer)
+}
+
+fn conv3d_pair_with(a: &Conv3d, b: &Conv3d, x: Tensor<5>, defer: bool) -> (Deferred, Tensor<5>) {
     #[cfg(feature = "flex")]
     if let PaddingConfig3d::Explicit(pd, ph, pw) = a.padding {
         let same = a.padding == b.padding
@@ -76,18 +129,16 @@ pub fn conv3d_pair(a: &Conv3d, b: &Conv3d, x: Tensor<5>) -> (Tensor<5>, Tensor<5
             };
             let weight = Tensor::cat(vec![a.weight.val(), b.weight.val()], 0);
             if let Some(y) = flex_ad::conv3d(x.clone(), weight, geometry) {
-                let bias = a
-                    .bias
-                    .as_ref()
-                    .zip(b.bias.as_ref())
-                    .map(|(ba, bb)| Tensor::cat(vec![ba.val(), bb.val()], 0));
-                let y = add_bias(y, bias);
                 let (ca, cb) = (a.weight.dims()[0], b.weight.dims()[0]);
-                return (y.clone().narrow(1, 0, ca), y.narrow(1, ca, cb));
+                let first = y.clone().narrow(1, 0, ca);
+                let second = add_bias(y.narrow(1, ca, cb), b.bias.as_ref().map(|v| v.val()));
+                let first = finish(first, a.bias.as_ref().map(|v| v.val()), defer);
+                return (first, second);
             }
         }
     }
-    (conv3d(a, x.clone()), conv3d(b, x))
+    let _ = defer;
+    ((conv3d(a, x.clone()), None), conv3d(b, x))
 }
 
 /// Whether `x` lives on `Flex` or `Autodiff<Flex>`, where [`flex_ad`]'s kernels run.
@@ -102,6 +153,16 @@ fn is_flex(x: &Tensor<5>) -> bool {
 /// # Shapes
 /// - input: `[n, c_in, d, h, w]`; output: `[n, c_out, d', h', w']`
 pub fn conv_transpose3d(conv: &ConvTranspose3d, x: Tensor<5>) -> Tensor<5> {
+    conv_transpose3d_with(conv, x, false).0
+}
+
+/// [`conv_transpose3d`], leaving the bias to the caller as [`conv3d_deferred`] does.
+pub fn conv_transpose3d_deferred(conv: &ConvTranspose3d, x: Tensor<5>) -> Deferred {
+    let defer = defers_bias(&x);
+    conv_transpose3d_with(conv, x, defer)
+}
+
+fn conv_transpose3d_with(conv: &ConvTranspose3d, x: Tensor<5>, defer: bool) -> Deferred {
     #[cfg(feature = "flex")]
     if enabled() && conv.groups == 1 && conv.dilation == [1, 1, 1] {
         let geometry = flex_ad::Geometry {
@@ -111,10 +172,11 @@ pub fn conv_transpose3d(conv: &ConvTranspose3d, x: Tensor<5>) -> Tensor<5> {
         if let Some(y) =
             flex_ad::conv_transpose3d(x.clone(), conv.weight.val(), geometry, conv.padding_out)
         {
-            return add_bias(y, conv.bias.as_ref().map(|b| b.val()));
+            return finish(y, conv.bias.as_ref().map(|b| b.val()), defer);
         }
     }
-    conv.forward(x)
+    let _ = defer;
+    (conv.forward(x), None)
 }
 
 /// `act.forward(x)` (PReLU with one slope). On `Autodiff<Flex>` it is one custom operation
@@ -134,6 +196,47 @@ pub fn prelu(act: &burn::nn::PRelu, x: Tensor<5>) -> Tensor<5> {
     act.forward(x)
 }
 
+/// `σ(l₁ − l₀)` of two-class logits `[n, 2, d, h, w]` as `[n, 1, d, h, w]`, in one pass on
+/// plain `Flex` (Burn takes two slices, a difference and a sigmoid, four passes over a
+/// full-resolution volume); `None` elsewhere, for other dtypes or channel counts.
+pub fn organ_probability(logits: &Tensor<5>) -> Option<Tensor<5>> {
+    #[cfg(feature = "flex")]
+    {
+        let [n, c, d, h, w] = logits.dims();
+        if !enabled() || c != 2 || logits.device().is_autodiff() || !is_flex(logits) {
+            return None;
+        }
+        let p = logits
+            .clone()
+            .try_into_primitive::<burn::backend::Flex>()
+            .ok()?;
+        let p = flex_ad::contiguous(&p)?;
+        let values = p.as_slice::<f32>()?;
+        let volume = d * h * w;
+        let mut out = vec![0f32; n * volume];
+        if volume > 0 {
+            use rayon::prelude::*;
+            out.par_chunks_mut(volume)
+                .zip(values.par_chunks(2 * volume))
+                .for_each(|(o, l)| {
+                    let (background, organ) = l.split_at(volume);
+                    for ((o, &b), &f) in o.iter_mut().zip(background).zip(organ) {
+                        *o = 1.0 / (1.0 + (b - f).exp());
+                    }
+                });
+        }
+        let t = burn::backend::tensor::FloatTensor::<burn::backend::Flex>::from_data(
+            burn::tensor::TensorData::new(out, [n, 1, d, h, w]),
+        );
+        Some(Tensor::from_primitive::<burn::backend::Flex>(t))
+    }
+    #[cfg(not(feature = "flex"))]
+    {
+        let _ = logits;
+        None
+    }
+}
+
 /// Whether the custom operations may be used: not when `SEGVIZ_REFERENCE_CONV` is set to
 /// anything but `0` (read once; it covers [`prelu`] too).
 #[cfg_attr(not(feature = "flex"), allow(dead_code))]
@@ -144,8 +247,8 @@ pub(crate) fn enabled() -> bool {
     })
 }
 
-#[cfg_attr(not(feature = "flex"), allow(dead_code))]
-fn add_bias(y: Tensor<5>, bias: Option<Tensor<1>>) -> Tensor<5> {
+/// `y` plus a per-channel `bias` (`[c]` on `[n, c, d, h, w]`), or `y` itself.
+pub(crate) fn add_bias(y: Tensor<5>, bias: Option<Tensor<1>>) -> Tensor<5> {
     match bias {
         Some(b) => {
             let c = b.dims()[0];

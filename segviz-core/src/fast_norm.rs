@@ -28,12 +28,25 @@ use burn::tensor::Tensor;
 /// # Shapes
 /// - input and output: `[n, c, d, h, w]`
 pub fn norm_act(norm: &BatchNorm, act: &PRelu, x: Tensor<5>) -> Tensor<5> {
+    norm_act_biased(norm, act, x, None)
+}
+
+/// [`norm_act`] of `x + bias` (a per-channel `[c]` bias, as a convolution whose bias was
+/// deferred leaves it: see [`crate::fast_conv::conv3d_deferred`]). On `Flex` the bias is
+/// folded into the pass's per-channel shift.
+pub fn norm_act_biased(
+    norm: &BatchNorm,
+    act: &PRelu,
+    x: Tensor<5>,
+    bias: Option<Tensor<1>>,
+) -> Tensor<5> {
     #[cfg(feature = "flex")]
     if crate::fast_conv::enabled() {
-        if let Some(y) = flex::norm_act(norm, act, x.clone()) {
+        if let Some(y) = flex::norm_act(norm, act, x.clone(), bias.clone()) {
             return y;
         }
     }
+    let x = crate::fast_conv::add_bias(x, bias);
     crate::fast_conv::prelu(act, norm.forward(x))
 }
 
@@ -68,15 +81,20 @@ pub(crate) mod flex {
 
     /// The fused operation, or `None` where Burn's path must run (see the module
     /// documentation of [`crate::fast_norm`]).
-    pub(crate) fn norm_act(norm: &BatchNorm, act: &PRelu, x: Tensor<5>) -> Option<Tensor<5>> {
+    pub(crate) fn norm_act(
+        norm: &BatchNorm,
+        act: &PRelu,
+        x: Tensor<5>,
+        bias: Option<Tensor<1>>,
+    ) -> Option<Tensor<5>> {
         if x.device().is_autodiff() {
             if norm.training.is_enabled() {
-                train(norm, act, x)
+                train(norm, act, crate::fast_conv::add_bias(x, bias))
             } else {
                 None
             }
         } else {
-            infer(norm, act, x)
+            infer(norm, act, x, bias)
         }
     }
 
@@ -89,9 +107,19 @@ pub(crate) mod flex {
     }
 
     /// Inference on `Flex`: `prelu(x·scale + shift)` with `scale = γ / √(var + ε)` and
-    /// `shift = β − mean·scale` from the running statistics.
-    fn infer(norm: &BatchNorm, act: &PRelu, x: Tensor<5>) -> Option<Tensor<5>> {
+    /// `shift = β + (bias − mean)·scale` from the running statistics and the deferred
+    /// convolution bias.
+    fn infer(
+        norm: &BatchNorm,
+        act: &PRelu,
+        x: Tensor<5>,
+        bias: Option<Tensor<1>>,
+    ) -> Option<Tensor<5>> {
         let [_, c, ..] = x.dims();
+        let bias = match bias {
+            Some(b) => flex_values(b, c)?,
+            None => vec![0f32; c],
+        };
         let gamma = flex_values(norm.gamma.val(), c)?;
         let beta = flex_values(norm.beta.val(), c)?;
         let mean = flex_values(norm.running_mean.value(), c)?;
@@ -106,7 +134,7 @@ pub(crate) mod flex {
         let (scale, shift): (Vec<f32>, Vec<f32>) = (0..c)
             .map(|i| {
                 let scale = gamma[i] / (var[i] + eps).sqrt();
-                (scale, beta[i] - mean[i] * scale)
+                (scale, beta[i] + (bias[i] - mean[i]) * scale)
             })
             .unzip();
         let volume = (dims[2] * dims[3] * dims[4]).max(1);
@@ -493,7 +521,7 @@ mod tests {
                 let (norm, act) = layers(dims[1], &device);
                 let x = x.clone().require_grad();
                 let y = if fast {
-                    flex::norm_act(&norm, &act, x.clone()).expect("Autodiff<Flex>, f32")
+                    flex::norm_act(&norm, &act, x.clone(), None).expect("Autodiff<Flex>, f32")
                 } else {
                     crate::fast_conv::prelu(&act, norm.forward(x.clone()))
                 };
@@ -533,9 +561,20 @@ mod tests {
         let device = Device::flex();
         let x = Tensor::<5>::random([2, 4, 3, 5, 7], Distribution::Normal(0.0, 3.0), &device);
         let (norm, act) = layers(4, &device);
-        let fast = flex::norm_act(&norm, &act, x.clone()).expect("Flex, f32");
-        let reference = crate::fast_conv::prelu(&act, norm.forward(x));
+        let fast = flex::norm_act(&norm, &act, x.clone(), None).expect("Flex, f32");
+        let reference = crate::fast_conv::prelu(&act, norm.forward(x.clone()));
         assert_close(&values(fast), &values(reference), "inference output");
+        // A deferred convolution bias, folded into the shift.
+        let bias =
+            Tensor::<1>::from_data(TensorData::new(vec![0.5f32, -1.0, 2.0, 0.0], [4]), &device);
+        let fast = flex::norm_act(&norm, &act, x.clone(), Some(bias.clone())).expect("Flex");
+        let reference =
+            crate::fast_conv::prelu(&act, norm.forward(x + bias.reshape([1, 4, 1, 1, 1])));
+        assert_close(
+            &values(fast),
+            &values(reference),
+            "inference output with a bias",
+        );
 
         // A BatchNorm frozen on an autodiff device normalises with its running statistics,
         // which Burn's path does; the fused operation steps aside.
@@ -545,6 +584,6 @@ mod tests {
         let mut frozen = norm.clone();
         frozen.training = frozen.training.with_value(false);
         let x = Tensor::<5>::zeros([1, 4, 2, 2, 2], &ad);
-        assert!(flex::norm_act(&frozen, &act, x).is_none());
+        assert!(flex::norm_act(&frozen, &act, x, None).is_none());
     }
 }

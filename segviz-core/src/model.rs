@@ -418,6 +418,9 @@ fn unreachable_no_heads() -> Tensor<5> {
 /// the channel axis, which on the CPU backend permutes the whole tensor to put the channels
 /// last and back (a tenth of a whole-scan segmentation's time).
 fn two_class_probability(logits: Tensor<5>) -> Tensor<5> {
+    if let Some(p) = crate::fast_conv::organ_probability(&logits) {
+        return p;
+    }
     let [b, _, d, h, w] = logits.dims();
     let organ = logits.clone().slice([0..b, 1..2, 0..d, 0..h, 0..w]);
     let background = logits.slice([0..b, 0..1, 0..d, 0..h, 0..w]);
