@@ -87,6 +87,21 @@ impl ConvUnit {
             None => crate::fast_conv::add_bias(y, bias),
         }
     }
+
+    /// [`ConvUnit::after_conv`] plus a residual unit's `shortcut`, in the same pass where
+    /// the normalisation runs as one.
+    fn after_conv_plus(
+        &self,
+        (y, bias): crate::fast_conv::Deferred,
+        shortcut: Tensor<5>,
+    ) -> Tensor<5> {
+        match &self.adn {
+            Some(adn) => {
+                crate::fast_norm::norm_act_residual(&adn.norm, &adn.act, y, bias, shortcut)
+            }
+            None => crate::fast_conv::add_bias(y, bias) + shortcut,
+        }
+    }
 }
 
 /// MONAI's `ResidualUnit`: `units[0]` carries the stride, the others keep the size, and the
@@ -142,20 +157,26 @@ impl ResidualUnit {
     /// - input: `[batch, in_channels, d, h, w]`
     /// - output: `[batch, out_channels, d / stride, h / stride, w / stride]`
     pub fn forward(&self, x: Tensor<5>) -> Tensor<5> {
-        // The first conv and a residual conv read the same input: run them as a pair (one
-        // unfolding of the input on the CPU, see `fast_conv::conv3d_pair`).
-        let (mut y, shortcut, rest) = match (&self.residual, self.units.split_first()) {
-            (Some(conv), Some((first, rest))) => {
-                let (y, shortcut) = crate::fast_conv::conv3d_pair_deferred(&first.conv, conv, x);
-                (first.after_conv(y), shortcut, rest)
-            }
-            (None, _) => (x.clone(), x, &self.units[..]),
-            (Some(conv), None) => (x.clone(), crate::fast_conv::conv3d(conv, x), &[][..]),
+        let Some((first, rest)) = self.units.split_first() else {
+            return match &self.residual {
+                Some(conv) => crate::fast_conv::conv3d(conv, x),
+                None => x,
+            };
         };
-        for unit in rest {
-            y = unit.forward(y);
+        // The first conv and a residual conv read the same input: run them as a pair (one
+        // unfolding of the input on the CPU, see `fast_conv::conv3d_pair`). Each conv's
+        // bias goes to the normalisation after it, and the shortcut to the last one.
+        let (mut pending, shortcut) = match &self.residual {
+            Some(conv) => crate::fast_conv::conv3d_pair_deferred(&first.conv, conv, x),
+            None => (crate::fast_conv::conv3d_deferred(&first.conv, x.clone()), x),
+        };
+        let mut unit = first;
+        for next in rest {
+            let y = unit.after_conv(pending);
+            pending = crate::fast_conv::conv3d_deferred(&next.conv, y);
+            unit = next;
         }
-        y + shortcut
+        unit.after_conv_plus(pending, shortcut)
     }
 }
 

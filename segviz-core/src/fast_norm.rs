@@ -50,6 +50,24 @@ pub fn norm_act_biased(
     crate::fast_conv::prelu(act, norm.forward(x))
 }
 
+/// [`norm_act_biased`] plus `residual` (a residual unit's shortcut, of the output's shape).
+/// On `Flex` (inference) the addition is part of the same pass.
+pub fn norm_act_residual(
+    norm: &BatchNorm,
+    act: &PRelu,
+    x: Tensor<5>,
+    bias: Option<Tensor<1>>,
+    residual: Tensor<5>,
+) -> Tensor<5> {
+    #[cfg(feature = "flex")]
+    if crate::fast_conv::enabled() && !x.device().is_autodiff() && x.dims() == residual.dims() {
+        if let Some(y) = flex::infer(norm, act, x.clone(), bias.clone(), Some(residual.clone())) {
+            return y;
+        }
+    }
+    norm_act_biased(norm, act, x, bias) + residual
+}
+
 #[cfg(feature = "flex")]
 pub(crate) mod flex {
     //! The fused operation on `Flex` and `Autodiff<Flex>`.
@@ -94,7 +112,7 @@ pub(crate) mod flex {
                 None
             }
         } else {
-            infer(norm, act, x, bias)
+            infer(norm, act, x, bias, None)
         }
     }
 
@@ -109,13 +127,22 @@ pub(crate) mod flex {
     /// Inference on `Flex`: `prelu(x·scale + shift)` with `scale = γ / √(var + ε)` and
     /// `shift = β + (bias − mean)·scale` from the running statistics and the deferred
     /// convolution bias.
-    fn infer(
+    pub(crate) fn infer(
         norm: &BatchNorm,
         act: &PRelu,
         x: Tensor<5>,
         bias: Option<Tensor<1>>,
+        residual: Option<Tensor<5>>,
     ) -> Option<Tensor<5>> {
         let [_, c, ..] = x.dims();
+        let residual = match residual {
+            Some(r) => Some(contiguous(&r.try_into_primitive::<Flex>().ok()?)?),
+            None => None,
+        };
+        let rs = match &residual {
+            Some(r) => Some(r.as_slice::<f32>()?),
+            None => None,
+        };
         let bias = match bias {
             Some(b) => flex_values(b, c)?,
             None => vec![0f32; c],
@@ -138,11 +165,17 @@ pub(crate) mod flex {
             })
             .unzip();
         let volume = (dims[2] * dims[3] * dims[4]).max(1);
+        if rs.is_some_and(|r| r.len() != dims.iter().product::<usize>()) {
+            return None;
+        }
         let apply = |slice: usize, y: &mut [f32], x: Option<&[f32]>| {
             let (a, b) = (scale[slice % c], shift[slice % c]);
-            match x {
-                Some(x) => affine_prelu(y, x, a, b, slope),
-                None => affine_prelu_in_place(y, a, b, slope),
+            let r = rs.map(|r| &r[slice * volume..][..y.len()]);
+            match (x, r) {
+                (Some(x), None) => affine_prelu(y, x, a, b, slope),
+                (None, None) => affine_prelu_in_place(y, a, b, slope),
+                (Some(x), Some(r)) => affine_prelu_add(y, x, r, a, b, slope),
+                (None, Some(r)) => affine_prelu_add_in_place(y, r, a, b, slope),
             }
         };
         // In place when this is the only reference to a contiguous tensor (a convolution's
@@ -328,6 +361,20 @@ pub(crate) mod flex {
     fn affine_prelu(y: &mut [f32], x: &[f32], a: f32, b: f32, slope: f32) {
         for (y, &v) in y.iter_mut().zip(x) {
             *y = prelu_value(v * a + b, slope);
+        }
+    }
+
+    /// `y = prelu(x·a + b) + r`.
+    fn affine_prelu_add(y: &mut [f32], x: &[f32], r: &[f32], a: f32, b: f32, slope: f32) {
+        for ((y, &v), &q) in y.iter_mut().zip(x).zip(r) {
+            *y = prelu_value(v * a + b, slope) + q;
+        }
+    }
+
+    /// `y ← prelu(y·a + b) + r`.
+    fn affine_prelu_add_in_place(y: &mut [f32], r: &[f32], a: f32, b: f32, slope: f32) {
+        for (y, &q) in y.iter_mut().zip(r) {
+            *y = prelu_value(*y * a + b, slope) + q;
         }
     }
 
@@ -568,12 +615,22 @@ mod tests {
         let bias =
             Tensor::<1>::from_data(TensorData::new(vec![0.5f32, -1.0, 2.0, 0.0], [4]), &device);
         let fast = flex::norm_act(&norm, &act, x.clone(), Some(bias.clone())).expect("Flex");
-        let reference =
-            crate::fast_conv::prelu(&act, norm.forward(x + bias.reshape([1, 4, 1, 1, 1])));
+        let reference = crate::fast_conv::prelu(
+            &act,
+            norm.forward(x.clone() + bias.clone().reshape([1, 4, 1, 1, 1])),
+        );
         assert_close(
             &values(fast),
-            &values(reference),
+            &values(reference.clone()),
             "inference output with a bias",
+        );
+        // And a residual added in the same pass.
+        let r = Tensor::<5>::random([2, 4, 3, 5, 7], Distribution::Normal(0.0, 1.0), &device);
+        let fast = norm_act_residual(&norm, &act, x.clone(), Some(bias), r.clone());
+        assert_close(
+            &values(fast),
+            &values(reference + r),
+            "inference plus a residual",
         );
 
         // A BatchNorm frozen on an autodiff device normalises with its running statistics,
