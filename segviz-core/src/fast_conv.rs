@@ -19,10 +19,13 @@
 //! Any other backend (including `Autodiff<Flex>` with gradient checkpointing), grouped or
 //! dilated convolutions, tensors other than `f32`, and padding modes other than explicit
 //! take Burn's own path unchanged. [`conv3d`] and [`conv_transpose3d`] are what the U-Net's
-//! blocks call, and [`prelu`] for their activations (one fused operation with its own
-//! backward pass on `Autodiff<Flex>`). Setting the environment variable
-//! `SEGVIZ_REFERENCE_CONV=1` sends every convolution and PReLU through Burn's path (for
-//! before/after measurements).
+//! blocks call ([`conv3d_pair`] for a residual unit's two convolutions of one input, and the
+//! `_deferred` variants where the next operation adds the bias itself on `Flex`), and
+//! [`prelu`] for an activation outside [`crate::fast_norm`]'s fused BatchNorm + PReLU.
+//! [`organ_probability`] is a two-class head's probability in one pass. Setting the
+//! environment variable `SEGVIZ_REFERENCE_CONV=1` sends every convolution, PReLU,
+//! BatchNorm + PReLU and head probability through Burn's path (for before/after
+//! measurements).
 
 use burn::nn::conv::{Conv3d, ConvTranspose3d};
 #[cfg(feature = "flex")]
