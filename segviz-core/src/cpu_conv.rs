@@ -1150,21 +1150,24 @@ mod tests {
         ]
     }
 
+    /// `a` equals `b` value by value to a relative 1e-4.
+    fn close_values(s: &ConvShape, a: &[f32], b: &[f32], what: &str) {
+        assert_eq!(a.len(), b.len(), "{s:?}: {what}");
+        for (u, v) in a.iter().zip(b) {
+            assert!(
+                (u - v).abs() <= 1e-4 * (1.0 + v.abs()),
+                "{s:?} {what}: {u} vs {v}"
+            );
+        }
+    }
+
     #[test]
     fn shifted_views_compute_the_same_convolution_and_gradients() {
         for s in stride_one_cases() {
             let x = values(s.batch * s.c_in * s.input_positions(), 0.4);
             let w = values(s.c_out * s.rows(), 1.1);
             let g = values(s.batch * s.c_out * s.output_positions(), 3.7);
-            let close = |a: &[f32], b: &[f32], what: &str| {
-                assert_eq!(a.len(), b.len(), "{s:?}: {what}");
-                for (u, v) in a.iter().zip(b) {
-                    assert!(
-                        (u - v).abs() <= 1e-4 * (1.0 + v.abs()),
-                        "{s:?} {what}: {u} vs {v}"
-                    );
-                }
-            };
+            let close = |a: &[f32], b: &[f32], what: &str| close_values(&s, a, b, what);
             close(
                 &forward_shifted(&s, &x, &w),
                 &naive_forward(&s, &x, &w),
@@ -1205,15 +1208,7 @@ mod tests {
             let x = values(s.batch * s.c_in * s.input_positions(), 0.4);
             let w = values(s.c_out * s.rows(), 1.1);
             let g = values(s.batch * s.c_out * s.output_positions(), 3.7);
-            let close = |a: &[f32], b: &[f32], what: &str| {
-                assert_eq!(a.len(), b.len(), "{s:?}: {what}");
-                for (u, v) in a.iter().zip(b) {
-                    assert!(
-                        (u - v).abs() <= 1e-4 * (1.0 + v.abs()),
-                        "{s:?} {what}: {u} vs {v}"
-                    );
-                }
-            };
+            let close = |a: &[f32], b: &[f32], what: &str| close_values(&s, a, b, what);
             close(
                 &direct::forward(&s, &x, &w),
                 &naive_forward(&s, &x, &w),

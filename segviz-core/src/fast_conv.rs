@@ -612,7 +612,7 @@ pub mod flex_ad {
 }
 
 #[cfg(all(test, feature = "flex"))]
-mod tests {
+pub(crate) mod tests {
     use burn::nn::conv::{Conv3dConfig, ConvTranspose3dConfig};
     use burn::tensor::{Device, Distribution, TensorData};
 
@@ -665,7 +665,8 @@ mod tests {
         }
     }
 
-    fn assert_close(fast: &[f32], reference: &[f32], what: &str) {
+    /// `fast` equals `reference` to 1e-4 of the reference's largest magnitude.
+    pub(crate) fn assert_close(fast: &[f32], reference: &[f32], what: &str) {
         assert_eq!(fast.len(), reference.len(), "{what}: length");
         let scale = reference.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-6);
         let worst = fast

@@ -522,20 +522,10 @@ mod tests {
     use burn::tensor::{Device, Distribution, Tensor, TensorData};
 
     use super::*;
+    use crate::fast_conv::tests::assert_close;
 
     fn values<const D: usize>(t: Tensor<D>) -> Vec<f32> {
         t.into_data().try_to_vec::<f32>().unwrap()
-    }
-
-    fn assert_close(fast: &[f32], reference: &[f32], what: &str) {
-        assert_eq!(fast.len(), reference.len(), "{what}: length");
-        let scale = reference.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-6);
-        let worst = fast
-            .iter()
-            .zip(reference)
-            .map(|(a, b)| (a - b).abs() / scale)
-            .fold(0f32, f32::max);
-        assert!(worst <= 1e-4, "{what}: relative error {worst:e}");
     }
 
     /// A BatchNorm with non-trivial parameters and running statistics, and a PReLU.
