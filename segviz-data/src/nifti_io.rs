@@ -32,6 +32,7 @@ use std::path::{Path, PathBuf};
 use flate2::read::MultiGzDecoder;
 use flate2::write::GzEncoder;
 use flate2::Compression;
+use rayon::prelude::*;
 
 use crate::affine::{self, Affine};
 use crate::atomic_write::write_bytes as write_atomically;
@@ -224,7 +225,10 @@ pub fn read_volume_with_info(path: impl AsRef<Path>) -> Result<(Volume<f32>, Nif
     let path = path.as_ref();
     let bytes = read_decompressed(path)?;
     let header = parse_header(path, &bytes)?;
-    let data = decode_voxels(path, &bytes, &header)?;
+    let data = match decode_voxels(path, &bytes, &header, Decode::Values)?.0 {
+        Decoded::Values(data) => data,
+        Decoded::Labels(_) | Decoded::Nothing => unreachable!("values were asked for"),
+    };
     let info = header.info;
     let volume = Volume {
         data,
@@ -266,29 +270,34 @@ pub fn read_header(path: impl AsRef<Path>) -> Result<NiftiInfo> {
 /// As [`read_volume`], and [`DataError::Invalid`] (naming the file, the offending value and
 /// how many voxels are affected) for NaN, infinite, negative, fractional or > 255 values.
 pub fn read_labels(path: impl AsRef<Path>) -> Result<Volume<u8>> {
-    let (volume, info) = read_volume_with_info(path)?;
-    let mut bad = 0usize;
-    let mut first_bad = None;
-    let mut data = Vec::with_capacity(volume.data.len());
-    for &v in &volume.data {
-        if (0.0..=255.0).contains(&v) && v.fract() == 0.0 {
-            data.push(v as u8);
-        } else {
-            bad += 1;
-            first_bad.get_or_insert(v);
-            data.push(0);
-        }
-    }
+    let path = path.as_ref();
+    let bytes = read_decompressed(path)?;
+    let header = parse_header(path, &bytes)?;
+    // Every value is checked in storage order before any is kept, so the labels are
+    // decoded once, straight to bytes.
+    let (bad, first_bad) = decode_voxels(path, &bytes, &header, Decode::CheckLabels)?.1;
     if let Some(v) = first_bad {
         return Err(DataError::invalid(
-            &info.path,
+            &header.info.path,
             format!("not a label map: {bad} voxel(s) are not integers in 0..=255 (first: {v})"),
         ));
     }
+    let (data, _) = decode_voxels(path, &bytes, &header, Decode::Labels)?;
+    let data = match data {
+        Decoded::Labels(data) => data,
+        Decoded::Values(_) | Decoded::Nothing => unreachable!("labels were asked for"),
+    };
     Ok(Volume {
         data,
-        geometry: volume.geometry,
+        geometry: header.info.geometry,
     })
+}
+
+/// Whether `v` is a label value: an integer in `0..=255` (in that range, exactly when
+/// truncating it to a byte keeps its value; cheaper than `fract`, a library call here).
+#[inline]
+fn is_label(v: f32) -> bool {
+    (0.0..=255.0).contains(&v) && f32::from(v as u8) == v
 }
 
 /// Writes an image, storing `datatype` with `scl_slope = 1`, `scl_inter = 0`.
@@ -373,8 +382,18 @@ pub fn write_labels(path: impl AsRef<Path>, labels: &Volume<u8>) -> Result<()> {
 
 /// Counts NaN and infinite voxels and turns any into [`DataError::NonFinite`].
 fn check_finite(volume: &Volume<f32>, path: &Path) -> Result<()> {
-    let nan = volume.data.iter().filter(|v| v.is_nan()).count();
-    let infinite = volume.data.iter().filter(|v| v.is_infinite()).count();
+    let counts: Vec<(usize, usize)> = volume
+        .data
+        .par_chunks(CHECK_CHUNK)
+        .map(|chunk| {
+            if chunk.iter().all(|v| v.is_finite()) {
+                return (0, 0);
+            }
+            let nan = chunk.iter().filter(|v| v.is_nan()).count();
+            (nan, chunk.iter().filter(|v| v.is_infinite()).count())
+        })
+        .collect();
+    let (nan, infinite) = counts.iter().fold((0, 0), |(n, i), &(a, b)| (n + a, i + b));
     if nan + infinite > 0 {
         return Err(DataError::NonFinite {
             path: path.to_path_buf(),
@@ -386,11 +405,25 @@ fn check_finite(volume: &Volume<f32>, path: &Path) -> Result<()> {
     Ok(())
 }
 
+/// Values per parallel task of the checks that run over a whole volume.
+const CHECK_CHUNK: usize = 1 << 18;
+
 /// The whole file, gunzipped when it starts with the gzip magic bytes (whatever its name).
 fn read_decompressed(path: &Path) -> Result<Vec<u8>> {
     let raw = std::fs::read(path).map_err(|e| DataError::io(path, e))?;
     if raw.starts_with(&[0x1f, 0x8b]) {
-        let mut out = Vec::with_capacity(raw.len().saturating_mul(3));
+        // A gzip member ends with its uncompressed size (mod 2³²): reserved at once, the
+        // output is not copied as it grows. Only a hint, bounded by deflate's largest
+        // ratio (about 1032:1) so that a corrupt trailer cannot reserve more.
+        let stated = raw
+            .len()
+            .checked_sub(4)
+            .map(|at| u32::from_le_bytes([raw[at], raw[at + 1], raw[at + 2], raw[at + 3]]) as usize)
+            .unwrap_or(0);
+        let capacity = stated
+            .max(raw.len().saturating_mul(3))
+            .min(raw.len().saturating_mul(1032));
+        let mut out = Vec::with_capacity(capacity);
         MultiGzDecoder::new(raw.as_slice())
             .read_to_end(&mut out)
             .map_err(|e| {
@@ -745,7 +778,12 @@ fn quaternion_to_rotation(b: f64, c: f64, d: f64) -> Option<[[f64; 3]; 3]> {
 }
 
 /// Decodes the voxel block into C order, applying the scaling.
-fn decode_voxels(path: &Path, bytes: &[u8], header: &Header) -> Result<Vec<f32>> {
+fn decode_voxels(
+    path: &Path,
+    bytes: &[u8],
+    header: &Header,
+    what: Decode,
+) -> Result<(Decoded, (usize, Option<f32>))> {
     let info = &header.info;
     let [nx, ny, nz] = info.geometry.shape;
     let count = nx
@@ -785,23 +823,84 @@ fn decode_voxels(path: &Path, bytes: &[u8], header: &Header) -> Result<Vec<f32>>
     // rather than in the stored integer type.
     let big = header.endianness == nifti::Endianness::Big;
     let shape = [nx, ny, nz];
-    macro_rules! scatter {
-        ($t:ty) => {
-            scatter_fortran::<$t>(block, shape, big, |v| (v as f64 * slope + inter) as f32)
-        };
+    macro_rules! decode {
+        ($t:ty) => {{
+            let value = |v: $t| (v as f64 * slope + inter) as f32;
+            match what {
+                Decode::Values => (
+                    Decoded::Values(scatter_fortran::<$t, f32>(block, shape, big, value)),
+                    (0, None),
+                ),
+                // Checked by `Decode::CheckLabels` first: every value is a label.
+                Decode::Labels => (
+                    Decoded::Labels(scatter_fortran::<$t, u8>(block, shape, big, |v| {
+                        value(v) as u8
+                    })),
+                    (0, None),
+                ),
+                Decode::CheckLabels => (
+                    Decoded::Nothing,
+                    first_flagged::<$t>(block, big, |v| Some(value(v)).filter(|&f| !is_label(f))),
+                ),
+            }
+        }};
     }
     Ok(match info.datatype {
-        VoxelType::UInt8 => scatter!(u8),
-        VoxelType::Int8 => scatter!(i8),
-        VoxelType::Int16 => scatter!(i16),
-        VoxelType::UInt16 => scatter!(u16),
-        VoxelType::Int32 => scatter!(i32),
-        VoxelType::UInt32 => scatter!(u32),
-        VoxelType::Int64 => scatter!(i64),
-        VoxelType::UInt64 => scatter!(u64),
-        VoxelType::Float32 => scatter!(f32),
-        VoxelType::Float64 => scatter!(f64),
+        VoxelType::UInt8 => decode!(u8),
+        VoxelType::Int8 => decode!(i8),
+        VoxelType::Int16 => decode!(i16),
+        VoxelType::UInt16 => decode!(u16),
+        VoxelType::Int32 => decode!(i32),
+        VoxelType::UInt32 => decode!(u32),
+        VoxelType::Int64 => decode!(i64),
+        VoxelType::UInt64 => decode!(u64),
+        VoxelType::Float32 => decode!(f32),
+        VoxelType::Float64 => decode!(f64),
     })
+}
+
+/// What [`decode_voxels`] does with the stored values.
+#[derive(Clone, Copy)]
+enum Decode {
+    /// Scaled values as `f32`, in C order.
+    Values,
+    /// Scaled values as label bytes, in C order (they must have been checked).
+    Labels,
+    /// Only count the values that are not labels.
+    CheckLabels,
+}
+
+/// What [`decode_voxels`] decoded.
+enum Decoded {
+    Values(Vec<f32>),
+    Labels(Vec<u8>),
+    Nothing,
+}
+
+/// How many of the values stored in `bytes` `flag` (it returns what to report of a value,
+/// or `None` for a good one), and the report of the first in storage order.
+fn first_flagged<T: Stored>(
+    bytes: &[u8],
+    big: bool,
+    flag: impl Fn(T) -> Option<f32> + Sync,
+) -> (usize, Option<f32>) {
+    let per_chunk: Vec<(usize, Option<f32>)> = bytes
+        .par_chunks(CHECK_CHUNK * T::SIZE)
+        .map(|chunk| {
+            let mut count = 0;
+            let mut first = None;
+            for raw in chunk.chunks_exact(T::SIZE) {
+                if let Some(v) = flag(T::read(raw, big)) {
+                    count += 1;
+                    first.get_or_insert(v);
+                }
+            }
+            (count, first)
+        })
+        .collect();
+    per_chunk
+        .into_iter()
+        .fold((0, None), |(n, first), (c, f)| (n + c, first.or(f)))
 }
 
 /// A stored voxel type, read from its bytes in either byte order.
@@ -834,37 +933,49 @@ stored!(u8, i8, i16, u16, i32, u32, i64, u64, f32, f64);
 /// Values stored in NIfTI's Fortran order (`i` fastest) as raw bytes into C order (`k`
 /// fastest), each through `convert`. `bytes` holds exactly `nx·ny·nz` values of `T`.
 ///
-/// For each `j` the `(k, i)` plane is transposed into a buffer small enough for the cache,
-/// whose `i` rows are then copied whole. Writing values one by one at their C index instead
+/// The threads take blocks of `i` ([`SCATTER_TASKS`] of them). In each, for every `j` the
+/// `(k, i)` plane is transposed into a buffer small enough for the cache, whose `i` rows are
+/// then copied whole. Writing values one by one at their C index instead
 /// lands every write `ny·nz` floats from the last; with CT sizes that stride is a multiple of
 /// 4 KiB, so the writes also collide in the same cache sets (3 to 4 times slower, measured).
-fn scatter_fortran<T: Stored>(
+fn scatter_fortran<T: Stored, O: Copy + Default + Send>(
     bytes: &[u8],
     [nx, ny, nz]: [usize; 3],
     big: bool,
-    convert: impl Fn(T) -> f32,
-) -> Vec<f32> {
+    convert: impl Fn(T) -> O + Sync,
+) -> Vec<O> {
     let count = nx * ny * nz;
-    let mut out = vec![0.0f32; count];
+    let mut out = vec![O::default(); count];
     if count == 0 {
         return out;
     }
-    let mut plane = vec![0.0f32; nx * nz];
     let row_bytes = nx * T::SIZE;
-    for j in 0..ny {
-        for k in 0..nz {
-            let row = &bytes[(k * ny + j) * row_bytes..][..row_bytes];
-            for (i, v) in row.chunks_exact(T::SIZE).enumerate() {
-                plane[i * nz + k] = convert(T::read(v, big));
+    // Blocks of `i` are independent: each reads its part of every stored row and writes
+    // its own run of the output.
+    let block = nx.div_ceil(SCATTER_TASKS);
+    out.par_chunks_mut(block * ny * nz)
+        .enumerate()
+        .for_each(|(b, run)| {
+            let (i0, width) = (b * block, run.len() / (ny * nz));
+            let mut plane = vec![O::default(); width * nz];
+            for j in 0..ny {
+                for k in 0..nz {
+                    let row = &bytes[(k * ny + j) * row_bytes + i0 * T::SIZE..][..width * T::SIZE];
+                    for (i, v) in row.chunks_exact(T::SIZE).enumerate() {
+                        plane[i * nz + k] = convert(T::read(v, big));
+                    }
+                }
+                for (i, column) in plane.chunks_exact(nz).enumerate() {
+                    let start = (i * ny + j) * nz;
+                    run[start..start + nz].copy_from_slice(column);
+                }
             }
-        }
-        for (i, column) in plane.chunks_exact(nz).enumerate() {
-            let start = (i * ny + j) * nz;
-            out[start..start + nz].copy_from_slice(column);
-        }
-    }
+        });
     out
 }
+
+/// Blocks of the first axis [`scatter_fortran`] splits a volume into, for the threads.
+const SCATTER_TASKS: usize = 8;
 
 /// Appends one value in `dtype` (little-endian), rounding and clamping integer types.
 #[inline]
@@ -1455,6 +1566,46 @@ mod tests {
             write_volume(&path, &volume, VoxelType::Float32).expect("write");
             let message = read_labels(&path).unwrap_err().to_string();
             assert!(message.contains(&format!("{name}.nii")), "{message}");
+            assert!(message.contains("1 voxel(s)"), "{message}");
+            assert!(message.contains(&format!("(first: {bad})")), "{message}");
+        }
+        // Counted over the whole volume (checked in parallel blocks), the first in storage
+        // order reported.
+        let mut volume = ramp([70, 90, 60], |i, j, k| ((i + j + k) % 7) as f32);
+        let n = volume.data.len();
+        volume.data[n - 1] = 2.5;
+        volume.data[n / 2] = 999.0;
+        let path = dir.path().join("many.nii.gz");
+        write_volume(&path, &volume, VoxelType::Float32).expect("write");
+        let message = read_labels(&path).unwrap_err().to_string();
+        assert!(message.contains("2 voxel(s)"), "{message}");
+        // The file stores voxels in Fortran order (x fastest): the one with the smaller
+        // Fortran index is reported.
+        let fortran = |c: usize| {
+            let (i, j, k) = (c / (90 * 60), (c / 60) % 90, c % 60);
+            (k * 90 + j) * 70 + i
+        };
+        let first = if fortran(n - 1) < fortran(n / 2) {
+            2.5
+        } else {
+            999.0
+        };
+        assert!(message.contains(&format!("(first: {first})")), "{message}");
+    }
+
+    #[test]
+    fn labels_decode_to_the_values_of_the_image_path_at_odd_sizes() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        for shape in [[1, 1, 1], [3, 5, 7], [17, 4, 9], [9, 2, 33]] {
+            let volume = ramp(shape, |i, j, k| ((3 * i + 5 * j + 7 * k) % 11) as f32);
+            let path = dir.path().join("odd.nii.gz");
+            write_volume(&path, &volume, VoxelType::UInt8).expect("write");
+            let labels = read_labels(&path).expect("labels");
+            let values = read_volume(&path).expect("values");
+            assert_eq!(labels.geometry.shape, shape);
+            let as_f32: Vec<f32> = labels.data.iter().map(|&v| f32::from(v)).collect();
+            assert_eq!(as_f32, values.data, "{shape:?}");
+            assert_eq!(values.data, volume.data, "{shape:?}");
         }
     }
 }

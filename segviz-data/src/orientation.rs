@@ -107,21 +107,6 @@ pub fn ras_geometry(geometry: &Geometry) -> Geometry {
     Geometry { shape, affine: out }
 }
 
-/// Input voxel index of output (RAS) voxel `o`, for the axis map of the input.
-#[inline]
-fn source_index(map: &AxisMap, input_shape: [usize; 3], o: [usize; 3]) -> [usize; 3] {
-    let mut s = [0usize; 3];
-    for a in 0..3 {
-        let v = o[map.world_axis[a]];
-        s[a] = if map.flipped[a] {
-            input_shape[a] - 1 - v
-        } else {
-            v
-        };
-    }
-    s
-}
-
 impl<T: Copy> Volume<T> {
     /// This volume with voxel axes `i → R`, `j → A`, `k → S`, by permuting and flipping axes
     /// (no interpolation). Every voxel keeps its world coordinates.
@@ -130,17 +115,60 @@ impl<T: Copy> Volume<T> {
     /// each points to the positive end of its nearest world axis.
     pub fn to_ras(&self) -> Volume<T> {
         let map = AxisMap::of(&self.geometry.affine);
-        let geometry = ras_geometry(&self.geometry);
         if map.is_ras() {
             return self.clone();
+        }
+        self.permuted(&map)
+    }
+
+    /// [`Volume::to_ras`] without a copy when the volume is RAS already.
+    pub fn into_ras(self) -> Volume<T> {
+        let map = AxisMap::of(&self.geometry.affine);
+        if map.is_ras() {
+            // The geometry is recomputed all the same, as `to_ras` gives it.
+            return Volume {
+                geometry: ras_geometry(&self.geometry),
+                data: self.data,
+            };
+        }
+        self.permuted(&map)
+    }
+
+    /// The voxels in the order of `map`'s RAS grid. The source index is linear in the
+    /// target index, so each target row is a run of the source at one stride (±1 along the
+    /// source's last axis: a plain or reversed copy).
+    fn permuted(&self, map: &AxisMap) -> Volume<T> {
+        let geometry = ras_geometry(&self.geometry);
+        let input = self.geometry.shape;
+        let stride_in = [input[1] * input[2], input[2], 1].map(|v| v as isize);
+        // Per target axis, the source step; and the source index of target (0, 0, 0).
+        let mut step = [0isize; 3];
+        let mut base = 0isize;
+        for a in 0..3 {
+            if map.flipped[a] {
+                step[map.world_axis[a]] = -stride_in[a];
+                base += (input[a] as isize - 1) * stride_in[a];
+            } else {
+                step[map.world_axis[a]] = stride_in[a];
+            }
         }
         let [n0, n1, n2] = geometry.shape;
         let mut data = Vec::with_capacity(self.data.len());
         for o0 in 0..n0 {
             for o1 in 0..n1 {
-                for o2 in 0..n2 {
-                    let s = source_index(&map, self.geometry.shape, [o0, o1, o2]);
-                    data.push(self.data[self.geometry.index(s[0], s[1], s[2])]);
+                let start = base + o0 as isize * step[0] + o1 as isize * step[1];
+                match step[2] {
+                    1 => {
+                        let start = start as usize;
+                        data.extend_from_slice(&self.data[start..start + n2]);
+                    }
+                    -1 => {
+                        let end = start as usize + 1;
+                        data.extend(self.data[end - n2..end].iter().rev());
+                    }
+                    s => {
+                        data.extend((0..n2).map(|o2| self.data[(start + o2 as isize * s) as usize]))
+                    }
                 }
             }
         }
@@ -292,6 +320,9 @@ mod tests {
                 let back = moved.to_ras();
                 assert_eq!(back.geometry.shape, v.geometry.shape, "{perm:?} {flip:?}");
                 assert_eq!(back.data, v.data, "{perm:?} {flip:?}");
+                let owned = moved.clone().into_ras();
+                assert_eq!(owned.geometry, back.geometry, "{perm:?} {flip:?}");
+                assert_eq!(owned.data, v.data, "{perm:?} {flip:?}");
                 let d = affine::max_abs_difference(&back.geometry.affine, &v.geometry.affine);
                 assert!(d < 1e-9, "{perm:?} {flip:?}: affine off by {d}");
                 // And back again into the moved geometry.

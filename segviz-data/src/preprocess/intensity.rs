@@ -14,28 +14,30 @@ pub fn window_intensity(
     a_max: f32,
     clip: bool,
 ) -> Result<Volume<f32>> {
+    window_intensity_owned(image.clone(), a_min, a_max, clip)
+}
+
+/// [`window_intensity`] in place, on a volume the caller gives up.
+///
+/// # Errors
+/// As [`window_intensity`].
+pub fn window_intensity_owned(
+    mut image: Volume<f32>,
+    a_min: f32,
+    a_max: f32,
+    clip: bool,
+) -> Result<Volume<f32>> {
     if !(a_min.is_finite() && a_max.is_finite() && a_min < a_max) {
         return Err(DataError::Config(format!(
             "intensity window needs finite a_min < a_max, got {a_min}..{a_max}"
         )));
     }
     let width = a_max - a_min;
-    let data = image
-        .data
-        .iter()
-        .map(|&v| {
-            let x = (v - a_min) / width;
-            if clip {
-                x.clamp(0.0, 1.0)
-            } else {
-                x
-            }
-        })
-        .collect();
-    Ok(Volume {
-        data,
-        geometry: image.geometry.clone(),
-    })
+    for v in &mut image.data {
+        let x = (*v - a_min) / width;
+        *v = if clip { x.clamp(0.0, 1.0) } else { x };
+    }
+    Ok(image)
 }
 
 #[cfg(test)]

@@ -11,8 +11,8 @@ pub mod resample;
 
 pub use config::PreprocessConfig;
 pub use crop::{crop, foreground_box, BoundingBox};
-pub use intensity::window_intensity;
-pub use pad::{pad, pad_to_multiple};
+pub use intensity::{window_intensity, window_intensity_owned};
+pub use pad::{pad, pad_to_multiple, pad_to_multiple_owned};
 pub use pipeline::{
     check_pair, preprocess_files, preprocess_image, preprocess_pair, AFFINE_TOLERANCE,
 };

@@ -32,14 +32,35 @@ pub fn pad<T: Copy>(
 /// Pads each side up to the next multiple of `multiple`, half before and the rest after.
 /// A `multiple` of 0 or 1 leaves the volume as it is.
 pub fn pad_to_multiple<T: Copy>(volume: &Volume<T>, multiple: usize, value: T) -> Volume<T> {
+    match padding_to_multiple(volume, multiple) {
+        Some((before, after)) => pad(volume, before, after, value),
+        None => volume.clone(),
+    }
+}
+
+/// [`pad_to_multiple`] on a volume the caller gives up: returned as it is when no side
+/// needs padding.
+pub fn pad_to_multiple_owned<T: Copy>(volume: Volume<T>, multiple: usize, value: T) -> Volume<T> {
+    match padding_to_multiple(&volume, multiple) {
+        Some((before, after)) => pad(&volume, before, after, value),
+        None => volume,
+    }
+}
+
+/// The padding before and after each axis that [`pad_to_multiple`] adds, or `None` when
+/// it adds none.
+fn padding_to_multiple<T>(volume: &Volume<T>, multiple: usize) -> Option<([usize; 3], [usize; 3])> {
     if multiple <= 1 {
-        return volume.clone();
+        return None;
     }
     let old = volume.geometry.shape;
     let total = old.map(|n| n.div_ceil(multiple) * multiple - n);
+    if total == [0; 3] {
+        return None;
+    }
     let before = total.map(|t| t / 2);
     let after = [0, 1, 2].map(|a| total[a] - before[a]);
-    pad(volume, before, after, value)
+    Some((before, after))
 }
 
 #[cfg(test)]

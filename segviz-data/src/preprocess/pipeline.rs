@@ -4,8 +4,8 @@ use std::path::Path;
 
 use super::config::PreprocessConfig;
 use super::crop::{crop, foreground_box};
-use super::intensity::window_intensity;
-use super::pad::pad_to_multiple;
+use super::intensity::window_intensity_owned;
+use super::pad::pad_to_multiple_owned;
 use super::resample::{
     resample_image_to_spacing, resample_labels_to_spacing, resize_image, resize_labels,
 };
@@ -103,7 +103,13 @@ pub fn preprocess_files(
     let (image, _) = crate::dicom::read_scan(image_path)?;
     let label = read_labels(label_path)?;
     check_pair(image_path, &image.geometry, label_path, &label.geometry)?;
-    preprocess_checked(&image, &label, config)
+    // Both go through the same grid, as in `preprocess_checked`; the volumes read here are
+    // ours to change, so nothing is copied.
+    let label = Volume {
+        data: label.data,
+        geometry: image.geometry.clone(),
+    };
+    with_label(prepare(image.into_ras(), Some(label.into_ras()), config)?)
 }
 
 /// Prepares an image (HU) alone, as [`preprocess_pair`] prepares the image of a pair: what
@@ -113,7 +119,7 @@ pub fn preprocess_files(
 /// [`DataError::Config`] for an invalid config; resampling errors.
 pub fn preprocess_image(image: &Volume<f32>, config: &PreprocessConfig) -> Result<Volume<f32>> {
     config.validate()?;
-    Ok(prepare(image, None, config)?.0)
+    Ok(prepare(image.to_ras(), None, config)?.0)
 }
 
 fn preprocess_checked(
@@ -128,7 +134,12 @@ fn preprocess_checked(
         data: label.data.clone(),
         geometry: image.geometry.clone(),
     };
-    match prepare(image, Some(label), config)? {
+    with_label(prepare(image.to_ras(), Some(label.into_ras()), config)?)
+}
+
+/// The pair [`prepare`] gave, which must hold the label map it was given.
+fn with_label(prepared: (Volume<f32>, Option<Volume<u8>>)) -> Result<(Volume<f32>, Volume<u8>)> {
+    match prepared {
         (image, Some(label)) => Ok((image, label)),
         (_, None) => Err(DataError::Config(
             "preprocessing lost the label map (a bug; please report it)".into(),
@@ -137,19 +148,17 @@ fn preprocess_checked(
 }
 
 /// The recipe of [`preprocess_pair`] on an image and, when given, its label map (already on
-/// the image's grid).
+/// the image's grid), both reoriented to RAS.
 fn prepare(
-    image: &Volume<f32>,
+    image: Volume<f32>,
     label: Option<Volume<u8>>,
     config: &PreprocessConfig,
 ) -> Result<(Volume<f32>, Option<Volume<u8>>)> {
-    let image = image.to_ras();
-    let label = label.map(|l| l.to_ras());
     let image = resample_image_to_spacing(&image, config.pixdim)?;
     let label = label
         .map(|l| resample_labels_to_spacing(&l, config.pixdim))
         .transpose()?;
-    let mut image = window_intensity(&image, config.a_min, config.a_max, config.clip)?;
+    let mut image = window_intensity_owned(image, config.a_min, config.a_max, config.clip)?;
     let mut label = label;
     if config.crop_foreground {
         let threshold = config.foreground_threshold;
@@ -162,8 +171,8 @@ fn prepare(
         image = resize_image(&image, shape)?;
         label = label.map(|l| resize_labels(&l, shape)).transpose()?;
     }
-    let image = pad_to_multiple(&image, config.pad_multiple, 0.0);
-    let label = label.map(|l| pad_to_multiple(&l, config.pad_multiple, 0));
+    let image = pad_to_multiple_owned(image, config.pad_multiple, 0.0);
+    let label = label.map(|l| pad_to_multiple_owned(l, config.pad_multiple, 0));
     Ok((image, label))
 }
 

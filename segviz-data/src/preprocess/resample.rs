@@ -4,6 +4,8 @@
 //! Every target voxel centre is mapped to world coordinates and back into the source's voxel
 //! indices, so the physical position of the content never moves; only the grid changes.
 
+use rayon::prelude::*;
+
 use crate::affine;
 use crate::error::{DataError, Result};
 use crate::volume::{Geometry, Volume};
@@ -91,7 +93,7 @@ pub(crate) fn inside(p: [f64; 3], shape: [usize; 3]) -> bool {
 ///
 /// # Errors
 /// [`DataError::Config`] if the source affine is singular.
-pub fn resample_nearest<T: Copy>(
+pub fn resample_nearest<T: Copy + Send + Sync>(
     volume: &Volume<T>,
     target: &Geometry,
     fill: T,
@@ -110,19 +112,23 @@ pub fn resample_nearest<T: Copy>(
                 })
                 .collect::<Vec<_>>()
         });
-        let mut data = Vec::with_capacity(target.len());
-        for i in &near[0] {
-            for j in &near[1] {
-                for k in &near[2] {
-                    data.push(match (i, j, k) {
-                        (Some(i), Some(j), Some(k)) => {
-                            volume.data[volume.geometry.index(*i, *j, *k)]
+        // Target slices `i` in parallel, each written in order.
+        let mut data = vec![fill; target.len()];
+        let slice = target.shape[1] * target.shape[2];
+        data.par_chunks_mut(slice.max(1))
+            .zip(near[0].par_iter())
+            .for_each(|(out, i)| {
+                let Some(i) = i else { return };
+                for (row, j) in out.chunks_exact_mut(target.shape[2]).zip(&near[1]) {
+                    let Some(j) = j else { continue };
+                    let src = &volume.data[volume.geometry.index(*i, *j, 0)..];
+                    for (value, k) in row.iter_mut().zip(&near[2]) {
+                        if let Some(k) = k {
+                            *value = src[*k];
                         }
-                        _ => fill,
-                    });
+                    }
                 }
-            }
-        }
+            });
         return Ok(Volume {
             data,
             geometry: target.clone(),
@@ -170,48 +176,53 @@ pub fn resample_trilinear(
                 .collect::<Vec<_>>()
         });
         let src = &volume.data;
-        let mut data = Vec::with_capacity(target.len());
-        let mut rows: Vec<(usize, f64)> = Vec::with_capacity(4);
-        for a in &taps[0] {
-            for b in &taps[1] {
-                if !(a.inside && b.inside) {
-                    data.extend(std::iter::repeat_n(fill, target.shape[2]));
-                    continue;
+        // Target slices `i` in parallel; every value is computed as it would be in order.
+        let mut data = vec![fill; target.len()];
+        let slice = target.shape[1] * target.shape[2];
+        data.par_chunks_mut(slice.max(1))
+            .zip(taps[0].par_iter())
+            .for_each(|(out, a)| {
+                if !a.inside {
+                    return;
                 }
-                rows.clear();
-                for (i, w0) in [(a.lo, 1.0 - a.t), (a.hi, a.t)] {
-                    for (j, w1) in [(b.lo, 1.0 - b.t), (b.hi, b.t)] {
-                        if w0 != 0.0 && w1 != 0.0 {
-                            rows.push(((i * shape[1] + j) * shape[2], w0 * w1));
-                        }
-                    }
-                }
-                for c in &taps[2] {
-                    if !c.inside {
-                        data.push(fill);
+                let mut rows: Vec<(usize, f64)> = Vec::with_capacity(4);
+                for (line, b) in out.chunks_exact_mut(target.shape[2]).zip(&taps[1]) {
+                    if !b.inside {
                         continue;
                     }
-                    let (lo, hi, t) = (c.lo, c.hi, c.t);
-                    let value: f64 = rows
-                        .iter()
-                        .map(|&(row, w)| {
-                            let low = if t == 1.0 {
-                                0.0
-                            } else {
-                                (1.0 - t) * src[row + lo] as f64
-                            };
-                            let high = if t == 0.0 {
-                                0.0
-                            } else {
-                                t * src[row + hi] as f64
-                            };
-                            w * (low + high)
-                        })
-                        .sum();
-                    data.push(value as f32);
+                    rows.clear();
+                    for (i, w0) in [(a.lo, 1.0 - a.t), (a.hi, a.t)] {
+                        for (j, w1) in [(b.lo, 1.0 - b.t), (b.hi, b.t)] {
+                            if w0 != 0.0 && w1 != 0.0 {
+                                rows.push(((i * shape[1] + j) * shape[2], w0 * w1));
+                            }
+                        }
+                    }
+                    for (value, c) in line.iter_mut().zip(&taps[2]) {
+                        if !c.inside {
+                            continue;
+                        }
+                        let (lo, hi, t) = (c.lo, c.hi, c.t);
+                        let sum: f64 = rows
+                            .iter()
+                            .map(|&(row, w)| {
+                                let low = if t == 1.0 {
+                                    0.0
+                                } else {
+                                    (1.0 - t) * src[row + lo] as f64
+                                };
+                                let high = if t == 0.0 {
+                                    0.0
+                                } else {
+                                    t * src[row + hi] as f64
+                                };
+                                w * (low + high)
+                            })
+                            .sum();
+                        *value = sum as f32;
+                    }
                 }
-            }
-        }
+            });
         return Ok(Volume {
             data,
             geometry: target.clone(),
