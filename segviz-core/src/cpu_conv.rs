@@ -41,8 +41,8 @@
 //! Results depend only on the shapes, not on the number of threads: every sum runs in a
 //! fixed order.
 
-use std::borrow::Cow;
 use std::cell::RefCell;
+use std::sync::Mutex;
 
 use gemm::Parallelism;
 use rayon::prelude::*;
@@ -202,6 +202,97 @@ fn with_scratch<R>(len: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
     })
 }
 
+/// Buffers of the kernels' large temporaries (padded inputs, gradients on the padded grid,
+/// input gradients before cropping), kept between calls: taking a fresh one every time
+/// costs the kernel's page faults and zeroing again (about a fifth of an inference pass at
+/// the paper's size on the machines we measured, where glibc gives freed memory back at
+/// once). At most [`POOL_BUFFERS`] are kept, the largest first.
+static POOL: Mutex<Vec<Vec<f32>>> = Mutex::new(Vec::new());
+
+/// Buffers [`POOL`] keeps: more than one convolution holds at once (padded input and
+/// gradient of a weight gradient, for each thread of a batch of windows).
+const POOL_BUFFERS: usize = 6;
+
+/// Frees the buffers the CPU kernels keep between calls (at most [`POOL_BUFFERS`], each
+/// the size of a padded activation), e.g. when a long-running program is done with a model.
+/// The next convolution allocates afresh.
+pub fn release_buffers() {
+    POOL.lock().unwrap_or_else(|e| e.into_inner()).clear();
+}
+
+/// A buffer taken from [`POOL`], given back when dropped.
+pub(crate) struct Pooled(Vec<f32>);
+
+impl Pooled {
+    /// `len` values, all zero.
+    fn zeroed(len: usize) -> Pooled {
+        let mut pool = POOL.lock().unwrap_or_else(|e| e.into_inner());
+        // The smallest buffer that holds `len` values, else the largest (grown).
+        let fits = (0..pool.len())
+            .filter(|&i| pool[i].capacity() >= len)
+            .min_by_key(|&i| pool[i].capacity());
+        let largest = (0..pool.len()).max_by_key(|&i| pool[i].capacity());
+        let mut buffer = fits
+            .or(largest)
+            .map(|i| pool.swap_remove(i))
+            .unwrap_or_default();
+        drop(pool);
+        buffer.clear();
+        buffer.resize(len, 0.0);
+        Pooled(buffer)
+    }
+
+    /// The buffer itself, no longer returned to the pool.
+    fn into_vec(mut self) -> Vec<f32> {
+        std::mem::take(&mut self.0)
+    }
+}
+
+impl std::ops::Deref for Pooled {
+    type Target = [f32];
+    fn deref(&self) -> &[f32] {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Pooled {
+    fn deref_mut(&mut self) -> &mut [f32] {
+        &mut self.0
+    }
+}
+
+impl Drop for Pooled {
+    fn drop(&mut self) {
+        let buffer = std::mem::take(&mut self.0);
+        if buffer.capacity() == 0 {
+            return;
+        }
+        let mut pool = POOL.lock().unwrap_or_else(|e| e.into_inner());
+        pool.push(buffer);
+        if pool.len() > POOL_BUFFERS {
+            if let Some(smallest) = (0..pool.len()).min_by_key(|&i| pool[i].capacity()) {
+                pool.swap_remove(smallest);
+            }
+        }
+    }
+}
+
+/// A padded input: the input itself when it needs no padding, else a [`Pooled`] buffer.
+enum Padded<'a> {
+    Borrowed(&'a [f32]),
+    Pooled(Pooled),
+}
+
+impl std::ops::Deref for Padded<'_> {
+    type Target = [f32];
+    fn deref(&self) -> &[f32] {
+        match self {
+            Padded::Borrowed(x) => x,
+            Padded::Pooled(p) => p,
+        }
+    }
+}
+
 /// For every input row `(z, y)` of one channel, where it starts in the volume and where its
 /// padded row starts in the padded volume.
 fn row_starts(s: &ConvShape) -> impl Iterator<Item = (usize, usize)> + '_ {
@@ -239,15 +330,15 @@ impl ConvShape {
 /// `x` (`channels` volumes of the input's size, one after the other) with `padding` zeros
 /// on both sides of every axis, each padded row laid out by [`ConvShape::column_slots`];
 /// `x` itself when there is neither padding nor a stride along the last axis.
-fn pad<'a>(s: &ConvShape, x: &'a [f32], channels: usize) -> Cow<'a, [f32]> {
+fn pad<'a>(s: &ConvShape, x: &'a [f32], channels: usize) -> Padded<'a> {
     let (inner, w) = (s.input_positions(), s.input[2]);
     if !s.needs_layout() {
-        return Cow::Borrowed(&x[..channels * inner]);
+        return Padded::Borrowed(&x[..channels * inner]);
     }
     let padded = s.padded().iter().product::<usize>();
     let slots = s.column_slots();
     let slots = &slots[s.padding[2]..s.padding[2] + w];
-    let mut out = vec![0f32; channels * padded];
+    let mut out = Pooled::zeroed(channels * padded);
     out.par_chunks_mut(padded)
         .zip(x.par_chunks(inner))
         .for_each(|(to, from)| {
@@ -264,13 +355,13 @@ fn pad<'a>(s: &ConvShape, x: &'a [f32], channels: usize) -> Cow<'a, [f32]> {
                 }
             }
         });
-    Cow::Owned(out)
+    Padded::Pooled(out)
 }
 
 /// The inverse of [`pad`]: the inside of `channels` padded volumes.
-fn crop(s: &ConvShape, padded: Vec<f32>, channels: usize) -> Vec<f32> {
+fn crop(s: &ConvShape, padded: Pooled, channels: usize) -> Vec<f32> {
     if !s.needs_layout() {
-        return padded;
+        return padded.into_vec();
     }
     let (inner, w) = (s.input_positions(), s.input[2]);
     let slots = s.column_slots();
@@ -570,7 +661,7 @@ pub fn input_gradient(s: &ConvShape, w: &[f32], grad: &[f32]) -> Vec<f32> {
 fn input_gradient_unfolded(s: &ConvShape, w: &[f32], grad: &[f32]) -> Vec<f32> {
     let p_out = s.output_positions();
     let channel = s.padded().iter().product::<usize>();
-    let mut dx = vec![0f32; s.batch * s.c_in * channel];
+    let mut dx = Pooled::zeroed(s.batch * s.c_in * channel);
     if s.is_empty() {
         return crop(s, dx, s.batch * s.c_in);
     }
@@ -813,13 +904,13 @@ impl Grid {
 /// `(c, e)` of a batch item holds `x_c[q + e]` for `q < row_len`. With the rows `(c, e)` at
 /// one stride, the samples of plane `(a, b)` for columns `q0..` are one strided matrix
 /// (`c_in·kw` rows) starting at column `q0 + shift(a, b)`. `xp` itself when `kw = 1`.
-fn shifted_copies<'a>(s: &ConvShape, g: &Grid, xp: &'a [f32]) -> Cow<'a, [f32]> {
+fn shifted_copies<'a>(s: &ConvShape, g: &Grid, xp: &'a [f32]) -> Padded<'a> {
     let kw = s.kernel[2];
     if kw == 1 {
-        return Cow::Borrowed(xp);
+        return Padded::Borrowed(xp);
     }
     let channel = s.padded().iter().product::<usize>();
-    let mut out = vec![0f32; s.batch * s.c_in * kw * g.row_len];
+    let mut out = Pooled::zeroed(s.batch * s.c_in * kw * g.row_len);
     out.par_chunks_mut(kw * g.row_len)
         .zip(xp.par_chunks(channel))
         .for_each(|(rows, xc)| {
@@ -827,7 +918,7 @@ fn shifted_copies<'a>(s: &ConvShape, g: &Grid, xp: &'a [f32]) -> Cow<'a, [f32]> 
                 row.copy_from_slice(&xc[e..e + g.row_len]);
             }
         });
-    Cow::Owned(out)
+    Padded::Pooled(out)
 }
 
 /// `w` `[c_out, c_in, kd, kh, kw]` as one `[c_out, c_in·kw]` matrix per kernel plane
@@ -942,9 +1033,9 @@ fn grid_rows_out(
 
 /// `grad` `[n, c_out, d', h', w']` on the padded grid of `g`: `n·c_out` rows of `columns`
 /// values, zero in the columns that are not output positions.
-fn gradient_on_grid(s: &ConvShape, g: &Grid, grad: &[f32]) -> Vec<f32> {
+fn gradient_on_grid(s: &ConvShape, g: &Grid, grad: &[f32]) -> Pooled {
     let [_, oh, ow] = s.output;
-    let mut out = vec![0f32; s.batch * s.c_out * g.columns];
+    let mut out = Pooled::zeroed(s.batch * s.c_out * g.columns);
     out.par_chunks_mut(g.columns)
         .zip(grad.par_chunks(s.output_positions()))
         .for_each(|(to, from)| {
@@ -1237,6 +1328,30 @@ mod tests {
         assert!(!shape(16, 16, [4, 4, 4], 3, 1, 1).shifted_views_pay());
         assert!(shape(1, 1, [3, 3, 3], 3, 1, 3).adjoint().is_none());
         assert!(shape(1, 1, [6, 6, 6], 3, 2, 1).adjoint().is_none());
+    }
+
+    /// Pooled buffers come back zeroed whatever they held, the pool keeps at most
+    /// `POOL_BUFFERS` of them, and `release_buffers` empties it. (The pool is shared by the
+    /// tests running at the same time, so only what no other test can undo is checked.)
+    #[test]
+    fn pooled_buffers_are_zeroed_bounded_and_released() {
+        {
+            let mut a = Pooled::zeroed(1000);
+            a.fill(7.0);
+        }
+        for _ in 0..3 {
+            let b = Pooled::zeroed(900);
+            assert!(b.iter().all(|&v| v == 0.0));
+            assert_eq!(b.len(), 900);
+        }
+        let many: Vec<Pooled> = (0..POOL_BUFFERS + 4)
+            .map(|i| Pooled::zeroed(10 + i))
+            .collect();
+        drop(many);
+        assert!(POOL.lock().unwrap().len() <= POOL_BUFFERS);
+        let v = Pooled::zeroed(64).into_vec();
+        assert_eq!(v, vec![0.0; 64]);
+        release_buffers();
     }
 
     #[test]
