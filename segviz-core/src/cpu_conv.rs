@@ -224,20 +224,37 @@ pub fn release_buffers() {
 pub(crate) struct Pooled(Vec<f32>);
 
 impl Pooled {
-    /// `len` values, all zero.
-    fn zeroed(len: usize) -> Pooled {
+    /// A kept buffer for `len` values: the smallest that holds them, else a fresh one (the
+    /// largest kept is dropped then, so that the pool follows the sizes in use).
+    fn take(len: usize) -> Vec<f32> {
         let mut pool = POOL.lock().unwrap_or_else(|e| e.into_inner());
-        // The smallest buffer that holds `len` values, else the largest (grown).
         let fits = (0..pool.len())
             .filter(|&i| pool[i].capacity() >= len)
             .min_by_key(|&i| pool[i].capacity());
-        let largest = (0..pool.len()).max_by_key(|&i| pool[i].capacity());
-        let mut buffer = fits
-            .or(largest)
-            .map(|i| pool.swap_remove(i))
-            .unwrap_or_default();
+        let pick = fits.or_else(|| (0..pool.len()).max_by_key(|&i| pool[i].capacity()));
+        let buffer = pick.map(|i| pool.swap_remove(i)).unwrap_or_default();
         drop(pool);
+        // Growing would copy the old values first: a fresh buffer instead.
+        if buffer.capacity() >= len {
+            buffer
+        } else {
+            Vec::with_capacity(len)
+        }
+    }
+
+    /// `len` values, all zero.
+    fn zeroed(len: usize) -> Pooled {
+        let mut buffer = Pooled::take(len);
         buffer.clear();
+        buffer.resize(len, 0.0);
+        Pooled(buffer)
+    }
+
+    /// `len` values left from the buffer's earlier use (zero where it had none): for a
+    /// caller that writes every value it reads.
+    fn any(len: usize) -> Pooled {
+        let mut buffer = Pooled::take(len);
+        buffer.truncate(len);
         buffer.resize(len, 0.0);
         Pooled(buffer)
     }
@@ -338,19 +355,26 @@ fn pad<'a>(s: &ConvShape, x: &'a [f32], channels: usize) -> Padded<'a> {
     let padded = s.padded().iter().product::<usize>();
     let slots = s.column_slots();
     let slots = &slots[s.padding[2]..s.padding[2] + w];
-    let mut out = Pooled::zeroed(channels * padded);
+    let ([_, ph, pw], [p0, p1, p2], [d, h, _]) = (s.padded(), s.padding, s.input);
+    // Every padded row is zeroed just before its values are written, while it is in the
+    // cache: no separate pass zeroes the whole buffer.
+    let mut out = Pooled::any(channels * padded);
     out.par_chunks_mut(padded)
         .zip(x.par_chunks(inner))
         .for_each(|(to, from)| {
-            for (i, o) in row_starts(s) {
+            for (r, row) in to.chunks_exact_mut(pw).enumerate() {
+                row.fill(0.0);
+                let (z, y) = (r / ph, r % ph);
+                if z < p0 || z >= p0 + d || y < p1 || y >= p1 + h {
+                    continue;
+                }
+                let i = ((z - p0) * h + (y - p1)) * w;
                 let from = &from[i..i + w];
                 if s.stride[2] == 1 {
-                    let o = o + s.padding[2];
-                    to[o..o + w].copy_from_slice(from);
+                    row[p2..p2 + w].copy_from_slice(from);
                 } else {
-                    let to = &mut to[o..o + s.padded()[2]];
                     for (v, &slot) in from.iter().zip(slots) {
-                        to[slot] = *v;
+                        row[slot] = *v;
                     }
                 }
             }
@@ -523,10 +547,11 @@ pub fn forward(s: &ConvShape, x: &[f32], w: &[f32]) -> Vec<f32> {
 /// [`forward`] through the unfolded input.
 fn forward_unfolded(s: &ConvShape, x: &[f32], w: &[f32]) -> Vec<f32> {
     let (p_out, k) = (s.output_positions(), s.rows());
-    let mut y = vec![0f32; s.batch * s.c_out * p_out];
+    let len = s.batch * s.c_out * p_out;
     if s.is_empty() {
-        return y;
+        return vec![0f32; len];
     }
+    let mut y = Vec::with_capacity(len);
     let x = pad(s, x, s.batch * s.c_in);
     let out = SharedMut(y.as_mut_ptr());
     let ow = s.output[2];
@@ -551,6 +576,9 @@ fn forward_unfolded(s: &ConvShape, x: &[f32], w: &[f32]) -> Vec<f32> {
             };
         });
     });
+    // SAFETY: the tasks cover every output row `(z, y)` of every batch item, and each wrote
+    // all c_out × width values of its rows (a product that does not read its destination).
+    unsafe { y.set_len(len) };
     y
 }
 
@@ -910,7 +938,7 @@ fn shifted_copies<'a>(s: &ConvShape, g: &Grid, xp: &'a [f32]) -> Padded<'a> {
         return Padded::Borrowed(xp);
     }
     let channel = s.padded().iter().product::<usize>();
-    let mut out = Pooled::zeroed(s.batch * s.c_in * kw * g.row_len);
+    let mut out = Pooled::any(s.batch * s.c_in * kw * g.row_len);
     out.par_chunks_mut(kw * g.row_len)
         .zip(xp.par_chunks(channel))
         .for_each(|(rows, xc)| {
@@ -963,10 +991,11 @@ fn for_each_plane_run(s: &ConvShape, mut f: impl FnMut(usize, usize)) {
 /// output columns are copied out. Nothing is unfolded beyond the `kw` shifted copies.
 fn forward_shifted(s: &ConvShape, x: &[f32], w: &[f32]) -> Vec<f32> {
     let p_out = s.output_positions();
-    let mut y = vec![0f32; s.batch * s.c_out * p_out];
+    let len = s.batch * s.c_out * p_out;
     if s.is_empty() {
-        return y;
+        return vec![0f32; len];
     }
+    let mut y = Vec::with_capacity(len);
     let g = Grid::of(s);
     let xp = pad(s, x, s.batch * s.c_in);
     let x3 = shifted_copies(s, &g, &xp);
@@ -999,6 +1028,9 @@ fn forward_shifted(s: &ConvShape, x: &[f32], w: &[f32]) -> Vec<f32> {
             grid_rows_out(s, &g, yp, (n, r0, r1), width, out);
         });
     });
+    // SAFETY: the tasks cover every grid row, and `grid_rows_out` copied each output row
+    // of every channel of their batch item: all `len` values are written.
+    unsafe { y.set_len(len) };
     y
 }
 
@@ -1035,13 +1067,17 @@ fn grid_rows_out(
 /// values, zero in the columns that are not output positions.
 fn gradient_on_grid(s: &ConvShape, g: &Grid, grad: &[f32]) -> Pooled {
     let [_, oh, ow] = s.output;
-    let mut out = Pooled::zeroed(s.batch * s.c_out * g.columns);
+    let mut out = Pooled::any(s.batch * s.c_out * g.columns);
     out.par_chunks_mut(g.columns)
         .zip(grad.par_chunks(s.output_positions()))
         .for_each(|(to, from)| {
-            for (r, src) in from.chunks_exact(ow).enumerate() {
-                let (z, row) = (r / oh, r % oh);
-                to[(z * g.ph + row) * g.pw..][..ow].copy_from_slice(src);
+            // Grid rows in order, each zeroed and, when it is an output row, filled.
+            for (r, row) in to.chunks_mut(g.pw).enumerate() {
+                row.fill(0.0);
+                let (z, y) = (r / g.ph, r % g.ph);
+                if y < oh {
+                    row[..ow].copy_from_slice(&from[(z * oh + y) * ow..][..ow]);
+                }
             }
         });
     out
