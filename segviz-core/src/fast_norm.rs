@@ -300,15 +300,22 @@ pub(crate) mod flex {
             slope,
         };
 
-        let mut y = vec![0f32; xs.len()];
-        y.par_chunks_mut(volume)
+        // Written in full below, so not zeroed first.
+        let mut y: Vec<f32> = Vec::with_capacity(xs.len());
+        y.spare_capacity_mut()[..xs.len()]
+            .par_chunks_mut(volume)
             .zip(xs.par_chunks(volume))
             .with_min_len(min_volumes(volume))
             .enumerate()
             .for_each(|(i, (y, x))| {
                 let (a, b) = stats.affine(i % c);
-                affine_prelu(y, x, a, b, slope);
+                for (y, &v) in y.iter_mut().zip(x) {
+                    y.write(prelu_value(v * a + b, slope));
+                }
             });
+        // SAFETY: the chunks of `volume` values cover all `xs.len()` values, and each chunk
+        // wrote every value (it is as long as its input chunk).
+        unsafe { y.set_len(xs.len()) };
         let y = FloatTensor::<Flex>::from_data(TensorData::new(y, dims));
 
         let out = match NormActBackward
@@ -474,8 +481,10 @@ pub(crate) mod flex {
                 .collect();
             let per_channel = channel_sums(&sums, c);
             if let Some(node) = node_x {
-                let mut dx = vec![0f32; xs.len()];
-                dx.par_chunks_mut(volume)
+                // Written in full below, so not zeroed first.
+                let mut dx: Vec<f32> = Vec::with_capacity(xs.len());
+                dx.spare_capacity_mut()[..xs.len()]
+                    .par_chunks_mut(volume)
                     .zip(xs.par_chunks(volume).zip(gs.par_chunks(volume)))
                     .with_min_len(min_volumes(volume))
                     .enumerate()
@@ -490,9 +499,11 @@ pub(crate) mod flex {
                             let u = v * a + b;
                             let du = select(u >= 0.0, dy, slope * dy);
                             let xhat = (v - m) * s;
-                            *d = scale * (du - mean_du - xhat * mean_dux);
+                            d.write(scale * (du - mean_du - xhat * mean_dux));
                         }
                     });
+                // SAFETY: as for the forward pass's output: every value was written.
+                unsafe { dx.set_len(xs.len()) };
                 let dx = FloatTensor::<Flex>::from_data(TensorData::new(dx, dims));
                 grads.register::<Flex>(node.id, dx);
             }
