@@ -390,23 +390,31 @@ fn crop(s: &ConvShape, padded: Pooled, channels: usize) -> Vec<f32> {
     let (inner, w) = (s.input_positions(), s.input[2]);
     let slots = s.column_slots();
     let slots = &slots[s.padding[2]..s.padding[2] + w];
-    let mut out = vec![0f32; channels * inner];
-    out.par_chunks_mut(inner)
+    // Every row of every channel is written below, so the output is not zeroed first.
+    let len = channels * inner;
+    let mut out: Vec<f32> = Vec::with_capacity(len);
+    out.spare_capacity_mut()[..len]
+        .par_chunks_mut(inner)
         .zip(padded.par_chunks(s.padded().iter().product::<usize>()))
         .for_each(|(to, from)| {
             for (i, o) in row_starts(s) {
                 let to = &mut to[i..i + w];
                 if s.stride[2] == 1 {
                     let o = o + s.padding[2];
-                    to.copy_from_slice(&from[o..o + w]);
+                    for (v, &f) in to.iter_mut().zip(&from[o..o + w]) {
+                        v.write(f);
+                    }
                 } else {
                     let from = &from[o..o + s.padded()[2]];
                     for (v, &slot) in to.iter_mut().zip(slots) {
-                        *v = from[slot];
+                        v.write(from[slot]);
                     }
                 }
             }
         });
+    // SAFETY: `row_starts` gives every row of the input's size once, and each row's `w`
+    // values were written, in every channel.
+    unsafe { out.set_len(len) };
     out
 }
 
