@@ -125,11 +125,7 @@ impl<T: Copy> Volume<T> {
     pub fn into_ras(self) -> Volume<T> {
         let map = AxisMap::of(&self.geometry.affine);
         if map.is_ras() {
-            // The geometry is recomputed all the same, as `to_ras` gives it.
-            return Volume {
-                geometry: ras_geometry(&self.geometry),
-                data: self.data,
-            };
+            return self;
         }
         self.permuted(&map)
     }
