@@ -225,10 +225,7 @@ pub fn read_volume_with_info(path: impl AsRef<Path>) -> Result<(Volume<f32>, Nif
     let path = path.as_ref();
     let bytes = read_decompressed(path)?;
     let header = parse_header(path, &bytes)?;
-    let data = match decode_voxels(path, &bytes, &header, Decode::Values)?.0 {
-        Decoded::Values(data) => data,
-        Decoded::Labels(_) | Decoded::Nothing => unreachable!("values were asked for"),
-    };
+    let data = decode_voxels(&voxels(path, &bytes, &header)?, |v| v);
     let info = header.info;
     let volume = Volume {
         data,
@@ -275,18 +272,16 @@ pub fn read_labels(path: impl AsRef<Path>) -> Result<Volume<u8>> {
     let header = parse_header(path, &bytes)?;
     // Every value is checked in storage order before any is kept, so the labels are
     // decoded once, straight to bytes.
-    let (bad, first_bad) = decode_voxels(path, &bytes, &header, Decode::CheckLabels)?.1;
+    let voxels = voxels(path, &bytes, &header)?;
+    let (bad, first_bad) = non_labels(&voxels);
     if let Some(v) = first_bad {
         return Err(DataError::invalid(
             &header.info.path,
             format!("not a label map: {bad} voxel(s) are not integers in 0..=255 (first: {v})"),
         ));
     }
-    let (data, _) = decode_voxels(path, &bytes, &header, Decode::Labels)?;
-    let data = match data {
-        Decoded::Labels(data) => data,
-        Decoded::Values(_) | Decoded::Nothing => unreachable!("labels were asked for"),
-    };
+    // Every value is a label (checked above).
+    let data = decode_voxels(&voxels, |v| v as u8);
     Ok(Volume {
         data,
         geometry: header.info.geometry,
@@ -777,13 +772,74 @@ fn quaternion_to_rotation(b: f64, c: f64, d: f64) -> Option<[[f64; 3]; 3]> {
     ])
 }
 
-/// Decodes the voxel block into C order, applying the scaling.
-fn decode_voxels(
-    path: &Path,
-    bytes: &[u8],
-    header: &Header,
-    what: Decode,
-) -> Result<(Decoded, (usize, Option<f32>))> {
+/// The voxels of a file as stored: raw bytes, their type, byte order and scaling.
+struct Voxels<'a> {
+    bytes: &'a [u8],
+    datatype: VoxelType,
+    shape: [usize; 3],
+    big: bool,
+    slope: f64,
+    inter: f64,
+}
+
+impl Voxels<'_> {
+    /// A stored value (as `f64`) scaled as nibabel scales it: in `f64`, then to `f32`.
+    #[inline]
+    fn scaled(&self, v: f64) -> f32 {
+        (v * self.slope + self.inter) as f32
+    }
+}
+
+/// Runs `$body` with `$t` the Rust type of the stored `VoxelType` `$datatype`.
+macro_rules! with_stored_type {
+    ($datatype:expr, $t:ident => $body:expr) => {
+        match $datatype {
+            VoxelType::UInt8 => {
+                type $t = u8;
+                $body
+            }
+            VoxelType::Int8 => {
+                type $t = i8;
+                $body
+            }
+            VoxelType::Int16 => {
+                type $t = i16;
+                $body
+            }
+            VoxelType::UInt16 => {
+                type $t = u16;
+                $body
+            }
+            VoxelType::Int32 => {
+                type $t = i32;
+                $body
+            }
+            VoxelType::UInt32 => {
+                type $t = u32;
+                $body
+            }
+            VoxelType::Int64 => {
+                type $t = i64;
+                $body
+            }
+            VoxelType::UInt64 => {
+                type $t = u64;
+                $body
+            }
+            VoxelType::Float32 => {
+                type $t = f32;
+                $body
+            }
+            VoxelType::Float64 => {
+                type $t = f64;
+                $body
+            }
+        }
+    };
+}
+
+/// The voxel block of a parsed file, checked to be all there.
+fn voxels<'a>(path: &Path, bytes: &'a [u8], header: &Header) -> Result<Voxels<'a>> {
     let info = &header.info;
     let [nx, ny, nz] = info.geometry.shape;
     let count = nx
@@ -810,7 +866,6 @@ fn decode_voxels(
             ),
         ));
     }
-    let block = &bytes[header.vox_offset..needed];
     // nibabel's rule: a zero (or non-finite) slope means unscaled values.
     let scaled = info.scl_slope != 0.0 && info.scl_slope.is_finite() && info.scl_inter.is_finite();
     let (slope, inter) = if scaled {
@@ -818,63 +873,42 @@ fn decode_voxels(
     } else {
         (1.0, 0.0)
     };
-    // Values are read straight from the decompressed bytes in their stored type and byte
-    // order (no typed copy of the whole block); scaling is applied in f64, as nibabel does,
-    // rather than in the stored integer type.
-    let big = header.endianness == nifti::Endianness::Big;
-    let shape = [nx, ny, nz];
-    macro_rules! decode {
-        ($t:ty) => {{
-            let value = |v: $t| (v as f64 * slope + inter) as f32;
-            match what {
-                Decode::Values => (
-                    Decoded::Values(scatter_fortran::<$t, f32>(block, shape, big, value)),
-                    (0, None),
-                ),
-                // Checked by `Decode::CheckLabels` first: every value is a label.
-                Decode::Labels => (
-                    Decoded::Labels(scatter_fortran::<$t, u8>(block, shape, big, |v| {
-                        value(v) as u8
-                    })),
-                    (0, None),
-                ),
-                Decode::CheckLabels => (
-                    Decoded::Nothing,
-                    first_flagged::<$t>(block, big, |v| Some(value(v)).filter(|&f| !is_label(f))),
-                ),
-            }
-        }};
-    }
-    Ok(match info.datatype {
-        VoxelType::UInt8 => decode!(u8),
-        VoxelType::Int8 => decode!(i8),
-        VoxelType::Int16 => decode!(i16),
-        VoxelType::UInt16 => decode!(u16),
-        VoxelType::Int32 => decode!(i32),
-        VoxelType::UInt32 => decode!(u32),
-        VoxelType::Int64 => decode!(i64),
-        VoxelType::UInt64 => decode!(u64),
-        VoxelType::Float32 => decode!(f32),
-        VoxelType::Float64 => decode!(f64),
+    Ok(Voxels {
+        bytes: &bytes[header.vox_offset..needed],
+        datatype: info.datatype,
+        shape: [nx, ny, nz],
+        big: header.endianness == nifti::Endianness::Big,
+        slope,
+        inter,
     })
 }
 
-/// What [`decode_voxels`] does with the stored values.
-#[derive(Clone, Copy)]
-enum Decode {
-    /// Scaled values as `f32`, in C order.
-    Values,
-    /// Scaled values as label bytes, in C order (they must have been checked).
-    Labels,
-    /// Only count the values that are not labels.
-    CheckLabels,
+/// Decodes the voxels into C order, each scaled value through `convert`.
+///
+/// (`v as f64` is a cast for every stored type but `f64` itself, hence the `allow`.) Values are read
+/// straight from the decompressed bytes in their stored type and byte order (no typed copy
+/// of the whole block); scaling is applied in f64, as nibabel does, rather than in the
+/// stored integer type.
+#[allow(clippy::unnecessary_cast)]
+fn decode_voxels<O: Copy + Default + Send>(
+    voxels: &Voxels<'_>,
+    convert: impl Fn(f32) -> O + Sync,
+) -> Vec<O> {
+    with_stored_type!(voxels.datatype, T => scatter_fortran::<T, O>(
+        voxels.bytes,
+        voxels.shape,
+        voxels.big,
+        |v: T| convert(voxels.scaled(v as f64)),
+    ))
 }
 
-/// What [`decode_voxels`] decoded.
-enum Decoded {
-    Values(Vec<f32>),
-    Labels(Vec<u8>),
-    Nothing,
+/// How many scaled voxels are not labels (integers in `0..=255`), and the first of them in
+/// storage order.
+#[allow(clippy::unnecessary_cast)]
+fn non_labels(voxels: &Voxels<'_>) -> (usize, Option<f32>) {
+    with_stored_type!(voxels.datatype, T => first_flagged::<T>(voxels.bytes, voxels.big, |v: T| {
+        Some(voxels.scaled(v as f64)).filter(|&f| !is_label(f))
+    }))
 }
 
 /// How many of the values stored in `bytes` `flag` (it returns what to report of a value,
