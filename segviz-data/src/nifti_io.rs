@@ -793,47 +793,16 @@ impl Voxels<'_> {
 /// Runs `$body` with `$t` the Rust type of the stored `VoxelType` `$datatype`.
 macro_rules! with_stored_type {
     ($datatype:expr, $t:ident => $body:expr) => {
+        with_stored_type!(@each $datatype, $t, $body;
+            UInt8 u8, Int8 i8, Int16 i16, UInt16 u16, Int32 i32,
+            UInt32 u32, Int64 i64, UInt64 u64, Float32 f32, Float64 f64)
+    };
+    (@each $datatype:expr, $t:ident, $body:expr; $($variant:ident $stored:ty),*) => {
         match $datatype {
-            VoxelType::UInt8 => {
-                type $t = u8;
+            $(VoxelType::$variant => {
+                type $t = $stored;
                 $body
-            }
-            VoxelType::Int8 => {
-                type $t = i8;
-                $body
-            }
-            VoxelType::Int16 => {
-                type $t = i16;
-                $body
-            }
-            VoxelType::UInt16 => {
-                type $t = u16;
-                $body
-            }
-            VoxelType::Int32 => {
-                type $t = i32;
-                $body
-            }
-            VoxelType::UInt32 => {
-                type $t = u32;
-                $body
-            }
-            VoxelType::Int64 => {
-                type $t = i64;
-                $body
-            }
-            VoxelType::UInt64 => {
-                type $t = u64;
-                $body
-            }
-            VoxelType::Float32 => {
-                type $t = f32;
-                $body
-            }
-            VoxelType::Float64 => {
-                type $t = f64;
-                $body
-            }
+            })*
         }
     };
 }
@@ -885,10 +854,10 @@ fn voxels<'a>(path: &Path, bytes: &'a [u8], header: &Header) -> Result<Voxels<'a
 
 /// Decodes the voxels into C order, each scaled value through `convert`.
 ///
-/// (`v as f64` is a cast for every stored type but `f64` itself, hence the `allow`.) Values are read
-/// straight from the decompressed bytes in their stored type and byte order (no typed copy
-/// of the whole block); scaling is applied in f64, as nibabel does, rather than in the
-/// stored integer type.
+/// Values are read straight from the decompressed bytes in their stored type and byte order
+/// (no typed copy of the whole block); scaling is applied in f64, as nibabel does, rather
+/// than in the stored integer type. (`v as f64` is a cast for every stored type but `f64`
+/// itself, hence the `allow`.)
 #[allow(clippy::unnecessary_cast)]
 fn decode_voxels<O: Copy + Default + Send>(
     voxels: &Voxels<'_>,
